@@ -1,0 +1,135 @@
+"""``pgcorral``: the daemon's command line, with pgagroal's flags.
+
+Turns options into file paths, loads the configuration (one line per problem and exit 1 on
+error, never a traceback), sets up logging, optionally detaches, and hands over to the
+supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+
+from pgcorral import __version__
+from pgcorral.config import Config, MainConfig, load_config
+from pgcorral.errors import ConfigError
+
+#: Default file names in a configuration directory (-D or PGCORRAL_CONFIG_DIR), ours first.
+_DEFAULT_FILES = {
+    "config": ("pgcorral.conf", "pgagroal.conf"),
+    "hba": ("pgcorral_hba.conf", "pgagroal_hba.conf"),
+    "limit": ("pgcorral_databases.conf", "pgagroal_databases.conf"),
+}
+_DEFAULT_DIR = "/etc/pgcorral"
+
+_LEVELS = {
+    "fatal": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING,
+    "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG, "trace": 5,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgcorral", add_help=False,
+        description="High-performance connection pool for PostgreSQL")
+    p.add_argument("-c", "--config", metavar="CONFIG_FILE", help="path to pgcorral.conf")
+    p.add_argument("-a", "--hba", metavar="HBA_CONFIG_FILE", help="path to pgcorral_hba.conf")
+    p.add_argument("-l", "--limit", metavar="LIMIT_CONFIG_FILE",
+                   help="path to pgcorral_databases.conf")
+    p.add_argument("-u", "--users", metavar="USERS_FILE", help="path to pgcorral_users.conf")
+    p.add_argument("-F", "--frontend", metavar="FRONTEND_USERS_FILE",
+                   help="path to pgcorral_frontend_users.conf")
+    p.add_argument("-A", "--admins", metavar="ADMINS_FILE", help="path to pgcorral_admins.conf")
+    p.add_argument("-S", "--superuser", metavar="SUPERUSER_FILE",
+                   help="path to pgcorral_superuser.conf")
+    p.add_argument("-D", "--directory", metavar="DIRECTORY",
+                   help="directory holding the configuration files")
+    p.add_argument("-d", "--daemon", action="store_true", help="run as a daemon")
+    p.add_argument("-V", "--version", action="version", version=f"pgcorral {__version__}")
+    p.add_argument("-?", "--help", action="help", help="display help")
+    return p
+
+
+def _locate(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    directory = args.directory or os.environ.get("PGCORRAL_CONFIG_DIR") or _DEFAULT_DIR
+
+    def pick(given: str | None, kind: str, required: bool) -> str | None:
+        if given:
+            return str(given)
+        for name in _DEFAULT_FILES[kind]:
+            candidate = os.path.join(directory, name)
+            if os.path.exists(candidate):
+                return candidate
+        return os.path.join(directory, _DEFAULT_FILES[kind][0]) if required else None
+
+    config = pick(args.config, "config", True)
+    assert config is not None
+    return config, pick(args.hba, "hba", False), pick(args.limit, "limit", False)
+
+
+def setup_logging(main: MainConfig) -> None:
+    name = main.log_level
+    level = _LEVELS.get(name, logging.DEBUG if name.startswith("debug") else logging.INFO)
+    handler: logging.Handler
+    if main.log_type == "file":
+        mode = "w" if main.log_mode == "create" else "a"
+        handler = logging.FileHandler(main.log_path, mode=mode)
+    elif main.log_type == "syslog":
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname).1s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_path, hba_path, limits_path = _locate(args)
+
+    def load() -> Config:
+        return load_config(config_path, hba_path, limits_path)
+
+    try:
+        config = load()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"pgcorral: {problem}", file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        print(f"pgcorral: warning: {warning}", file=sys.stderr)
+    for flag, path in (("-u", args.users), ("-F", args.frontend), ("-A", args.admins),
+                       ("-S", args.superuser)):
+        if path:
+            print(f"pgcorral: warning: {flag} {path}: user vault files are not supported yet; "
+                  "all users authenticate by pass-through", file=sys.stderr)
+    if args.daemon:
+        if config.main.log_type == "console":
+            print("pgcorral: daemon mode needs log_type = file or syslog", file=sys.stderr)
+            return 1
+        _daemonize()
+    setup_logging(config.main)
+    from pgcorral.supervisor.main import run
+
+    try:
+        return run(config, load)
+    except OSError as exc:
+        logging.getLogger("pgcorral.main").critical("cannot start: %s", exc)
+        print(f"pgcorral: cannot start: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,368 @@
+"""Client connections: startup, hba, getting a server connection, the session, the release.
+
+One coroutine (``ClientConnection.run``) per client walks the cold path: the startup packets,
+the hba rule, a slot from the pool, the login of a new server connection (relaying the server's
+authentication requests to the client) or the check of a reused one, the client's settings, the
+greeting. Then the client and server are linked and ``data_received`` on both sides relays bytes
+without a task switch until the client leaves; the coroutine then releases the server connection
+through ``pipelines.session``.
+
+Every PgCorralError that ends a client becomes one ErrorResponse here (``_fail``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from pgcorral.errors import (
+    AuthenticationError,
+    ClientProtocolError,
+    NoHbaEntry,
+    PasswordFailed,
+    PgCorralError,
+    PoolExhausted,
+    ServerError,
+    ServerUnavailable,
+    ShuttingDown,
+    StartupRejected,
+)
+from pgcorral.net.endpoint import ConnectionLost, Endpoint
+from pgcorral.pipelines import session
+from pgcorral.pool.pool import Grant, Slot
+from pgcorral.protocol import codes
+from pgcorral.protocol import messages as msg
+from pgcorral.protocol.framing import TERMINATE_SPLIT, BoundaryTracker, FramingError, MessageReader
+from pgcorral.protocol.startup import (
+    NEWEST_MINOR,
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    Startup,
+    StartupReader,
+    parse_options,
+)
+from pgcorral.security.hba import match_hba
+
+if TYPE_CHECKING:
+    from pgcorral.config import HbaRule
+    from pgcorral.net.context import Context
+    from pgcorral.net.server import ServerConnection
+
+log = logging.getLogger("pgcorral.client")
+
+#: Startup parameters that are not settings to apply on the server connection.
+_NOT_SETTINGS = frozenset(["user", "database", "options", "replication"])
+
+
+class ClientConnection(Endpoint):
+    side = "client"
+
+    def __init__(self, ctx: Context, conn_type: str) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.conn_type = conn_type  # "host" (TCP) or "local" (unix socket)
+        self.server: ServerConnection | None = None
+        self.tracker = BoundaryTracker(ctx.config.main.max_packet_size)
+        self.address: str | None = None
+        self.user = ""
+        self.database = ""
+        self.dirty = False  # the server saw bytes that left it mid-message
+        self._rx = StartupReader()
+        self._ended: asyncio.Future[str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.conn_type == "host":
+            peer = transport.get_extra_info("peername")
+            self.address = peer[0] if peer else None
+            sock = transport.get_extra_info("socket")
+            if sock is not None and self.ctx.config.main.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self.ctx.clients.add(self)
+        self._task = loop.create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        server = self.server
+        if server is not None:
+            try:
+                at = self.tracker.feed(data)
+            except FramingError as exc:
+                self._protocol_violation(str(exc))
+                return
+            if at == -1:
+                server.status = -1
+                server.transport.write(data)
+                return
+            if at > 0:
+                server.transport.write(data[:at])
+            elif at == TERMINATE_SPLIT:
+                self.dirty = True
+            self.end("terminate")
+            return
+        self.buffer(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.end("client lost")
+
+    def server_lost(self) -> None:
+        """The linked server connection broke or closed."""
+        self.end("server lost")
+
+    def end(self, reason: str) -> None:
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(reason)
+
+    # --- the cold path -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            startup = await self._startup()
+            if startup is not None:
+                await self._session(startup)
+        except PgCorralError as exc:
+            self._fail(exc)
+        except (ConnectionLost, ConnectionError):
+            pass
+        except Exception:
+            log.exception("internal error serving client %s", self.address or "[local]")
+            self._fail(PgCorralError("internal error in pgcorral"))
+        finally:
+            self.ctx.clients.discard(self)
+            self.close()
+            if not self.ctx.clients:
+                self.ctx.all_idle.set()
+
+    async def _startup(self) -> Startup | None:
+        timeout = self.ctx.config.main.authentication_timeout or None
+        encryption_requests = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    packet = await self.read_packet()
+                    if isinstance(packet, (SSLRequest, GSSENCRequest)):
+                        encryption_requests += 1
+                        if encryption_requests > 2:
+                            raise ClientProtocolError("too many encryption requests")
+                        self.write(b"N")
+                    elif isinstance(packet, CancelRequest):
+                        await self.ctx.forward_cancel(packet.pid, packet.secret)
+                        return None
+                    else:
+                        return packet
+        except TimeoutError:
+            log.info("client %s did not finish startup in time", self.address or "[local]")
+            return None
+
+    async def _session(self, startup: Startup) -> None:
+        ctx = self.ctx
+        if startup.needs_negotiation:
+            self.write(msg.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized))
+        self.use_reader(MessageReader(codes.SMALL_MESSAGE_LIMIT))
+        self.user, self.database = startup.user, startup.database
+        replication = startup.params.get("replication", "false").lower()
+        if replication not in ("false", "off", "no", "0"):
+            raise StartupRejected("replication connections are not supported by pgcorral",
+                                  sqlstate="0A000")
+        settings = _client_settings(startup.params)
+        rule = self._hba_rule()
+        if ctx.shutting_down:
+            raise ShuttingDown("pgcorral is shutting down")
+        real_db = ctx.config.real_database(self.database)
+        server = await self._get_server((real_db, self.user), rule)
+        try:
+            wanted = {k: v for k, v in settings.items() if server.params.get(k) != v}
+            if wanted:
+                error = await server.apply_settings(wanted)
+                if error is not None:
+                    error["S"] = error["V"] = "FATAL"
+                    raise ServerError(error)
+        except BaseException:
+            await session.release(ctx, server, self, clean=not server.closed)
+            raise
+        await self._link_and_serve(server)
+
+    def _hba_rule(self) -> HbaRule:
+        cfg = self.ctx.config
+        rule = match_hba(cfg.hba, conn_type=self.conn_type, database=self.database,
+                         user=self.user, address=self.address, aliases=self.ctx.aliases)
+        host = self.address or "[local]"
+        where = f'host "{host}", user "{self.user}", database "{self.database}"'
+        if rule is None:
+            raise NoHbaEntry(f"no pgcorral_hba.conf entry for {where}")
+        if rule.method == "reject":
+            raise NoHbaEntry(f"pgcorral_hba.conf rejects connection for {where}")
+        return rule
+
+    async def _get_server(self, key: tuple[str, str], rule: HbaRule) -> ServerConnection:
+        """A logged-in server connection for ``key``: reused (client checked) or new."""
+        ctx = self.ctx
+        while True:
+            grant = await self._acquire(key)
+            if grant.victim is not None and grant.victim.conn is not None:
+                grant.victim.conn.terminate()
+            slot = grant.slot
+            if grant.new:
+                return await self._open(slot, key)
+            server: ServerConnection = slot.conn
+            server.idle = False
+            if server.closed:
+                ctx.pool.discard(slot)
+                continue
+            try:
+                await self._check_reused(server, rule)
+            except BaseException:
+                ctx.release_server(server, clean=not server.closed)
+                raise
+            return server
+
+    async def _acquire(self, key: tuple[str, str]) -> Grant:
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[Grant] = loop.create_future()
+
+        def notify(grant: Grant) -> None:
+            granted.set_result(grant)
+
+        timeout = ctx.config.main.blocking_timeout
+        result = ctx.pool.request(key, timeout, notify)
+        if isinstance(result, Grant):
+            return result
+        assert self._ended is not None
+        if timeout > 0:
+            waits: list[asyncio.Future[Any]] = [granted, self._ended]
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not granted.done() and ctx.pool.cancel(result):
+            if self._ended.done():
+                raise ConnectionLost("client left while waiting")
+            raise PoolExhausted(
+                f'connection pool is full: no server connection for user "{key[1]}", '
+                f'database "{key[0]}" became free within blocking_timeout ({timeout:g} s)')
+        grant = granted.result()
+        if self._ended.done():  # served just as the client left: give it back untouched
+            if grant.new:
+                ctx.pool.discard(grant.slot)
+            else:
+                ctx.release_server(grant.slot.conn, clean=True)
+            raise ConnectionLost("client left while waiting")
+        return grant
+
+    async def _open(self, slot: Slot, key: tuple[str, str]) -> ServerConnection:
+        ctx = self.ctx
+        server: ServerConnection | None = None
+        try:
+            server = await ctx.open_server(slot)
+            timeout = ctx.config.main.authentication_timeout or None
+            async with asyncio.timeout(timeout):
+                await server.login(key[1], key[0], self._relay_auth)
+        except BaseException as exc:
+            if server is not None:
+                server.poolable = False
+                server.close()
+            ctx.pool.discard(slot)
+            if isinstance(exc, TimeoutError):
+                raise ServerUnavailable("timeout while logging in to the server") from None
+            if isinstance(exc, ConnectionLost) and self.closed:
+                raise
+            if isinstance(exc, ConnectionLost):
+                raise ServerUnavailable("server closed the connection during login") from None
+            raise
+        ctx.pool.opened(slot)
+        return server
+
+    async def _relay_auth(self, request: bytes) -> bytes:
+        """Pass-through: the server's Authentication request to the client, its answer back."""
+        self.write(msg.message(b"R", request))
+        if msg.parse_auth_code(request) == codes.AUTH_SASL_FINAL:
+            return b""
+        return await self._read_password()
+
+    async def _read_password(self) -> bytes:
+        timeout = self.ctx.config.main.authentication_timeout or None
+        try:
+            async with asyncio.timeout(timeout):
+                type_, body = await self.read_message()
+        except TimeoutError:
+            raise AuthenticationError("canceling authentication due to timeout",
+                                      sqlstate="08006") from None
+        if type_ != codes.PASSWORD:
+            raise ClientProtocolError(
+                f"expected password response, got message type {type_}")
+        return body
+
+    async def _check_reused(self, server: ServerConnection, rule: HbaRule) -> None:
+        """A reused pass-through connection: the client proves the password it logged in with."""
+        memento = server.memento
+        if rule.method == "trust" or memento is None or memento[0] == "trust":
+            return
+        if memento[0] == "password":
+            self.write(msg.authentication_cleartext())
+        elif memento[0] == "md5":
+            self.write(msg.authentication_md5(memento[1][:4]))
+        else:
+            raise PasswordFailed(f'password authentication failed for user "{self.user}"')
+        answer = await self._read_password()
+        if not server.check_memento(answer):
+            raise PasswordFailed(f'password authentication failed for user "{self.user}"')
+
+    async def _link_and_serve(self, server: ServerConnection) -> None:
+        ctx = self.ctx
+        secret = ctx.issue_cancel_key(self, server.pid)
+        greeting = [msg.authentication_ok()]
+        greeting += [msg.parameter_status(k, v) for k, v in server.params.items()]
+        greeting.append(msg.backend_key_data(server.pid, secret))
+        greeting.append(msg.ready_for_query(bytes([server.status if server.status > 0
+                                                   else codes.TX_IDLE])))
+        pipelined = self.take_buffered()
+        self.server = server
+        self.peer = server
+        server.peer = self
+        self.write(b"".join(greeting))
+        if pipelined:
+            self.data_received(pipelined)
+        assert self._ended is not None
+        reason = await self._ended
+        ctx.drop_cancel_key(self, server.pid)
+        if reason == "server lost":
+            self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
+        await session.release(ctx, server, self, clean=True)
+
+    # --- errors ------------------------------------------------------------------------------
+
+    def _protocol_violation(self, text: str) -> None:
+        log.warning("protocol violation from client %s: %s", self.address or "[local]", text)
+        self.write(msg.error_response("08P01", text))
+        self.dirty = True
+        self.end("protocol violation")
+
+    def _fail(self, exc: PgCorralError) -> None:
+        if isinstance(exc, ClientProtocolError) and exc.silent:
+            log.info("closing client %s: %s", self.address or "[local]", exc.message)
+            return
+        if isinstance(exc, ServerError):
+            fields = dict(exc.fields)
+            log.info("server refused client %s: %s", self.address or "[local]", exc.message)
+            self.write(msg.error_response_from_fields(fields))
+            return
+        log.info("refusing client %s (user %r, database %r): %s %s", self.address or "[local]",
+                 self.user, self.database, exc.sqlstate, exc.message)
+        self.write(msg.error_response(exc.sqlstate, exc.message, severity=exc.severity,
+                                      detail=exc.detail))
+
+
+def _client_settings(params: dict[str, str]) -> dict[str, str]:
+    """The settings a client asked for at startup, ``options`` included."""
+    settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS}
+    options = params.get("options")
+    if options:
+        settings.update(parse_options(options))
+    return settings

@@ -1,0 +1,134 @@
+"""The state one worker's connections share: configuration snapshot, pool, cancel keys, clients.
+
+Also owns the two server-side actions that need a fresh socket of their own: opening a server
+connection for a pool slot and forwarding a CancelRequest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pgcorral.config import Config, ServerConfig
+from pgcorral.errors import ServerUnavailable
+from pgcorral.net.server import ServerConnection
+from pgcorral.pool.pool import Pool, Slot
+from pgcorral.protocol import messages as msg
+
+if TYPE_CHECKING:
+    from pgcorral.net.client import ClientConnection
+
+log = logging.getLogger("pgcorral.context")
+
+
+class Context:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool = Pool(config.main.max_connections, config.limits, time.monotonic)
+        self.clients: set[ClientConnection] = set()
+        self.shutting_down = False
+        # Cancel keys handed to clients: pid -> (secret bytes, client)
+        self._cancel_keys: dict[int, tuple[bytes, ClientConnection]] = {}
+        self.all_idle = asyncio.Event()
+        self.aliases = _aliases(config)
+
+    @property
+    def server(self) -> ServerConfig:
+        servers = self.config.servers
+        for server in servers:
+            if server.primary:
+                return server
+        return servers[0]
+
+    def apply(self, config: Config) -> None:
+        """A reloaded configuration: new hba, limits and reloadable keys for new clients."""
+        self.config = config
+        self.aliases = _aliases(config)
+        self.pool.set_limits(config.limits)
+
+    # --- server connections ------------------------------------------------------------------
+
+    async def open_server(self, slot: Slot) -> ServerConnection:
+        """Connect to PostgreSQL for ``slot`` (not yet logged in)."""
+        loop = asyncio.get_running_loop()
+        server = self.server
+        timeout = self.config.main.server_connect_timeout or None
+
+        def factory() -> ServerConnection:
+            return ServerConnection(slot, self._server_lost)
+
+        try:
+            async with asyncio.timeout(timeout):
+                if server.host.startswith("/"):
+                    path = f"{server.host}/.s.PGSQL.{server.port}"
+                    _, conn = await loop.create_unix_connection(factory, path)
+                else:
+                    _, conn = await loop.create_connection(factory, server.host, server.port)
+        except (OSError, TimeoutError) as exc:
+            raise ServerUnavailable(
+                f"could not connect to server \"{server.name}\" at {server.host}:{server.port}: "
+                f"{exc or 'timeout'}") from None
+        slot.conn = conn
+        return conn
+
+    def _server_lost(self, server: ServerConnection) -> None:
+        if server.peer is None:
+            self.pool.discard(server.slot)
+
+    def release_server(self, server: ServerConnection, clean: bool) -> None:
+        """Back to the pool if clean, else closed; either way the slot may serve a waiter."""
+        slot = server.slot
+        if clean and server.poolable and not server.closed:
+            server.idle = True
+            self.pool.release(slot)
+            if slot.state != "idle":  # handed straight to a waiter
+                server.idle = False
+        else:
+            server.terminate()
+            self.pool.discard(slot)
+
+    # --- cancel ------------------------------------------------------------------------------
+
+    def issue_cancel_key(self, client: ClientConnection, pid: int) -> int:
+        """A pooler-issued secret for the key the client sees; pid is the real backend's."""
+        secret = secrets.randbits(32) - (1 << 31)
+        self._cancel_keys[pid] = (struct.pack("!i", secret), client)
+        return secret
+
+    def drop_cancel_key(self, client: ClientConnection, pid: int) -> None:
+        entry = self._cancel_keys.get(pid)
+        if entry is not None and entry[1] is client:
+            del self._cancel_keys[pid]
+
+    async def forward_cancel(self, pid: int, secret: bytes) -> None:
+        entry = self._cancel_keys.get(pid)
+        expected = entry[0] if entry is not None else b"\0\0\0\0"
+        matches = hmac.compare_digest(secret, expected)  # constant time even when unknown
+        if entry is None or not matches:
+            log.info("cancel request for pid %d did not match any client", pid)
+            return
+        server = entry[1].server
+        if server is None or server.closed:
+            return
+        target = self.server
+        try:
+            async with asyncio.timeout(5):
+                if target.host.startswith("/"):
+                    _, writer = await asyncio.open_unix_connection(
+                        f"{target.host}/.s.PGSQL.{target.port}")
+                else:
+                    _, writer = await asyncio.open_connection(target.host, target.port)
+                writer.write(msg.cancel_request(server.pid, server.secret))
+                await writer.drain()
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not forward cancel request for pid %d: %s", pid, exc)
+
+
+def _aliases(config: Config) -> dict[str, str]:
+    return {alias: rule.database for rule in config.limits for alias in rule.aliases}

@@ -1,0 +1,196 @@
+"""Connections from pgcorral to PostgreSQL: open, log in, reset, apply a client's settings.
+
+A ``ServerConnection`` is linked to at most one client at a time. While linked (relay mode) each
+chunk from PostgreSQL is written to the client as is; the only look at it is whether the chunk
+ends with a ReadyForQuery, which gives the transaction status pgcorral needs when the client
+leaves (``status``, -1 when unknown). Everything else here runs outside the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from pgcorral.errors import AuthenticationError, ServerError, ServerProtocolError
+from pgcorral.net.endpoint import Endpoint
+from pgcorral.protocol import codes
+from pgcorral.protocol import messages as msg
+from pgcorral.protocol.framing import MessageReader
+from pgcorral.protocol.replies import EXTENDED_ROW_REPLIES, Replies
+
+if TYPE_CHECKING:
+    from pgcorral.pool.pool import Slot
+
+log = logging.getLogger("pgcorral.server")
+
+_READY_TAIL = b"\0\0\0\x05"
+
+#: Called with an Authentication request body from the server; returns the client's answer.
+AuthRelay = Callable[[bytes], Awaitable[bytes]]
+T = TypeVar("T")
+
+
+class ServerConnection(Endpoint):
+    side = "server"
+
+    def __init__(self, slot: Slot, on_lost: Callable[[ServerConnection], None]) -> None:
+        super().__init__()
+        self.slot = slot
+        self._on_lost = on_lost
+        self.idle = False  # True while it sits in the pool
+        self.status = -1  # last known transaction status byte, -1 when unknown
+        self.params: dict[str, str] = {}  # what PostgreSQL reports now
+        self.baseline: dict[str, str] = {}  # what it reported at login (= after RESET ALL)
+        self.pid = 0
+        self.secret = 0
+        # How the server authenticated us, for checking the next client of a pass-through login:
+        # ("trust", b""), ("password", cleartext), ("md5", salt + response).
+        self.memento: tuple[str, bytes] | None = None
+        self.poolable = True
+        self._rx = MessageReader(codes.LARGE_MESSAGE_LIMIT)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.peer
+        if client is not None:
+            client.transport.write(data)
+            if len(data) >= 6 and data[-6] == 90 and data[-5:-1] == _READY_TAIL:
+                self.status = data[-1]
+            else:
+                self.status = -1
+            return
+        if self.idle:
+            # An idle server speaks only to say goodbye (FATAL on shutdown or termination).
+            log.info("server connection %d (pid %d) sent data while idle; closing it",
+                     self.slot.id, self.pid)
+            self.poolable = False
+            self.close()
+            return
+        self.buffer(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.poolable = False
+        self._on_lost(self)
+
+    # --- login -------------------------------------------------------------------------------
+
+    async def login(self, user: str, database: str, relay: AuthRelay) -> None:
+        """Log in as ``user``; authentication requests are answered through ``relay``."""
+        self.write(msg.startup_message({"user": user, "database": database}))
+        while True:
+            type_, body = await self.read_message()
+            if type_ == codes.AUTHENTICATION:
+                await self._authenticate(body, relay)
+            elif type_ == codes.PARAMETER_STATUS:
+                name, value = _parse(msg.parse_parameter_status, body)
+                self.params[name] = value
+            elif type_ == codes.BACKEND_KEY_DATA:
+                self.pid, self.secret = _parse(msg.parse_backend_key_data, body)
+            elif type_ == codes.READY_FOR_QUERY:
+                self.status = body[0] if body else -1
+                self.baseline = dict(self.params)
+                return
+            elif type_ == codes.ERROR_RESPONSE:
+                raise ServerError(_parse(msg.parse_fields, body))
+            elif type_ in (codes.NOTICE_RESPONSE, codes.NEGOTIATE_PROTOCOL_VERSION):
+                continue
+            else:
+                raise ServerProtocolError(f"unexpected message {chr(type_)!r} during login")
+
+    async def _authenticate(self, body: bytes, relay: AuthRelay) -> None:
+        code = _parse(msg.parse_auth_code, body)
+        if code == codes.AUTH_OK:
+            if self.memento is None:
+                self.memento = ("trust", b"")
+            return
+        if code == codes.AUTH_CLEARTEXT_PASSWORD:
+            answer = await relay(body)
+            self.memento = ("password", answer)
+        elif code == codes.AUTH_MD5_PASSWORD:
+            answer = await relay(body)
+            self.memento = ("md5", body[4:8] + answer)
+        elif code in (codes.AUTH_SASL, codes.AUTH_SASL_CONTINUE, codes.AUTH_SASL_FINAL):
+            # SCRAM cannot be replayed to check a later client: never pooled (for now).
+            self.poolable = False
+            self.memento = ("scram", b"")
+            if code == codes.AUTH_SASL_FINAL:
+                await relay(body)  # the client checks the server signature; no answer comes
+                return
+            answer = await relay(body)
+        else:
+            raise AuthenticationError(f"authentication method {code} requested by the server "
+                                      "is not supported by pgcorral")
+        self.write(msg.password_message(answer))
+
+    # --- work pgcorral does itself -----------------------------------------------------------
+
+    async def run_utility(self, queries: list[str], allowed: frozenset[int] | None = None,
+                          payload: bytes | None = None) -> Replies:
+        """Send simple queries (or ``payload``) and read the replies up to ReadyForQuery."""
+        self.write(payload if payload is not None else b"".join(msg.query(q) for q in queries))
+        replies = Replies(max(1, len(queries))) if allowed is None else Replies(1, allowed)
+        while not replies.done:
+            type_, body = await self.read_message()
+            replies.feed(type_, body)
+        self.status = replies.status
+        return replies
+
+    async def reset(self, reset_query: str, timeout: float) -> bool:
+        """Make the connection clean for the next client. False if it must be closed instead."""
+        queries = ["ROLLBACK"] if self.status in (codes.TX_IN_BLOCK, codes.TX_FAILED) else []
+        if reset_query:
+            queries.append(reset_query)
+        if not queries:
+            return self.status == codes.TX_IDLE
+        try:
+            async with asyncio.timeout(timeout):
+                replies = await self.run_utility(queries)
+        except (TimeoutError, ServerProtocolError, ConnectionError, OSError) as exc:
+            log.info("reset of server connection %d failed: %s", self.slot.id, exc)
+            return False
+        except Exception as exc:  # ConnectionLost and friends
+            log.info("reset of server connection %d failed: %s", self.slot.id, exc)
+            return False
+        if replies.error is not None or replies.status != codes.TX_IDLE:
+            return False
+        if reset_query.strip().upper().rstrip(";") == "DISCARD ALL":
+            expected = [q.upper() for q in queries]
+            if replies.tags != expected:
+                return False
+            # DISCARD ALL ran RESET ALL: every setting is back at its login value.
+            self.params = {**self.baseline, **replies.params}
+        else:
+            self.params.update(replies.params)
+        return True
+
+    async def apply_settings(self, settings: dict[str, str]) -> dict[str, str] | None:
+        """``set_config`` each setting; the server's ErrorResponse fields if one is refused."""
+        replies = await self.run_utility(
+            [], EXTENDED_ROW_REPLIES, payload=msg.set_config_statement(settings))
+        self.params.update(replies.params)
+        return replies.error
+
+    def check_memento(self, answer: bytes) -> bool:
+        """Does a later client's answer match what the server accepted at login?"""
+        assert self.memento is not None
+        kind, data = self.memento
+        if kind == "password":
+            return hmac.compare_digest(answer, data)
+        if kind == "md5":
+            return hmac.compare_digest(answer, data[4:])
+        return False
+
+    def terminate(self) -> None:
+        if not self.closed:
+            self.transport.write(msg.terminate())
+        self.close()
+
+
+def _parse(parser: Callable[[bytes], T], body: bytes) -> T:
+    try:
+        return parser(body)
+    except ValueError as exc:
+        raise ServerProtocolError(f"malformed message from server: {exc}") from None

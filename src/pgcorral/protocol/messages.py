@@ -1,0 +1,202 @@
+"""Builders for the messages pgcorral itself sends, and parsers for the few it must read.
+
+Builders return complete wire messages (type byte, length, body) as ``bytes``. Parsers take a
+message body (without type and length) and raise ``ValueError`` on malformed input; callers turn
+that into the right protocol error for the side that sent it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+from pgcorral.protocol import codes
+
+_I32 = struct.Struct("!i")
+_HEADER = struct.Struct("!cI")
+_I32x2 = struct.Struct("!ii")
+_I16 = struct.Struct("!h")
+
+
+def message(type_: bytes, body: bytes = b"") -> bytes:
+    """Frame ``body`` as a typed v3 message."""
+    return _HEADER.pack(type_, len(body) + 4) + body
+
+
+def _cstr(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape") + b"\0"
+
+
+# --- backend messages (pooler -> client) -----------------------------------------------------
+
+# Field codes of ErrorResponse/NoticeResponse, in the order PostgreSQL sends them.
+def error_fields(
+    severity: str, sqlstate: str, message_text: str, *, detail: str | None = None,
+    hint: str | None = None,
+) -> dict[str, str]:
+    fields = {"S": severity, "V": severity, "C": sqlstate, "M": message_text}
+    if detail:
+        fields["D"] = detail
+    if hint:
+        fields["H"] = hint
+    return fields
+
+
+def _fields_body(fields: Mapping[str, str]) -> bytes:
+    parts = [code.encode("ascii") + _cstr(value) for code, value in fields.items()]
+    return b"".join(parts) + b"\0"
+
+
+def error_response(
+    sqlstate: str, message_text: str, *, severity: str = "FATAL", detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    fields = error_fields(severity, sqlstate, message_text, detail=detail, hint=hint)
+    return message(b"E", _fields_body(fields))
+
+
+def error_response_from_fields(fields: Mapping[str, str]) -> bytes:
+    return message(b"E", _fields_body(fields))
+
+
+def notice_response(sqlstate: str, message_text: str, *, severity: str = "NOTICE") -> bytes:
+    return message(b"N", _fields_body(error_fields(severity, sqlstate, message_text)))
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", _cstr(name) + _cstr(value))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return message(b"K", _I32x2.pack(pid, secret))
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def authentication_ok() -> bytes:
+    return message(b"R", _I32.pack(codes.AUTH_OK))
+
+
+def authentication_cleartext() -> bytes:
+    return message(b"R", _I32.pack(codes.AUTH_CLEARTEXT_PASSWORD))
+
+
+def authentication_md5(salt: bytes) -> bytes:
+    if len(salt) != 4:
+        raise ValueError("md5 salt must be 4 bytes")
+    return message(b"R", _I32.pack(codes.AUTH_MD5_PASSWORD) + salt)
+
+
+def authentication_sasl(mechanisms: Sequence[str]) -> bytes:
+    body = _I32.pack(codes.AUTH_SASL) + b"".join(_cstr(m) for m in mechanisms) + b"\0"
+    return message(b"R", body)
+
+
+def authentication_sasl_continue(data: bytes) -> bytes:
+    return message(b"R", _I32.pack(codes.AUTH_SASL_CONTINUE) + data)
+
+
+def authentication_sasl_final(data: bytes) -> bytes:
+    return message(b"R", _I32.pack(codes.AUTH_SASL_FINAL) + data)
+
+
+def negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -> bytes:
+    names = list(unrecognized)
+    body = _I32x2.pack(newest_minor, len(names)) + b"".join(_cstr(n) for n in names)
+    return message(b"v", body)
+
+
+# --- frontend messages (pooler -> server) ----------------------------------------------------
+
+def startup_message(params: Mapping[str, str], version: int = codes.PROTOCOL_3_0) -> bytes:
+    body = _I32.pack(version) + b"".join(_cstr(k) + _cstr(v) for k, v in params.items()) + b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return struct.pack("!iiii", 16, codes.CANCEL_REQUEST_CODE, pid, secret)
+
+
+def password_message(data: bytes) -> bytes:
+    """PasswordMessage / SASLResponse: ``data`` is sent as is (callers add the NUL if needed)."""
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", _cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", _cstr(sql))
+
+
+def terminate() -> bytes:
+    return message(b"X")
+
+
+def sync() -> bytes:
+    return message(b"S")
+
+
+def set_config_statement(settings: Mapping[str, str]) -> bytes:
+    """Parse/Bind/Execute/Sync of ``SELECT set_config($1, $2, false), ...`` (unnamed statement).
+
+    Values travel as bind parameters, so no quoting of names or values is ever needed.
+    """
+    items = list(settings.items())
+    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(len(items)))
+    parse = message(b"P", b"\0" + _cstr("SELECT " + calls) + _I16.pack(0))
+    values = [s.encode("utf-8", "surrogateescape") for pair in items for s in pair]
+    bind_body = (
+        b"\0\0" + _I16.pack(0) + _I16.pack(len(values))
+        + b"".join(_I32.pack(len(v)) + v for v in values) + _I16.pack(0)
+    )
+    return parse + message(b"B", bind_body) + message(b"E", b"\0" + _I32.pack(0)) + sync()
+
+
+# --- parsers ---------------------------------------------------------------------------------
+
+def parse_fields(body: bytes | memoryview) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse body."""
+    raw = bytes(body)
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(raw) and raw[pos] != 0:
+        end = raw.find(b"\0", pos + 1)
+        if end < 0:
+            raise ValueError("unterminated field in error message")
+        fields[chr(raw[pos])] = raw[pos + 1:end].decode("utf-8", "replace")
+        pos = end + 1
+    if pos >= len(raw):
+        raise ValueError("error message lacks its terminator")
+    return fields
+
+
+def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
+    raw = bytes(body)
+    parts = raw.split(b"\0")
+    if len(parts) != 3 or parts[2] != b"":
+        raise ValueError("malformed ParameterStatus")
+    return parts[0].decode("utf-8", "replace"), parts[1].decode("utf-8", "replace")
+
+
+def parse_backend_key_data(body: bytes | memoryview) -> tuple[int, int]:
+    if len(body) != 8:
+        raise ValueError(f"BackendKeyData of unsupported length {len(body)}")
+    pid, secret = _I32x2.unpack_from(body, 0)
+    return int(pid), int(secret)
+
+
+def parse_auth_code(body: bytes | memoryview) -> int:
+    if len(body) < 4:
+        raise ValueError("Authentication message too short")
+    return int(_I32.unpack_from(body, 0)[0])
+
+
+def parse_command_tag(body: bytes | memoryview) -> str:
+    raw = bytes(body)
+    if not raw.endswith(b"\0"):
+        raise ValueError("CommandComplete without terminator")
+    return raw[:-1].decode("utf-8", "replace")

@@ -1,0 +1,1 @@
+"""The main process: configuration, listening sockets, signals, reload and shutdown."""

@@ -1,0 +1,141 @@
+"""The main process: listening sockets, signals, reload, shutdown.
+
+Runs one worker's event loop in this process (uvloop when installed). Signal handlers only set
+what the loop then acts on: SIGTERM shuts down gracefully (stop accepting, let connected clients
+finish within ``flush_timeout``), SIGINT shuts down fast, SIGHUP reloads the configuration files
+(a broken file keeps the old configuration and logs every problem).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable
+
+from pgcorral.config import Config
+from pgcorral.errors import ConfigError
+from pgcorral.net.client import ClientConnection
+from pgcorral.net.context import Context
+
+log = logging.getLogger("pgcorral.main")
+
+
+class Daemon:
+    def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
+        self.ctx = Context(config)
+        self._reload_config = reload_config
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._stop: asyncio.Future[str] | None = None
+        self.unix_path = ""
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        await self._listen()
+        for signum, action in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast")):
+            loop.add_signal_handler(signum, self.stop, action)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        main = self.ctx.config.main
+        server = self.ctx.server
+        log.info("pgcorral: started on %s:%d (unix socket %s), server %s at %s:%d",
+                 main.host, main.port, self.unix_path, server.name, server.host, server.port)
+        mode = await self._stop
+        await self._shutdown(mode)
+        return 0
+
+    def stop(self, mode: str) -> None:
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(mode)
+        elif mode == "fast":  # a second signal during a graceful shutdown: hurry up
+            for client in list(self.ctx.clients):
+                client.abort()
+
+    def reload(self) -> None:
+        try:
+            config = self._reload_config()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload failed, keeping the running configuration: %s", problem)
+            return
+        for warning in config.warnings:
+            log.warning("%s", warning)
+        self.ctx.apply(config)
+        log.info("configuration reloaded")
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        main = self.ctx.config.main
+        ctx = self.ctx
+        backlog = main.backlog or max(main.max_connections // 4, 128)
+        host = None if main.host in ("*", "") else main.host
+        tcp = await loop.create_server(lambda: ClientConnection(ctx, "host"), host, main.port,
+                                       backlog=backlog, reuse_address=True)
+        self._listeners.append(tcp)
+        os.makedirs(main.unix_socket_dir, exist_ok=True)
+        self.unix_path = os.path.join(main.unix_socket_dir, f".s.PGSQL.{main.port}")
+        _remove_stale_socket(self.unix_path)
+        unix = await loop.create_unix_server(lambda: ClientConnection(ctx, "local"),
+                                             self.unix_path, backlog=backlog)
+        os.chmod(self.unix_path, 0o777)
+        self._listeners.append(unix)
+
+    async def _shutdown(self, mode: str) -> None:
+        ctx = self.ctx
+        ctx.shutting_down = True
+        for listener in self._listeners:
+            listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.unix_path)
+        if mode == "graceful" and ctx.clients:
+            timeout = ctx.config.main.flush_timeout or None
+            log.info("graceful shutdown: waiting for %d client(s)", len(ctx.clients))
+            ctx.all_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while ctx.clients:
+                        await ctx.all_idle.wait()
+                        ctx.all_idle.clear()
+        for client in list(ctx.clients):
+            client.abort()
+        for slot in ctx.pool.slots():
+            if slot.conn is not None:
+                slot.conn.terminate()
+        await asyncio.sleep(0)
+        log.info("pgcorral: stopped (%s)", mode)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead process; refuse if something still listens there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another server is listening on {path}")
+
+
+def run(config: Config, reload_config: Callable[[], Config]) -> int:
+    """Run the daemon until it is stopped; the exit code."""
+    daemon = Daemon(config, reload_config)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return asyncio.run(daemon.serve())
+    if os.environ.get("PGCORRAL_EVENT_LOOP") == "asyncio":
+        return asyncio.run(daemon.serve())
+    result: int = uvloop.run(daemon.serve())
+    return result
