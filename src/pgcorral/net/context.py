@@ -35,7 +35,7 @@ class Context:
         # Cancel keys handed to clients: pid -> (secret bytes, client)
         self._cancel_keys: dict[int, tuple[bytes, ClientConnection]] = {}
         self.all_idle = asyncio.Event()
-        self.aliases = _aliases(config)
+        self.aliases = config.aliases()
 
     @property
     def server(self) -> ServerConfig:
@@ -48,7 +48,7 @@ class Context:
     def apply(self, config: Config) -> None:
         """A reloaded configuration: new hba, limits and reloadable keys for new clients."""
         self.config = config
-        self.aliases = _aliases(config)
+        self.aliases = config.aliases()
         self.pool.set_limits(config.limits)
 
     # --- server connections ------------------------------------------------------------------
@@ -129,6 +129,3 @@ class Context:
         except (OSError, TimeoutError) as exc:
             log.warning("could not forward cancel request for pid %d: %s", pid, exc)
 
-
-def _aliases(config: Config) -> dict[str, str]:
-    return {alias: rule.database for rule in config.limits for alias in rule.aliases}
