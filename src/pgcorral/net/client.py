@@ -97,13 +97,17 @@ class ClientConnection(Endpoint):
             except FramingError as exc:
                 self._protocol_violation(str(exc))
                 return
-            if at == -1:
-                server.status = -1
-                server.transport.write(data)
+            try:
+                if at == -1:
+                    server.status = -1
+                    server.transport.write(data)
+                    return
+                if at > 0:
+                    server.transport.write(data[:at])
+            except RuntimeError:  # the server's transport closed under us (uvloop raises)
+                self.end("server lost")
                 return
-            if at > 0:
-                server.transport.write(data[:at])
-            elif at == TERMINATE_SPLIT:
+            if at == TERMINATE_SPLIT:
                 self.dirty = True
             self.end("terminate")
             return
@@ -238,6 +242,8 @@ class ClientConnection(Endpoint):
         if isinstance(result, Grant):
             return result
         assert self._ended is not None
+        log.debug("client %s waits for a server connection for %s@%s (%d waiting)",
+                  self.address or "[local]", key[1], key[0], ctx.pool.waiting)
         if timeout > 0:
             waits: list[asyncio.Future[Any]] = [granted, self._ended]
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

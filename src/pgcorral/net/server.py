@@ -55,7 +55,10 @@ class ServerConnection(Endpoint):
     def data_received(self, data: bytes) -> None:
         client = self.peer
         if client is not None:
-            client.transport.write(data)
+            try:
+                client.transport.write(data)
+            except RuntimeError:  # the client's transport closed under us (uvloop raises)
+                return
             if len(data) >= 6 and data[-6] == 90 and data[-5:-1] == _READY_TAIL:
                 self.status = data[-1]
             else:

@@ -1,0 +1,554 @@
+"""Throwaway PostgreSQL clusters for tests, ``make run`` and the benchmark.
+
+PostgreSQL refuses to run as root.  When this module is used as root, the
+server (initdb, pg_ctl) runs as an unprivileged OS user: ``postgres`` when it
+exists, otherwise a system user ``pgcorral`` that is created on demand.  The
+client programs (psql, pgbench) run as the calling user and connect over TCP.
+
+Example::
+
+    with PgCluster(tempfile.mkdtemp(prefix="pgcorral-pg-")) as pg:
+        pg.init()
+        pg.start()
+        print(pg.psql("SELECT version()"))
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "PgCluster",
+    "PgClusterError",
+    "find_bindir",
+    "find_free_port",
+    "unprivileged_user",
+]
+
+FALLBACK_USER = "pgcorral"
+PREFERRED_MAJOR = "15"
+
+# Settings written to postgresql.conf by init(); ``settings`` overrides them.
+_BASE_SETTINGS: dict[str, str] = {
+    "max_connections": "300",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "password_encryption": "scram-sha-256",
+}
+
+
+class PgClusterError(RuntimeError):
+    """A PostgreSQL program failed; the message carries its output."""
+
+
+def find_free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def unprivileged_user() -> str | None:
+    """The OS user the server must run as: None when not root.
+
+    As root: ``postgres`` if it exists, else ``pgcorral`` (created with
+    ``useradd --system --no-create-home`` when missing).
+    """
+    if os.geteuid() != 0:
+        return None
+    if _user_exists("postgres"):
+        return "postgres"
+    if not _user_exists(FALLBACK_USER):
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        nologin = "/usr/sbin/nologin" if os.path.exists("/usr/sbin/nologin") else "/bin/false"
+        res = subprocess.run(
+            [useradd, "--system", "--no-create-home", "--shell", nologin, FALLBACK_USER],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        # Exit status 9: created concurrently by someone else; fine.
+        if res.returncode not in (0, 9) or not _user_exists(FALLBACK_USER):
+            raise PgClusterError(
+                f"cannot create system user {FALLBACK_USER!r} "
+                f"(useradd exit {res.returncode}): {res.stderr.strip()}"
+            )
+    return FALLBACK_USER
+
+
+def _major_version(path: str) -> tuple[int, ...]:
+    m = re.search(r"/postgresql/([0-9.]+)/bin$", path)
+    if not m:
+        return (0,)
+    return tuple(int(p) for p in m.group(1).split(".") if p)
+
+
+def find_bindir() -> str:
+    """Directory holding initdb/pg_ctl/psql/pgbench.
+
+    ``$PGCORRAL_PG_BINDIR`` wins; then /usr/lib/postgresql/15/bin; then the
+    newest /usr/lib/postgresql/*/bin; then the directory of ``initdb`` on PATH;
+    then ``pg_config --bindir``.
+    """
+    env = os.environ.get("PGCORRAL_PG_BINDIR")
+    if env:
+        return env
+    preferred = f"/usr/lib/postgresql/{PREFERRED_MAJOR}/bin"
+    if os.access(os.path.join(preferred, "initdb"), os.X_OK):
+        return preferred
+    candidates = [
+        d
+        for d in glob.glob("/usr/lib/postgresql/*/bin")
+        if os.access(os.path.join(d, "initdb"), os.X_OK)
+    ]
+    if candidates:
+        return max(candidates, key=_major_version)
+    initdb = shutil.which("initdb")
+    if initdb:
+        return os.path.dirname(os.path.realpath(initdb))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        res = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        d = res.stdout.strip()
+        if res.returncode == 0 and os.access(os.path.join(d, "initdb"), os.X_OK):
+            return d
+    raise PgClusterError("cannot find the PostgreSQL binaries (initdb); set PGCORRAL_PG_BINDIR")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus libpq/server variables that could interfere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(extra)
+    return env
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _dsn_quote(value: str) -> str:
+    if value and not any(c in value for c in " '\\\t\n"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _tail(path: str, lines: int = 60) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+
+
+def _makedirs_traversable(path: Path) -> None:
+    """mkdir -p, giving every directory created here mode 0755."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+        os.chmod(d, 0o755)
+
+
+class PgCluster:
+    """One PostgreSQL cluster living entirely inside ``basedir``.
+
+    Layout: ``basedir/data`` (PGDATA), ``basedir/sock`` (unix sockets),
+    ``basedir/postgresql.log`` (server log, unless ``log_to`` is given).
+    """
+
+    host: str = "127.0.0.1"
+
+    def __init__(
+        self, basedir: str | Path, port: int | None = None, *, log_to: str | None = None
+    ) -> None:
+        self.basedir = str(Path(basedir).absolute())
+        self._auto_port = port is None
+        self.port: int = find_free_port() if port is None else port
+        self.datadir: str = os.path.join(self.basedir, "data")
+        self.socket_dir: str = os.path.join(self.basedir, "sock")
+        self.logfile: str = (
+            log_to if log_to is not None else os.path.join(self.basedir, "postgresql.log")
+        )
+        self.bindir: str = find_bindir()
+        self.user: str | None = unprivileged_user()
+        self._running = False
+        self._atexit_registered = False
+
+    # ------------------------------------------------------------------ helpers
+    def bin(self, name: str) -> str:
+        """Absolute path of a PostgreSQL program (``psql``, ``pgbench``...)."""
+        return os.path.join(self.bindir, name)
+
+    def _as_server_user(self, cmd: list[str]) -> list[str]:
+        if self.user is None:
+            return cmd
+        if shutil.which("runuser"):
+            return ["runuser", "-u", self.user, "--", *cmd]
+        pw = pwd.getpwnam(self.user)
+        return [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--init-groups",
+            "--",
+            *cmd,
+        ]
+
+    def _run_server_cmd(
+        self, cmd: list[str], *, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        # Own process group, so that an interruption (Ctrl-C, timeout) can kill
+        # runuser *and* its child (initdb, pg_ctl) instead of orphaning it.
+        # The postmaster is immune: pg_ctl starts it in a session of its own.
+        proc = subprocess.Popen(
+            self._as_server_user(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.basedir,
+            env=_clean_env(LC_ALL="C"),
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check and res.returncode != 0:
+            raise PgClusterError(
+                f"{' '.join(cmd)} failed with exit {res.returncode}\n"
+                f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+            )
+        return res
+
+    def _chown(self, path: str) -> None:
+        if self.user is not None:
+            shutil.chown(path, self.user, self.user_group())
+
+    def user_group(self) -> str:
+        """Primary group name of the server user (as a string gid if unnamed)."""
+        assert self.user is not None
+        gid = pwd.getpwnam(self.user).pw_gid
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+
+    def _prepare_dirs(self) -> None:
+        _makedirs_traversable(Path(self.basedir))
+        os.chmod(self.basedir, 0o755)
+        self._chown(self.basedir)
+        os.makedirs(self.socket_dir, exist_ok=True)
+        os.chmod(self.socket_dir, 0o755)
+        self._chown(self.socket_dir)
+        logdir = os.path.dirname(self.logfile)
+        if not os.path.isdir(logdir):
+            _makedirs_traversable(Path(logdir))
+        if not os.path.exists(self.logfile):
+            Path(self.logfile).touch()
+        self._chown(self.logfile)
+        if self.user is not None:
+            res = self._run_server_cmd(
+                ["test", "-w", self.basedir, "-a", "-x", self.basedir, "-a", "-w", self.logfile],
+                check=False,
+            )
+            if res.returncode != 0:
+                raise PgClusterError(
+                    f"user {self.user!r} cannot use {self.basedir} (or {self.logfile}); "
+                    "every parent directory must be traversable (chmod 0755), e.g. create "
+                    "the base directory with tempfile.mkdtemp() and chmod it 0755 "
+                    f"{res.stderr.strip()}"
+                )
+
+    # -------------------------------------------------------------------- setup
+    def init(
+        self, *, settings: dict[str, str] | None = None, hba_lines: list[str] | None = None
+    ) -> None:
+        """initdb, then write postgresql.conf additions and pg_hba.conf."""
+        if os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
+            raise PgClusterError(f"{self.datadir} is already initialized")
+        self._prepare_dirs()
+        errors: list[str] = []
+        for locale in ("C.UTF-8", "C"):
+            cmd = [
+                self.bin("initdb"),
+                "-D",
+                self.datadir,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                f"--locale={locale}",
+                "--no-sync",
+            ]
+            res = self._run_server_cmd(cmd, check=False)
+            if res.returncode == 0:
+                break
+            errors.append(f"--locale={locale}: exit {res.returncode}\n{res.stdout}{res.stderr}")
+            shutil.rmtree(self.datadir, ignore_errors=True)
+        else:
+            raise PgClusterError("initdb failed:\n" + "\n".join(errors))
+        conf: dict[str, str] = {
+            "listen_addresses": self.host,
+            "port": str(self.port),
+            "unix_socket_directories": self.socket_dir,
+            **_BASE_SETTINGS,
+            **(settings or {}),
+        }
+        self.append_conf(conf)
+        if hba_lines is None:
+            hba_lines = [
+                "local all all trust",
+                "host all all 127.0.0.1/32 trust",
+                "host all all ::1/128 trust",
+                "local replication all trust",
+                "host replication all 127.0.0.1/32 trust",
+                "host replication all ::1/128 trust",
+            ]
+        self.write_hba(hba_lines)
+
+    def append_conf(self, settings: dict[str, str]) -> None:
+        """Append settings to postgresql.conf (later lines win); reload to apply."""
+        lines = [f"{k} = {_conf_quote(v)}" for k, v in settings.items()]
+        with open(os.path.join(self.datadir, "postgresql.conf"), "a", encoding="utf-8") as f:
+            f.write("\n# --- added by devtools/pgcluster.py ---\n" + "\n".join(lines) + "\n")
+
+    def write_hba(self, hba_lines: list[str]) -> None:
+        """Replace pg_hba.conf; call reload() afterwards if the server runs."""
+        with open(os.path.join(self.datadir, "pg_hba.conf"), "w", encoding="utf-8") as f:
+            f.write("# written by devtools/pgcluster.py\n" + "\n".join(hba_lines) + "\n")
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """pg_ctl start -w; raises PgClusterError with the server log tail on failure."""
+        for attempt in range(3):
+            log_size = os.path.getsize(self.logfile) if os.path.exists(self.logfile) else 0
+            res = self._run_server_cmd(
+                [
+                    self.bin("pg_ctl"),
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-s",
+                    "-D",
+                    self.datadir,
+                    "-l",
+                    self.logfile,
+                ],
+                check=False,
+            )
+            if res.returncode == 0:
+                self._running = True
+                if not self._atexit_registered:
+                    atexit.register(self._atexit_stop)
+                    self._atexit_registered = True
+                return
+            tail = _tail(self.logfile)
+            with open(self.logfile, encoding="utf-8", errors="replace") as f:
+                f.seek(log_size)
+                new_log = f.read()
+            if self._auto_port and attempt < 2 and "could not bind" in new_log:
+                # Somebody grabbed our port between find_free_port() and now.
+                self.port = find_free_port()
+                self.append_conf({"port": str(self.port)})
+                continue
+            raise PgClusterError(
+                f"pg_ctl start failed with exit {res.returncode}\n{res.stdout}{res.stderr}\n"
+                f"--- tail of {self.logfile} ---\n{tail}"
+            )
+
+    def is_running(self) -> bool:
+        res = self._run_server_cmd([self.bin("pg_ctl"), "status", "-D", self.datadir], check=False)
+        return res.returncode == 0
+
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop -m mode -w (no-op when the server is not running)."""
+        if not os.path.exists(os.path.join(self.datadir, "postmaster.pid")):
+            self._running = False
+            return
+        res = self._run_server_cmd(
+            [self.bin("pg_ctl"), "stop", "-w", "-t", "60", "-s", "-m", mode, "-D", self.datadir],
+            check=False,
+        )
+        if res.returncode != 0 and self.is_running():
+            raise PgClusterError(
+                f"pg_ctl stop -m {mode} failed with exit {res.returncode}\n{res.stdout}"
+                f"{res.stderr}\n--- tail of {self.logfile} ---\n{_tail(self.logfile)}"
+            )
+        self._running = False
+
+    def _kill_postmaster(self) -> None:
+        try:
+            with open(os.path.join(self.datadir, "postmaster.pid"), encoding="utf-8") as f:
+                pid = int(f.readline().strip())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    def destroy(self) -> None:
+        """Stop the server if it runs (escalating to immediate/SIGKILL) and rm -rf basedir."""
+        if os.path.isdir(self.datadir):
+            try:
+                self.stop("fast")
+            except (PgClusterError, subprocess.TimeoutExpired):
+                try:
+                    self.stop("immediate")
+                except (PgClusterError, subprocess.TimeoutExpired):
+                    self._kill_postmaster()
+        self._running = False
+        if self._atexit_registered:
+            atexit.unregister(self._atexit_stop)
+            self._atexit_registered = False
+        shutil.rmtree(self.basedir, ignore_errors=True)
+
+    def _atexit_stop(self) -> None:
+        # Last resort so an interrupted test run does not leak a postmaster.
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+
+    def reload(self) -> None:
+        """pg_ctl reload, then wait until the postmaster has re-read its files."""
+        before = self._conf_load_time()
+        self._run_server_cmd([self.bin("pg_ctl"), "reload", "-s", "-D", self.datadir])
+        if before is None:
+            time.sleep(0.5)
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = self._conf_load_time()
+            if now is not None and now != before:
+                return
+            time.sleep(0.05)
+
+    def _conf_load_time(self) -> str | None:
+        # A new backend reports the postmaster's load time, so a change means
+        # the postmaster has processed SIGHUP (including pg_hba.conf).
+        res = self._psql_cmd("SELECT pg_conf_load_time()", self.socket_dir, "postgres", "postgres")
+        if res.returncode != 0:
+            return None
+        return res.stdout.strip() or None
+
+    # ------------------------------------------------------------------ clients
+    def _psql_cmd(
+        self, sql: str, host: str, dbname: str, user: str
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            self.bin("psql"),
+            "-X",
+            "-At",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            host,
+            "-p",
+            str(self.port),
+            "-U",
+            user,
+            "-d",
+            dbname,
+            "-f",
+            "-",
+        ]
+        return subprocess.run(
+            cmd,
+            input=sql,
+            capture_output=True,
+            text=True,
+            env=_clean_env(PGCONNECT_TIMEOUT="10"),
+            check=False,
+            timeout=300,
+        )
+
+    def psql(
+        self, sql: str, *, dbname: str = "postgres", user: str = "postgres", check: bool = True
+    ) -> str:
+        """Run SQL (several statements allowed, each in its own transaction) via psql
+        -X -At over TCP; returns stdout (command tags suppressed)."""
+        res = self._psql_cmd(sql, self.host, dbname, user)
+        if check and res.returncode != 0:
+            raise PgClusterError(
+                f"psql (db={dbname} user={user}) failed with exit {res.returncode}: "
+                f"{res.stderr.strip()}\nSQL:\n{sql}"
+            )
+        return res.stdout
+
+    def pgbench(self, *args: str, dbname: str = "postgres", user: str = "postgres") -> str:
+        """Run pgbench against the cluster directly (as the calling user); returns stdout."""
+        cmd = [
+            self.bin("pgbench"),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-U",
+            user,
+            *args,
+            dbname,
+        ]
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, env=_clean_env(), check=False, timeout=600
+        )
+        if res.returncode != 0:
+            raise PgClusterError(
+                f"{' '.join(cmd)} failed with exit {res.returncode}\n{res.stdout}{res.stderr}"
+            )
+        return res.stdout
+
+    def dsn(
+        self, *, dbname: str = "postgres", user: str = "postgres", password: str | None = None
+    ) -> str:
+        """libpq keyword/value DSN for a direct TCP connection to the cluster."""
+        parts = {"host": self.host, "port": str(self.port), "dbname": dbname, "user": user}
+        if password is not None:
+            parts["password"] = password
+        return " ".join(f"{k}={_dsn_quote(v)}" for k, v in parts.items())
+
+    # ----------------------------------------------------------- context manager
+    def __enter__(self) -> PgCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"PgCluster(basedir={self.basedir!r}, port={self.port}, user={self.user!r})"
