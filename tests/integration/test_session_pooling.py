@@ -230,7 +230,7 @@ def test_no_hba_entry_is_28000(pgcorral: DaemonFactory) -> None:
     error = connect_error(d.host, d.port, USER)
     assert error is not None and error["C"] == "28000"
     assert "no pgcorral_hba.conf entry" in error["M"]
-    with pytest.raises(psycopg.OperationalError, match="no pgcorral_hba.conf entry"):
+    with pytest.raises(psycopg.OperationalError, match=r"no pgcorral_hba\.conf entry"):
         psycopg.connect(d.dsn(host=d.socket_dir, user="postgres"))
 
 
