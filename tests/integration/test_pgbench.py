@@ -34,10 +34,13 @@ def test_pgbench_workload_has_no_failures(pgcorral: DaemonFactory, workload: str
 
 
 def test_reconnecting_clients_share_a_small_pool(pgcorral: DaemonFactory) -> None:
-    """Twice as many reconnecting clients as server connections: they queue, none fails."""
+    """Twice as many reconnecting clients as server connections: they queue, none fails.
+
+    One pgbench thread per client: a pgbench thread connects its clients one after the other,
+    so with fewer threads a thread would wait for a slot its own other client holds."""
     d = pgcorral({"max_connections": "2", "blocking_timeout": "30"})
     cmd = ["pgbench", "-h", d.host, "-p", str(d.port), "-U", "trustuser", "-n",
-           "-c", "4", "-j", "2", "-t", "50", "-S", "-C", "pgcorral_test"]
+           "-c", "4", "-j", "4", "-t", "50", "-S", "-C", "pgcorral_test"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "number of transactions actually processed: 200" in out.stdout, out.stdout
