@@ -12,7 +12,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -137,7 +138,8 @@ def assert_healthy(d: Daemon) -> None:
     assert d.running(), f"pgcorral died; log:\n{d.log()}"
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
+             what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -193,9 +195,12 @@ def test_startup_packet_over_10000_bytes_closes(pgcorral: DaemonFactory) -> None
     assert_healthy(d)
 
 
-def test_user_name_of_9000_bytes_gets_an_error(pgcorral: DaemonFactory) -> None:
+@pytest.mark.parametrize("params", [{"database": "pgcorral_test"}, {}],
+                         ids=["with-database", "database-defaults-to-user"])
+def test_user_name_of_9000_bytes_gets_an_error(pgcorral: DaemonFactory,
+                                               params: dict[str, str]) -> None:
     d = pgcorral()
-    packet = startup_packet({"user": "u" * 9000, "database": "pgcorral_test"})
+    packet = startup_packet({"user": "u" * 9000, **params})
     assert len(packet) < 10000
     with raw(d) as sock:
         sock.sendall(packet)
@@ -225,9 +230,8 @@ def _random_bytes(seed: int, valid_length: bool) -> bytes:
 
 @pytest.mark.parametrize(
     "data",
-    [pytest.param(_random_bytes(seed, False), id=f"seed-{seed}") for seed in (1, 2, 3)]
-    + [pytest.param(_random_bytes(seed, True), id=f"seed-{seed}-valid-length")
-       for seed in (4, 5)],
+    [pytest.param(_random_bytes(seed, False), id=f"seed-{seed}") for seed in (1, 2)]
+    + [pytest.param(_random_bytes(3, True), id="seed-3-valid-length")],
 )
 def test_random_bytes_close(pgcorral: DaemonFactory, data: bytes) -> None:
     d = pgcorral()
@@ -357,7 +361,7 @@ def test_bogus_cancel_request_cancels_nothing(pgcorral: DaemonFactory, pg: PgClu
             try:
                 victim.execute("select pg_sleep(1)")
                 outcome["ok"] = time.monotonic() - started
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            except Exception as exc:  # reported by the assertion below
                 outcome["error"] = exc
 
         thread = threading.Thread(target=run, daemon=True)
@@ -470,7 +474,7 @@ def test_client_leaving_mid_transaction_leaves_nothing(pgcorral: DaemonFactory, 
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         sock.close()
-    with psycopg.connect(d.dsn(), connect_timeout=5) as conn:
+    with psycopg.connect(d.dsn(), connect_timeout=5, autocommit=True) as conn:
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.execute(f"select count(*) from {table}").fetchone() == (0,)
         assert conn.execute("select now() = statement_timestamp()").fetchone() == (True,)
@@ -502,26 +506,48 @@ def test_client_leaving_while_large_result_streams(pgcorral: DaemonFactory,
 
 def test_many_slow_startups_do_not_block_healthy_clients(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"authentication_timeout": "5", "max_connections": "2"})
+    partial = struct.pack("!ii", 50, 196608) + b"u" * 12
+
+    def slow_client(_: int) -> socket.socket:
+        sock = socket.create_connection((d.host, d.port), timeout=SOCK_TIMEOUT)
+        sock.sendall(partial)
+        sock.setblocking(False)  # for _open_count
+        return sock
+
     slow: list[socket.socket] = []
     try:
-        partial = struct.pack("!ii", 50, 196608) + b"u" * 12
-        t0 = time.monotonic()
-        for _ in range(200):
-            sock = socket.create_connection((d.host, d.port), timeout=SOCK_TIMEOUT)
-            slow.append(sock)
-            sock.sendall(partial)
+        # in parallel, so that all 200 hang at once well within authentication_timeout
+        with ThreadPoolExecutor(50) as pool:
+            slow = list(pool.map(slow_client, range(200)))
+        assert _open_count(slow) == 200, "slow clients were closed before the timeout"
         started = time.monotonic()
-        print("DEBUG connects done", started - t0)
         with psycopg.connect(d.dsn(), connect_timeout=3) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         elapsed = time.monotonic() - started
-        print("DEBUG healthy", elapsed)
         assert elapsed < 3, f"a healthy client needed {elapsed:.2f} s"
-        # the slow ones are still hanging (held until authentication_timeout)
-        slow[0].settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            slow[0].recv(1)
+        assert _open_count(slow) == 200, "slow clients were closed before the timeout"
+        # and authentication_timeout frees them all
+        wait_for(lambda: _open_count(slow) == 0, timeout=10,
+                 what="the slow clients to be closed by authentication_timeout")
     finally:
         for sock in slow:
             sock.close()
     assert_healthy(d)
+
+
+def _open_count(socks: list[socket.socket]) -> int:
+    """How many of the non-blocking ``socks`` the peer has not closed (nothing to read, no
+    EOF)."""
+    count = 0
+    for sock in socks:
+        if sock.fileno() == -1:
+            continue
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            count += 1
+            continue
+        except ConnectionResetError:
+            continue
+        assert data == b"", f"a slow client was sent {data!r}"
+    return count

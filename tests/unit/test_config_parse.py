@@ -93,7 +93,7 @@ def test_typed_values(tmp_path: Path) -> None:
     assert main.metrics_cache_max_size == 512 * 1024
     assert main.keep_alive is False
     assert main.max_connections == 40
-    assert main.backlog == 16
+    assert main.backlog == 128
     assert main.pipeline == "transaction"
     assert main.log_level == "debug3"
     assert main.connection_retry_delay == pytest.approx(0.1)

@@ -72,7 +72,7 @@ def test_seed_main(seed: Config) -> None:
     assert main.pipeline == "auto"
     assert main.blocking_timeout == 30.0
     assert main.server_reset_query == "DISCARD ALL"
-    assert main.backlog == 25
+    assert main.backlog == 128  # max(max_connections / 4, 128)
     assert main.pidfile == "/tmp/.s.pgagroal/pgcorral.2345.pid"
     assert seed.warnings == ()
 

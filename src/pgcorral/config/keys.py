@@ -50,7 +50,8 @@ KEYS: tuple[Key, ...] = (
         "Directory of the client Unix socket `.s.PGSQL.<port>` and the internal sockets "
         "(pgagroal requires it; pgcorral defaults to /tmp)."),
     Key("backlog", "int", 0, _LIVE,
-        "listen() backlog; 0 or absent means max(max_connections / 4, 16).", minimum=0),
+        "listen() backlog; 0 or absent means max(max_connections / 4, 128) (pgagroal: floor "
+        "16; pgcorral raises it because clients outnumber server connections).", minimum=0),
     Key("keep_alive", "bool", True, _LIVE, "Set SO_KEEPALIVE on sockets."),
     Key("nodelay", "bool", True, _LIVE, "Set TCP_NODELAY on sockets."),
     Key("ev_backend", "enum", "auto", _NOT_LIVE,

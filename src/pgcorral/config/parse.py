@@ -250,7 +250,7 @@ def _check_main(path: str, main: MainConfig, where: dict[str, int], header: int,
         seen.setdefault(port, name)
     derived: dict[str, Any] = {"connection_retry_delay": delay}
     if main.backlog == 0:
-        derived["backlog"] = max(main.max_connections // 4, 16)
+        derived["backlog"] = max(main.max_connections // 4, 128)
     if not main.pidfile:
         derived["pidfile"] = os.path.join(main.unix_socket_dir, f"pgcorral.{main.port}.pid")
     return replace(main, **derived)

@@ -77,8 +77,11 @@ class Context:
         return conn
 
     def _server_lost(self, server: ServerConnection) -> None:
-        if server.peer is None:
+        client = server.peer
+        if client is None:
             self.pool.discard(server.slot)
+        else:  # the linked client is told; its release then discards the slot
+            client.server_lost()
 
     def release_server(self, server: ServerConnection, clean: bool) -> None:
         """Back to the pool if clean, else closed; either way the slot may serve a waiter."""

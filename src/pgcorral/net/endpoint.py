@@ -52,6 +52,9 @@ class Endpoint(asyncio.Protocol):
         self.closed = True
         self._wake(ConnectionLost(str(exc) if exc else "connection closed"))
 
+    def server_lost(self) -> None:
+        """Called on a client when its linked server connection is gone."""
+
     def pause_writing(self) -> None:
         self._writing_paused = True
         peer = self.peer

@@ -103,8 +103,11 @@ def authentication_sasl_final(data: bytes) -> bytes:
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -> bytes:
+    """NegotiateProtocolVersion. The first Int32 is the full version ``3 << 16 | minor``, as
+    PostgreSQL sends it (``PG_PROTOCOL_LATEST``); libpq 18 refuses a bare minor below 3.0."""
     names = list(unrecognized)
-    body = _I32x2.pack(newest_minor, len(names)) + b"".join(_cstr(n) for n in names)
+    version = codes.PROTOCOL_3_0 | newest_minor
+    body = _I32x2.pack(version, len(names)) + b"".join(_cstr(n) for n in names)
     return message(b"v", body)
 
 

@@ -20,6 +20,8 @@ _I32x2 = struct.Struct("!ii")
 
 #: Newest protocol minor version pgcorral speaks (3.0).
 NEWEST_MINOR = 0
+#: PostgreSQL's identifier limit: user and database names are cut to 63 bytes, as it does.
+NAMEDATALEN = 64
 #: PostgreSQL 18 allows cancel keys of up to 256 bytes (protocol 3.2).
 MAX_CANCEL_KEY = 256
 
@@ -165,6 +167,11 @@ def _startup(code: int, body: bytes) -> Startup:
             unrecognized.append(name)
         else:
             params[name] = value
+    for key in ("user", "database"):  # PostgreSQL cuts names to NAMEDATALEN - 1 bytes
+        if key in params:
+            raw = params[key].encode("utf-8", "surrogateescape")
+            if len(raw) > NAMEDATALEN - 1:
+                params[key] = raw[:NAMEDATALEN - 1].decode("utf-8", "surrogateescape")
     if not params.get("user"):
         raise StartupRejected(
             "no PostgreSQL user name specified in startup packet", sqlstate="28000"

@@ -71,7 +71,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         main = self.ctx.config.main
         ctx = self.ctx
-        backlog = main.backlog or max(main.max_connections // 4, 128)
+        backlog = main.backlog
         host = None if main.host in ("*", "") else main.host
         tcp = await loop.create_server(lambda: ClientConnection(ctx, "host"), host, main.port,
                                        backlog=backlog, reuse_address=True)
