@@ -126,6 +126,8 @@ class Pool:
         if not queue:  # nobody of this pair is ahead in line
             grant = self._try_grant(key)
             if grant is not None:
+                if grant.victim is not None and self._waiting:
+                    self._dispatch()  # the victim's rule has room now
                 return grant
         deadline = None if timeout is None else self.clock() + timeout
         waiter = Waiter(key, next(self._seq), deadline, notify)
@@ -200,11 +202,12 @@ class Pool:
             slot.state = ACTIVE
             return Grant(slot, new=False)
         rule = self.rule_for(key)
-        if rule is not None and self._per_rule.get(id(rule), 0) >= rule.max_size:
-            return None
+        rule_full = rule is not None and self._per_rule.get(id(rule), 0) >= rule.max_size
         victim = None
-        if len(self._slots) >= self.max_connections:
-            victim = self._oldest_idle_elsewhere(key)
+        if rule_full or len(self._slots) >= self.max_connections:
+            # Make room by closing the least recently used idle slot of another pair: under
+            # the same rule when the rule is what is full, else anywhere.
+            victim = self._oldest_idle_elsewhere(key, rule if rule_full else None)
             if victim is None:
                 return None
             self._remove_idle(victim)
@@ -218,10 +221,12 @@ class Pool:
             self._per_rule[id(rule)] = self._per_rule.get(id(rule), 0) + 1
         return Grant(slot, new=True, victim=victim)
 
-    def _oldest_idle_elsewhere(self, key: Key) -> Slot | None:
+    def _oldest_idle_elsewhere(self, key: Key, rule: LimitRule | None) -> Slot | None:
         best: Slot | None = None
         for other, stack in self._idle.items():
-            if other != key and stack and (best is None or stack[0].last_used < best.last_used):
+            if other == key or not stack or (rule is not None and stack[0].rule is not rule):
+                continue
+            if best is None or stack[0].last_used < best.last_used:
                 best = stack[0]
         return best
 
