@@ -31,6 +31,8 @@ from pgcorral.errors import (
 )
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines import session
+from pgcorral.pipelines.settings import learn, reported_requests
+from pgcorral.pipelines.settings import plan as settings_plan
 from pgcorral.pool.pool import Grant, Slot
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
@@ -53,8 +55,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgcorral.client")
 
+#: Bound of the per-worker cache of hba decisions (cleared on reload and when full).
+HBA_CACHE_LIMIT = 4096
+
 #: Startup parameters that are not settings to apply on the server connection.
 _NOT_SETTINGS = frozenset(["user", "database", "options", "replication"])
+_AUTH_OK = msg.authentication_ok()
 
 
 class ClientConnection(Endpoint):
@@ -72,6 +78,7 @@ class ClientConnection(Endpoint):
         self.dirty = False  # the server saw bytes that left it mid-message
         self._rx = StartupReader()
         self._ended: asyncio.Future[str] | None = None
+        self._grant: asyncio.Future[Grant] | None = None
         self._task: asyncio.Task[None] | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------------
@@ -147,25 +154,31 @@ class ClientConnection(Endpoint):
                 self.ctx.all_idle.set()
 
     async def _startup(self) -> Startup | None:
-        timeout = self.ctx.config.main.authentication_timeout or None
+        """Read startup packets until a StartupMessage, within authentication_timeout."""
+        timeout = self.ctx.config.main.authentication_timeout
+        timer = (asyncio.get_running_loop().call_later(timeout, self._startup_timed_out)
+                 if timeout > 0 else None)
         encryption_requests = 0
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    packet = await self.read_packet()
-                    if isinstance(packet, (SSLRequest, GSSENCRequest)):
-                        encryption_requests += 1
-                        if encryption_requests > 2:
-                            raise ClientProtocolError("too many encryption requests")
-                        self.write(b"N")
-                    elif isinstance(packet, CancelRequest):
-                        await self.ctx.forward_cancel(packet.pid, packet.secret)
-                        return None
-                    else:
-                        return packet
-        except TimeoutError:
-            log.info("client %s did not finish startup in time", self.address or "[local]")
-            return None
+            while True:
+                packet = await self.read_packet()
+                if isinstance(packet, (SSLRequest, GSSENCRequest)):
+                    encryption_requests += 1
+                    if encryption_requests > 2:
+                        raise ClientProtocolError("too many encryption requests")
+                    self.write(b"N")
+                elif isinstance(packet, CancelRequest):
+                    await self.ctx.forward_cancel(packet.pid, packet.secret)
+                    return None
+                else:
+                    return packet
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _startup_timed_out(self) -> None:
+        log.info("client %s did not finish startup in time", self.address or "[local]")
+        self.abort()
 
     async def _session(self, startup: Startup) -> None:
         ctx = self.ctx
@@ -184,21 +197,31 @@ class ClientConnection(Endpoint):
         real_db = ctx.config.real_database(self.database)
         server = await self._get_server((real_db, self.user), rule)
         try:
-            wanted = {k: v for k, v in settings.items() if server.params.get(k) != v}
-            if wanted:
-                error = await server.apply_settings(wanted)
+            pairs = settings_plan(settings, server.params, server.baseline, server.names,
+                                  ctx.learned)
+            server.requests = reported_requests(settings, server.names)
+            if pairs:
+                error = await server.apply_settings(pairs)
                 if error is not None:
                     error["S"] = error["V"] = "FATAL"
                     raise ServerError(error)
+                learn(ctx.learned, pairs, server.params)
         except BaseException:
             await session.release(ctx, server, self, clean=not server.closed)
             raise
         await self._link_and_serve(server)
 
     def _hba_rule(self) -> HbaRule:
-        cfg = self.ctx.config
-        rule = match_hba(cfg.hba, conn_type=self.conn_type, database=self.database,
-                         user=self.user, address=self.address, aliases=self.ctx.aliases)
+        ctx = self.ctx
+        key = (self.conn_type, self.database, self.user, self.address)
+        try:
+            rule = ctx.hba_cache[key]
+        except KeyError:
+            rule = match_hba(ctx.config.hba, conn_type=self.conn_type, database=self.database,
+                             user=self.user, address=self.address, aliases=ctx.aliases)
+            if len(ctx.hba_cache) >= HBA_CACHE_LIMIT:
+                ctx.hba_cache.clear()
+            ctx.hba_cache[key] = rule
         host = self.address or "[local]"
         where = f'host "{host}", user "{self.user}", database "{self.database}"'
         if rule is None:
@@ -231,17 +254,13 @@ class ClientConnection(Endpoint):
 
     async def _acquire(self, key: tuple[str, str]) -> Grant:
         ctx = self.ctx
-        loop = asyncio.get_running_loop()
-        granted: asyncio.Future[Grant] = loop.create_future()
-
-        def notify(grant: Grant) -> None:
-            granted.set_result(grant)
-
         timeout = ctx.config.main.blocking_timeout
-        result = ctx.pool.request(key, timeout, notify)
+        result = ctx.pool.request(key, timeout, self._granted)
         if isinstance(result, Grant):
             return result
         assert self._ended is not None
+        granted: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        self._grant = granted
         log.debug("client %s waits for a server connection for %s@%s (%d waiting)",
                   self.address or "[local]", key[1], key[0], ctx.pool.waiting)
         if timeout > 0:
@@ -261,6 +280,11 @@ class ClientConnection(Endpoint):
                 ctx.release_server(grant.slot.conn, clean=True)
             raise ConnectionLost("client left while waiting")
         return grant
+
+    def _granted(self, grant: Grant) -> None:
+        """The pool serves this client's Waiter (called synchronously by the pool)."""
+        assert self._grant is not None
+        self._grant.set_result(grant)
 
     async def _open(self, slot: Slot, key: tuple[str, str]) -> ServerConnection:
         ctx = self.ctx
@@ -323,16 +347,14 @@ class ClientConnection(Endpoint):
     async def _link_and_serve(self, server: ServerConnection) -> None:
         ctx = self.ctx
         secret = ctx.issue_cancel_key(self, server.pid)
-        greeting = [msg.authentication_ok()]
-        greeting += [msg.parameter_status(k, v) for k, v in server.params.items()]
-        greeting.append(msg.backend_key_data(server.pid, secret))
-        greeting.append(msg.ready_for_query(bytes([server.status if server.status > 0
-                                                   else codes.TX_IDLE])))
+        status = server.status if server.status > 0 else codes.TX_IDLE
+        greeting = (_AUTH_OK + server.greeting_params() + msg.backend_key_data(server.pid, secret)
+                    + msg.ready_for_query(bytes([status])))
         pipelined = self.take_buffered()
         self.server = server
         self.peer = server
         server.peer = self
-        self.write(b"".join(greeting))
+        self.write(greeting)
         if pipelined:
             self.data_received(pipelined)
         assert self._ended is not None

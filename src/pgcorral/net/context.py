@@ -14,7 +14,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from pgcorral.config import Config, ServerConfig
+from pgcorral.config import Config, HbaRule, ServerConfig
 from pgcorral.errors import ServerUnavailable
 from pgcorral.net.server import ServerConnection
 from pgcorral.pool.pool import Pool, Slot
@@ -36,6 +36,9 @@ class Context:
         self._cancel_keys: dict[int, tuple[bytes, ClientConnection]] = {}
         self.all_idle = asyncio.Event()
         self.aliases = config.aliases()
+        self.hba_cache: dict[tuple[str, str, str, str | None], HbaRule | None] = {}
+        # (setting, requested value) -> the value PostgreSQL reported (pipelines.settings)
+        self.learned: dict[tuple[str, str], str] = {}
 
     @property
     def server(self) -> ServerConfig:
@@ -49,6 +52,7 @@ class Context:
         """A reloaded configuration: new hba, limits and reloadable keys for new clients."""
         self.config = config
         self.aliases = config.aliases()
+        self.hba_cache.clear()
         self.pool.set_limits(config.limits)
 
     # --- server connections ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pgcorral.errors import AuthenticationError, ServerError, ServerProtocolError
 from pgcorral.net.endpoint import Endpoint
+from pgcorral.pipelines.settings import Pairs, canonical_names
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.framing import MessageReader
@@ -50,6 +51,9 @@ class ServerConnection(Endpoint):
         # ("trust", b""), ("password", cleartext), ("md5", salt + response).
         self.memento: tuple[str, bytes] | None = None
         self.poolable = True
+        self.names: dict[str, str] = {}  # lower-case setting name -> reported spelling
+        self.requests: Pairs = []  # the linked client's startup requests for reported settings
+        self._greeting: bytes | None = None
         self._rx = MessageReader(codes.LARGE_MESSAGE_LIMIT)
 
     def data_received(self, data: bytes) -> None:
@@ -95,6 +99,7 @@ class ServerConnection(Endpoint):
             elif type_ == codes.READY_FOR_QUERY:
                 self.status = body[0] if body else -1
                 self.baseline = dict(self.params)
+                self.names = canonical_names(self.baseline)
                 return
             elif type_ == codes.ERROR_RESPONSE:
                 raise ServerError(_parse(msg.parse_fields, body))
@@ -130,51 +135,69 @@ class ServerConnection(Endpoint):
 
     # --- work pgcorral does itself -----------------------------------------------------------
 
-    async def run_utility(self, queries: list[str], allowed: frozenset[int] | None = None,
-                          payload: bytes | None = None) -> Replies:
-        """Send simple queries (or ``payload``) and read the replies up to ReadyForQuery."""
-        self.write(payload if payload is not None else b"".join(msg.query(q) for q in queries))
-        replies = Replies(max(1, len(queries))) if allowed is None else Replies(1, allowed)
-        while not replies.done:
+    async def _exchange(self, payload: bytes, replies: Replies) -> Replies:
+        """Send ``payload`` and read replies until ``replies`` has every ReadyForQuery."""
+        self.write(payload)
+        while replies.ready < replies.expected_ready:
             type_, body = await self.read_message()
             replies.feed(type_, body)
         self.status = replies.status
+        if replies.params:
+            self.params.update(replies.params)
+            self._greeting = None
         return replies
 
     async def reset(self, reset_query: str, timeout: float) -> bool:
-        """Make the connection clean for the next client. False if it must be closed instead."""
+        """Make the connection clean for the next client. False if it must be closed instead.
+
+        After ``DISCARD ALL`` the reported settings the last client asked for at startup are
+        applied again in the same round trip: the next client of the same application then
+        finds the connection ready (see ``pipelines.settings``).
+        """
         queries = ["ROLLBACK"] if self.status in (codes.TX_IN_BLOCK, codes.TX_FAILED) else []
         if reset_query:
             queries.append(reset_query)
         if not queries:
             return self.status == codes.TX_IDLE
+        discard_all = reset_query.strip().upper().rstrip(";") == "DISCARD ALL"
+        payload = b"".join(msg.query(q) for q in queries)
+        reapply = self.requests if discard_all else []
+        if reapply:
+            payload += msg.set_config_statement(reapply)
+        replies = Replies(len(queries) + (1 if reapply else 0), EXTENDED_ROW_REPLIES)
+        timer = asyncio.get_running_loop().call_later(timeout, self.abort)
         try:
-            async with asyncio.timeout(timeout):
-                replies = await self.run_utility(queries)
-        except (TimeoutError, ServerProtocolError, ConnectionError, OSError) as exc:
+            await self._exchange(payload, replies)
+        except Exception as exc:  # broken stream, closed or timed out (abort): not reusable
             log.info("reset of server connection %d failed: %s", self.slot.id, exc)
             return False
-        except Exception as exc:  # ConnectionLost and friends
-            log.info("reset of server connection %d failed: %s", self.slot.id, exc)
-            return False
+        finally:
+            timer.cancel()
         if replies.error is not None or replies.status != codes.TX_IDLE:
             return False
-        if reset_query.strip().upper().rstrip(";") == "DISCARD ALL":
-            expected = [q.upper() for q in queries]
+        if discard_all:
+            expected = [q.upper() for q in queries] + (["SELECT 1"] if reapply else [])
             if replies.tags != expected:
                 return False
-            # DISCARD ALL ran RESET ALL: every setting is back at its login value.
+            # DISCARD ALL ran RESET ALL: every setting is back at its login value, then the
+            # re-applied ones reported their new values.
             self.params = {**self.baseline, **replies.params}
-        else:
-            self.params.update(replies.params)
+            self._greeting = None
         return True
 
-    async def apply_settings(self, settings: dict[str, str]) -> dict[str, str] | None:
-        """``set_config`` each setting; the server's ErrorResponse fields if one is refused."""
-        replies = await self.run_utility(
-            [], EXTENDED_ROW_REPLIES, payload=msg.set_config_statement(settings))
-        self.params.update(replies.params)
+    async def apply_settings(self, pairs: Pairs) -> dict[str, str] | None:
+        """``set_config`` each pair in order; the server's ErrorResponse fields if refused."""
+        replies = await self._exchange(msg.set_config_statement(pairs),
+                                       Replies(1, EXTENDED_ROW_REPLIES))
         return replies.error
+
+    def greeting_params(self) -> bytes:
+        """ParameterStatus messages for every reported setting, built once per change."""
+        greeting = self._greeting
+        if greeting is None:
+            greeting = b"".join(msg.parameter_status(k, v) for k, v in self.params.items())
+            self._greeting = greeting
+        return greeting
 
     def check_memento(self, answer: bytes) -> bool:
         """Does a later client's answer match what the server accepted at login?"""

@@ -126,8 +126,6 @@ class Pool:
         if not queue:  # nobody of this pair is ahead in line
             grant = self._try_grant(key)
             if grant is not None:
-                if grant.victim is not None and self._waiting:
-                    self._dispatch()  # the victim's rule has room now
                 return grant
         deadline = None if timeout is None else self.clock() + timeout
         waiter = Waiter(key, next(self._seq), deadline, notify)

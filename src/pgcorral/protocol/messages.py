@@ -143,15 +143,16 @@ def sync() -> bytes:
     return message(b"S")
 
 
-def set_config_statement(settings: Mapping[str, str]) -> bytes:
+def set_config_statement(settings: Sequence[tuple[str, str]]) -> bytes:
     """Parse/Bind/Execute/Sync of ``SELECT set_config($1, $2, false), ...`` (unnamed statement).
 
-    Values travel as bind parameters, so no quoting of names or values is ever needed.
+    Values travel as bind parameters, so no quoting of names or values is ever needed. The
+    pairs are applied left to right.
     """
-    items = list(settings.items())
-    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(len(items)))
+    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)"
+                      for i in range(len(settings)))
     parse = message(b"P", b"\0" + _cstr("SELECT " + calls) + _I16.pack(0))
-    values = [s.encode("utf-8", "surrogateescape") for pair in items for s in pair]
+    values = [s.encode("utf-8", "surrogateescape") for pair in settings for s in pair]
     bind_body = (
         b"\0\0" + _I16.pack(0) + _I16.pack(len(values))
         + b"".join(_I32.pack(len(v)) + v for v in values) + _I16.pack(0)
