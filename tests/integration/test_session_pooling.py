@@ -280,3 +280,30 @@ def test_backend_killed_mid_session_gives_client_an_error(pgcorral: DaemonFactor
             conn.execute("select 1")
     with psycopg.connect(d.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_settings_follow_each_client_on_a_reused_connection(pgcorral: DaemonFactory) -> None:
+    """Each client sees what a fresh connection with its own startup parameters would show,
+    whatever the previous client of the same backend asked for."""
+    d = pgcorral({"max_connections": "1"})
+
+    def session(**params: str) -> tuple[object, ...]:
+        with psycopg.connect(d.dsn(**params)) as conn:
+            row = conn.execute(
+                "select pg_backend_pid(), current_setting('application_name'),"
+                " current_setting('DateStyle'), current_setting('TimeZone')").fetchone()
+            assert row is not None
+            assert conn.info.parameter_status("DateStyle") == row[2]
+            assert conn.info.parameter_status("application_name") == row[1]
+            return tuple(row)
+
+    first = session(application_name="one", options="-c DateStyle=sql,dmy")
+    second = session()
+    third = session(options="-c DateStyle=dmy")
+    fourth = session(application_name="one", options="-c DateStyle=sql,dmy")
+    assert first[0] == second[0] == third[0] == fourth[0]  # one backend throughout
+    assert first[1:3] == ("one", "SQL, DMY")
+    assert second[1:3] == ("", "ISO, MDY")
+    assert third[1:3] == ("", "ISO, DMY")  # relative to the default, not to the previous client
+    assert fourth[1:3] == ("one", "SQL, DMY")
+    assert first[3] == second[3] == third[3]

@@ -88,9 +88,10 @@ class ClientConnection(Endpoint):
         if self.conn_type == "host":
             peer = transport.get_extra_info("peername")
             self.address = peer[0] if peer else None
-            sock = transport.get_extra_info("socket")
-            if sock is not None and self.ctx.config.main.nodelay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self.ctx.config.main.nodelay:  # uvloop and asyncio set TCP_NODELAY
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         self.ctx.clients.add(self)

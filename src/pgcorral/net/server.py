@@ -54,6 +54,10 @@ class ServerConnection(Endpoint):
         self.names: dict[str, str] = {}  # lower-case setting name -> reported spelling
         self.requests: Pairs = []  # the linked client's startup requests for reported settings
         self._greeting: bytes | None = None
+        self._reapply: tuple[Pairs, bytes] = ([], b"")
+        # (reset payload, params before, exact reply bytes) of the last checked reset that left
+        # the parameters as they were: the same request in the same state gets the same bytes.
+        self._known_replies: tuple[bytes, dict[str, str], bytes] | None = None
         self._rx = MessageReader(codes.LARGE_MESSAGE_LIMIT)
 
     def data_received(self, data: bytes) -> None:
@@ -135,17 +139,26 @@ class ServerConnection(Endpoint):
 
     # --- work pgcorral does itself -----------------------------------------------------------
 
-    async def _exchange(self, payload: bytes, replies: Replies) -> Replies:
-        """Send ``payload`` and read replies until ``replies`` has every ReadyForQuery."""
-        self.write(payload)
+    async def _exchange(self, payload: bytes, replies: Replies,
+                        record: list[bytes] | None = None) -> Replies:
+        """Send ``payload`` and read replies until ``replies`` has every ReadyForQuery.
+        ``record`` collects the replies as they came on the wire."""
+        if payload:
+            self.write(payload)
         while replies.ready < replies.expected_ready:
             type_, body = await self.read_message()
             replies.feed(type_, body)
+            if record is not None:
+                record.append(msg.message(bytes([type_]), body))
         self.status = replies.status
         if replies.params:
-            self.params.update(replies.params)
-            self._greeting = None
+            self._set_params({**self.params, **replies.params})
         return replies
+
+    def _set_params(self, params: dict[str, str]) -> None:
+        if params != self.params:
+            self.params = params
+            self._greeting = None
 
     async def reset(self, reset_query: str, timeout: float) -> bool:
         """Make the connection clean for the next client. False if it must be closed instead.
@@ -163,17 +176,27 @@ class ServerConnection(Endpoint):
         payload = b"".join(msg.query(q) for q in queries)
         reapply = self.requests if discard_all else []
         if reapply:
-            payload += msg.set_config_statement(reapply)
+            if self._reapply[0] != reapply:
+                self._reapply = (reapply, msg.set_config_statement(reapply))
+            payload += self._reapply[1]
         replies = Replies(len(queries) + (1 if reapply else 0), EXTENDED_ROW_REPLIES)
         timer = asyncio.get_running_loop().call_later(timeout, self.abort)
         try:
-            await self._exchange(payload, replies)
+            known = self._known_replies
+            before = self.params
+            raw: list[bytes] = []
+            if known is not None and known[0] == payload and known[1] == before:
+                if await self._expect_exactly(payload, known[2]):
+                    return True  # byte for byte the replies checked below last time
+                await self._exchange(b"", replies, raw)  # already sent: check what came
+            else:
+                await self._exchange(payload, replies, raw)
         except Exception as exc:  # broken stream, closed or timed out (abort): not reusable
             log.info("reset of server connection %d failed: %s", self.slot.id, exc)
             return False
         finally:
             timer.cancel()
-        if replies.error is not None or replies.status != codes.TX_IDLE:
+        if replies.error is not None or replies.status != codes.TX_IDLE or len(self._rx):
             return False
         if discard_all:
             expected = [q.upper() for q in queries] + (["SELECT 1"] if reapply else [])
@@ -181,8 +204,26 @@ class ServerConnection(Endpoint):
                 return False
             # DISCARD ALL ran RESET ALL: every setting is back at its login value, then the
             # re-applied ones reported their new values.
-            self.params = {**self.baseline, **replies.params}
-            self._greeting = None
+            self._set_params({**self.baseline, **replies.params})
+            if self.params == before:
+                self._known_replies = (payload, before, b"".join(raw))
+        return True
+
+    async def _expect_exactly(self, payload: bytes, expected: bytes) -> bool:
+        """Fast path of a reset: send ``payload``; True if the replies are exactly ``expected``.
+        On the first differing byte, False with the bytes left for the message-by-message
+        check."""
+        rx = self._rx
+        assert isinstance(rx, MessageReader)
+        self.write(payload)
+        while len(rx) < len(expected):
+            if not rx.matches_prefix(expected):
+                return False
+            await self._wait_data()
+        if len(rx) != len(expected) or not rx.matches_prefix(expected):
+            return False
+        rx.consume(len(expected))
+        self.status = codes.TX_IDLE
         return True
 
     async def apply_settings(self, pairs: Pairs) -> dict[str, str] | None:

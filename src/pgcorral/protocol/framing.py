@@ -46,6 +46,14 @@ class MessageReader:
         self._buf.clear()
         return rest
 
+    def matches_prefix(self, expected: bytes) -> bool:
+        """Are the buffered bytes a prefix of ``expected`` (or ``expected`` itself)?"""
+        n = len(self._buf)
+        return n <= len(expected) and self._buf == expected[:n]
+
+    def consume(self, n: int) -> None:
+        del self._buf[:n]
+
     def next_message(self) -> tuple[int, bytes] | None:
         """``(type, body)`` of the next complete message, or None if more bytes are needed."""
         buf = self._buf
