@@ -206,6 +206,7 @@ class DaemonFactory(Protocol):
         hba: str | None = None,
         limits: str | None = None,
         servers: list[tuple[str, str, int]] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon: ...
 
 
@@ -252,6 +253,7 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
         hba: str | None = None,
         limits: str | None = None,
         servers: list[tuple[str, str, int]] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         d = tempfile.mkdtemp(prefix="pgcorral-d-")
         os.chmod(d, 0o755)
@@ -282,17 +284,19 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
             cmd += ["-l", limits_path]
         log_path = os.path.join(d, "pgcorral.log")
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed by Daemon.stop()
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
+        environ = dict(os.environ)
+        environ.update(env or {})
+        environ["PYTHONUNBUFFERED"] = "1"
         src = str(REPO_ROOT / "src")
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        old_path = environ.get("PYTHONPATH")
+        environ["PYTHONPATH"] = src + (os.pathsep + old_path if old_path else "")
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=d,
-            env=env,
+            env=environ,
         )
         daemon = Daemon(
             host=main["host"] if main["host"] not in ("*", "0.0.0.0", "") else "127.0.0.1",

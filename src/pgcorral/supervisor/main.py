@@ -42,8 +42,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         main = self.ctx.config.main
         server = self.ctx.server
-        log.info("pgcorral: started on %s:%d (unix socket %s), server %s at %s:%d",
-                 main.host, main.port, self.unix_path, server.name, server.host, server.port)
+        loop_kind = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        log.info("pgcorral: started on %s:%d (unix socket %s), server %s at %s:%d, "
+                 "event loop %s", main.host, main.port, self.unix_path, server.name,
+                 server.host, server.port, loop_kind)
         mode = await self._stop
         await self._shutdown(mode)
         return 0
