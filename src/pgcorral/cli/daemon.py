@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for warning in config.warnings:
         print(f"pgcorral: warning: {warning}", file=sys.stderr)
+    if config.main.pipeline == "transaction":
+        print("pgcorral: warning: pipeline = transaction is not implemented yet; "
+              "clients get session pooling", file=sys.stderr)
     for flag, path in (("-u", args.users), ("-F", args.frontend), ("-A", args.admins),
                        ("-S", args.superuser)):
         if path:
