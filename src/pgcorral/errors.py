@@ -109,3 +109,4 @@ class ConfigError(PgCorralError):
     def __init__(self, problems: list[str]):
         super().__init__("; ".join(problems) if problems else "configuration error")
         self.problems = problems
+        self.warnings: list[str] = []  # found along the way, reported with the problems

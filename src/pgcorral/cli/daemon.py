@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pgcorral: {problem}", file=sys.stderr)
+        for warning in exc.warnings:
+            print(f"pgcorral: warning: {warning}", file=sys.stderr)
         return 1
     for warning in config.warnings:
         print(f"pgcorral: warning: {warning}", file=sys.stderr)

@@ -53,7 +53,9 @@ def load_config(config_path: str, hba_path: str | None = None,
             max_connections = main.max_connections if main else DEFAULT_MAX_CONNECTIONS
             limits = parse_limits(limits_path, text, max_connections, problems, warnings)
     if problems or main is None:
-        raise ConfigError(problems or [problem(config_path, None, None, "invalid")])
+        error = ConfigError(problems or [problem(config_path, None, None, "invalid")])
+        error.warnings = warnings
+        raise error
     return Config(main=main, servers=tuple(servers), hba=tuple(hba), limits=tuple(limits),
                   warnings=tuple(warnings), config_path=config_path, hba_path=hba_path,
                   limits_path=limits_path)
