@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.errors import (
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from pgcorral.net.server import ServerConnection
 
 log = logging.getLogger("pgcorral.client")
+_header_unpack_from = struct.Struct("!BI").unpack_from
 
 #: Bound of the per-worker cache of hba decisions (cleared on reload and when full).
 HBA_CACHE_LIMIT = 4096
@@ -100,8 +102,26 @@ class ClientConnection(Endpoint):
     def data_received(self, data: bytes) -> None:
         server = self.server
         if server is not None:
+            # Fast path: the chunk starts on a message boundary and holds whole messages, none
+            # of them a Terminate (the usual case: one request). The tracker's state is then
+            # unchanged; anything else goes through BoundaryTracker.feed.
+            tracker = self.tracker
+            if tracker.at_boundary:
+                pos, n, limit = 0, len(data), tracker.max_length + 4
+                while pos + 5 <= n:
+                    type_, length = _header_unpack_from(data, pos)
+                    if type_ == codes.TERMINATE or length < 4 or length > limit:
+                        break
+                    pos += 1 + length
+                if pos == n:
+                    server.status = -1
+                    try:
+                        server.transport.write(data)
+                    except RuntimeError:  # the server's transport closed under us (uvloop)
+                        self.end("server lost")
+                    return
             try:
-                at = self.tracker.feed(data)
+                at = tracker.feed(data)
             except FramingError as exc:
                 self._protocol_violation(str(exc))
                 return
