@@ -307,3 +307,45 @@ def test_settings_follow_each_client_on_a_reused_connection(pgcorral: DaemonFact
     assert third[1:3] == ("", "ISO, DMY")  # relative to the default, not to the previous client
     assert fourth[1:3] == ("one", "SQL, DMY")
     assert first[3] == second[3] == third[3]
+
+
+def _query_msg(sql: str) -> bytes:
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+def test_terminate_in_the_same_chunk_as_a_query_keeps_the_backend(
+        pgcorral: DaemonFactory) -> None:
+    """Query and Terminate in one write: the query runs, the Terminate stays with pgcorral, and
+    the backend serves the next client."""
+    from tests.pgwire import read_message, startup_packet
+
+    d = pgcorral({"max_connections": "1"})
+    with socket.create_connection((d.host, d.port), timeout=10) as sock:
+        sock.sendall(startup_packet(USER))
+        while (message := read_message(sock)) is not None and message[0] != b"Z":
+            pass
+        sock.sendall(_query_msg("select pg_backend_pid()") + b"X\0\0\0\x04")
+        pid = None
+        while (message := read_message(sock)) is not None:
+            if message[0] == b"D":
+                pid = int(message[1][6:].decode())
+    assert pid is not None
+    with psycopg.connect(d.dsn()) as conn:
+        assert conn.info.backend_pid == pid
+
+
+def test_large_messages_split_across_chunks(pgcorral: DaemonFactory) -> None:
+    """A 5 MB query and COPY data cross many reads; the stream stays in step."""
+    d = pgcorral({"max_connections": "1"})
+    big = "x" * 5_000_000
+    with psycopg.connect(d.dsn(), autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        assert conn.execute("select length(%s::text)", (big,)).fetchone() == (5_000_000,)
+        conn.execute("create temp table t(x text)")
+        with conn.cursor().copy("copy t from stdin") as copy:
+            for _ in range(50):
+                copy.write_row((big[:100_000],))
+        assert conn.execute("select count(*) from t").fetchone() == (50,)
+    with psycopg.connect(d.dsn()) as conn:
+        assert conn.info.backend_pid == pid

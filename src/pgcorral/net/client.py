@@ -78,6 +78,7 @@ class ClientConnection(Endpoint):
         self.user = ""
         self.database = ""
         self.dirty = False  # the server saw bytes that left it mid-message
+        self.terminating = False  # Terminate received; waiting for the server to finish
         self._rx = StartupReader()
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
@@ -131,12 +132,18 @@ class ClientConnection(Endpoint):
                     server.transport.write(data)
                     return
                 if at > 0:
+                    server.status = -1
                     server.transport.write(data[:at])
             except RuntimeError:  # the server's transport closed under us (uvloop raises)
                 self.end("server lost")
                 return
             if at == TERMINATE_SPLIT:
                 self.dirty = True
+            elif server.status == -1:
+                # Requests sent just before the Terminate are still running: relay their
+                # replies as PostgreSQL would, and release the server at its ReadyForQuery.
+                self.terminating = True
+                return
             self.end("terminate")
             return
         self.buffer(data)

@@ -52,8 +52,13 @@ class Endpoint(asyncio.Protocol):
         self.closed = True
         self._wake(ConnectionLost(str(exc) if exc else "connection closed"))
 
+    terminating = False  # clients only: Terminate seen, replies still coming
+
     def server_lost(self) -> None:
         """Called on a client when its linked server connection is gone."""
+
+    def end(self, reason: str) -> None:
+        """Called on a client to end its session (see ClientConnection.end)."""
 
     def pause_writing(self) -> None:
         self._writing_paused = True

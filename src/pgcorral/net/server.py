@@ -69,6 +69,8 @@ class ServerConnection(Endpoint):
                 return
             if len(data) >= 6 and data[-6] == 90 and data[-5:-1] == _READY_TAIL:
                 self.status = data[-1]
+                if client.terminating:
+                    client.end("terminate")
             else:
                 self.status = -1
             return
