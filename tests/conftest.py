@@ -165,6 +165,15 @@ class Daemon:
         parts.update(params)
         return " ".join(f"{k}={_dsn_quote(v)}" for k, v in parts.items())
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Poll the daemon's log until ``text`` appears; fail with the log after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{text!r} not in the pgcorral log after {timeout:g} s:\n"
+                            f"{self.log()}", pytrace=False)
+            time.sleep(0.02)
+
     def running(self) -> bool:
         return self.proc.poll() is None
 

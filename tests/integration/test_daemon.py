@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,10 +88,7 @@ def test_sighup_reloads_hba_without_dropping_clients(pgcorral: DaemonFactory) ->
         kept.execute("select 1")
         Path(d.dir, "pgcorral_hba.conf").write_text("host all postgres all trust\n")
         d.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "configuration reloaded" not in d.log():
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.02)
+        d.wait_for_log("configuration reloaded")
         error = connect_error(d.host, d.port, USER)
         assert error is not None and error["C"] == "28000"
         assert kept.execute("select 2").fetchone() == (2,)  # the connected client is untouched
@@ -104,10 +100,7 @@ def test_broken_reload_keeps_the_running_configuration(pgcorral: DaemonFactory) 
     d = pgcorral()
     Path(d.dir, "pgcorral_hba.conf").write_text("host all all all nosuchmethod\n")
     d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "reload failed" not in d.log():
-        assert time.monotonic() < deadline, d.log()
-        time.sleep(0.02)
+    d.wait_for_log("reload failed")
     assert "pgcorral_hba.conf:1" in d.log()
     with psycopg.connect(d.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
@@ -121,10 +114,7 @@ def test_sigterm_lets_a_running_transaction_commit(pgcorral: DaemonFactory,
     with psycopg.connect(d.dsn()) as conn:
         conn.execute("insert into graceful_check values (42)")
         d.signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while "graceful shutdown" not in d.log():
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.02)
+        d.wait_for_log("graceful shutdown")
         assert d.running()
         conn.commit()
     assert d.proc.wait(10) == 0

@@ -168,10 +168,7 @@ def test_waiter_gets_the_released_connection(pgcorral: DaemonFactory) -> None:
 
     t = threading.Thread(target=waiter)
     t.start()
-    deadline = time.monotonic() + 10
-    while "waits for a server connection" not in d.log():
-        assert time.monotonic() < deadline, d.log()
-        time.sleep(0.02)
+    d.wait_for_log("waits for a server connection")
     holder.close()
     t.join(10)
     assert got == [pid]
