@@ -346,3 +346,13 @@ def test_large_messages_split_across_chunks(pgcorral: DaemonFactory) -> None:
         assert conn.execute("select count(*) from t").fetchone() == (50,)
     with psycopg.connect(d.dsn()) as conn:
         assert conn.info.backend_pid == pid
+
+
+def test_refused_setting_does_not_cost_the_backend(pgcorral: DaemonFactory) -> None:
+    d = pgcorral({"max_connections": "1"})
+    with psycopg.connect(d.dsn()) as conn:
+        pid = conn.info.backend_pid
+    with pytest.raises(psycopg.OperationalError, match="invalid value for parameter"):
+        psycopg.connect(d.dsn(options="-c DateStyle=nonsense"))
+    with psycopg.connect(d.dsn()) as conn:
+        assert conn.info.backend_pid == pid

@@ -227,13 +227,14 @@ class ClientConnection(Endpoint):
         try:
             pairs = settings_plan(settings, server.params, server.baseline, server.names,
                                   ctx.learned)
-            server.requests = reported_requests(settings, server.names)
             if pairs:
                 error = await server.apply_settings(pairs)
                 if error is not None:
                     error["S"] = error["V"] = "FATAL"
                     raise ServerError(error)
                 learn(ctx.learned, pairs, server.params)
+            # re-applied after the reset for the next client (ServerConnection.reset)
+            server.requests = reported_requests(settings, server.names)
         except BaseException:
             await session.release(ctx, server, self, clean=not server.closed)
             raise
@@ -250,13 +251,13 @@ class ClientConnection(Endpoint):
             if len(ctx.hba_cache) >= HBA_CACHE_LIMIT:
                 ctx.hba_cache.clear()
             ctx.hba_cache[key] = rule
-        host = self.address or "[local]"
-        where = f'host "{host}", user "{self.user}", database "{self.database}"'
+        if rule is not None and rule.method != "reject":
+            return rule
+        where = (f'host "{self.address or "[local]"}", user "{self.user}", '
+                 f'database "{self.database}"')
         if rule is None:
             raise NoHbaEntry(f"no pgcorral_hba.conf entry for {where}")
-        if rule.method == "reject":
-            raise NoHbaEntry(f"pgcorral_hba.conf rejects connection for {where}")
-        return rule
+        raise NoHbaEntry(f"pgcorral_hba.conf rejects connection for {where}")
 
     async def _get_server(self, key: tuple[str, str], rule: HbaRule) -> ServerConnection:
         """A logged-in server connection for ``key``: reused (client checked) or new."""
