@@ -643,3 +643,20 @@ PoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_pool_state_machine = PoolMachine.TestCase
+
+
+def test_expired_idle_by_idle_timeout_and_by_age() -> None:
+    pool, clock = make_pool()
+    old = new_active(pool, A)  # opened at 100
+    clock.now = 150.0
+    young = new_active(pool, B)  # opened at 150
+    pool.release(old)  # last used at 150
+    pool.release(young)
+    clock.now = 155.0
+    assert pool.expired_idle(clock.now, idle_timeout=10, max_age=0) == []
+    assert pool.expired_idle(clock.now, idle_timeout=0, max_age=50) == [old]
+    assert pool.expired_idle(clock.now, idle_timeout=4, max_age=0) == [old, young]
+    assert pool.expired_idle(clock.now, idle_timeout=0, max_age=0) == []
+    active = new_active(pool, ("db2", "carol"))
+    clock.now = 1000.0
+    assert active not in pool.expired_idle(clock.now, idle_timeout=1, max_age=1)

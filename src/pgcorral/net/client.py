@@ -30,6 +30,7 @@ from pgcorral.errors import (
     ShuttingDown,
     StartupRejected,
 )
+from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
@@ -273,6 +274,10 @@ class ClientConnection(Endpoint):
             server.idle = False
             if server.closed:
                 ctx.pool.discard(slot)
+                continue
+            if ctx.config.main.validation == "foreground" and not await server.validate(
+                    VALIDATION_TIMEOUT):
+                ctx.release_server(server, clean=False)
                 continue
             try:
                 await self._check_reused(server, rule)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgcorral.context")
 
+#: Seconds an empty validation query may take before the connection is closed.
+VALIDATION_TIMEOUT = 5.0
+
 
 class Context:
     def __init__(self, config: Config) -> None:
@@ -90,7 +93,8 @@ class Context:
     def release_server(self, server: ServerConnection, clean: bool) -> None:
         """Back to the pool if clean, else closed; either way the slot may serve a waiter."""
         slot = server.slot
-        if clean and server.poolable and not server.closed:
+        too_old = Pool.too_old(slot, time.monotonic(), self.config.main.max_connection_age)
+        if clean and server.poolable and not server.closed and not too_old:
             server.idle = True
             self.pool.release(slot)
             if slot.state != "idle":  # handed straight to a waiter
@@ -98,6 +102,30 @@ class Context:
         else:
             server.terminate()
             self.pool.discard(slot)
+
+    # --- lifecycle (driven by the supervisor's periodic tick) ------------------------------
+
+    def close_expired(self) -> int:
+        """Close idle connections past idle_timeout or max_connection_age; how many."""
+        main = self.config.main
+        expired = self.pool.expired_idle(time.monotonic(), main.idle_timeout,
+                                         main.max_connection_age)
+        for slot in expired:
+            log.debug("closing idle server connection %d (%s@%s)", slot.id, slot.key[1],
+                      slot.key[0])
+            self.pool.discard(slot)
+            slot.conn.terminate()
+        return len(expired)
+
+    async def validate_idle(self) -> None:
+        """Background validation: check every idle connection; close the broken ones."""
+        for slot in self.pool.idle_slots():
+            if slot.state != "idle":  # taken meanwhile
+                continue
+            server: ServerConnection = slot.conn
+            self.pool.checkout_idle(slot)
+            server.idle = False
+            self.release_server(server, await server.validate(VALIDATION_TIMEOUT))
 
     # --- cancel ------------------------------------------------------------------------------
 

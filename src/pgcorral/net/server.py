@@ -234,6 +234,18 @@ class ServerConnection(Endpoint):
                                        Replies(1, EXTENDED_ROW_REPLIES))
         return replies.error
 
+    async def validate(self, timeout: float) -> bool:
+        """Is the connection alive and idle? An empty query must come back clean."""
+        timer = asyncio.get_running_loop().call_later(timeout, self.abort)
+        try:
+            replies = await self._exchange(msg.query(""), Replies(1))
+        except Exception as exc:  # broken stream, closed or timed out (abort)
+            log.info("validation of server connection %d failed: %s", self.slot.id, exc)
+            return False
+        finally:
+            timer.cancel()
+        return replies.error is None and replies.status == codes.TX_IDLE and not len(self._rx)
+
     def greeting_params(self) -> bytes:
         """ParameterStatus messages for every reported setting, built once per change."""
         greeting = self._greeting

@@ -189,6 +189,16 @@ class Pool:
     def idle_slots(self) -> list[Slot]:
         return [s for stack in self._idle.values() for s in stack]
 
+    def expired_idle(self, now: float, idle_timeout: float, max_age: float) -> list[Slot]:
+        """Idle slots past ``idle_timeout`` since their last use or past ``max_age`` since they
+        were opened (0 disables either rule)."""
+        return [s for s in self.idle_slots() if self.too_old(s, now, max_age)
+                or (idle_timeout > 0 and now - s.last_used > idle_timeout)]
+
+    @staticmethod
+    def too_old(slot: Slot, now: float, max_age: float) -> bool:
+        return max_age > 0 and now - slot.created_at > max_age
+
     # --- internals ---------------------------------------------------------------------------
 
     def _try_grant(self, key: Key) -> Grant | None:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable
 
 from pgcorral.config import Config
@@ -23,6 +24,9 @@ from pgcorral.net.client import ClientConnection
 from pgcorral.net.context import Context
 
 log = logging.getLogger("pgcorral.main")
+
+#: Longest pause between two runs of the lifecycle rules (shorter when their timeouts are).
+MAINTENANCE_TICK = 5.0
 
 
 class Daemon:
@@ -46,9 +50,26 @@ class Daemon:
         log.info("pgcorral: started on %s:%d (unix socket %s), server %s at %s:%d, "
                  "event loop %s", main.host, main.port, self.unix_path, server.name,
                  server.host, server.port, loop_kind)
+        maintenance = loop.create_task(self._maintenance())
         mode = await self._stop
+        maintenance.cancel()
         await self._shutdown(mode)
         return 0
+
+    async def _maintenance(self) -> None:
+        """The periodic tick: idle_timeout, max_connection_age, background validation."""
+        ctx = self.ctx
+        next_validation = time.monotonic() + ctx.config.main.background_interval
+        while True:
+            main = ctx.config.main
+            short = [t for t in (main.idle_timeout, main.max_connection_age) if t > 0]
+            if main.validation == "background":
+                short.append(main.background_interval)
+            await asyncio.sleep(min([MAINTENANCE_TICK, *[t / 2 for t in short]]))
+            ctx.close_expired()
+            if main.validation == "background" and time.monotonic() >= next_validation:
+                next_validation = time.monotonic() + main.background_interval
+                await ctx.validate_idle()
 
     def stop(self, mode: str) -> None:
         if self._stop is not None and not self._stop.done():
