@@ -356,3 +356,14 @@ def test_refused_setting_does_not_cost_the_backend(pgcorral: DaemonFactory) -> N
         psycopg.connect(d.dsn(options="-c DateStyle=nonsense"))
     with psycopg.connect(d.dsn()) as conn:
         assert conn.info.backend_pid == pid
+
+
+def test_blocking_timeout_zero_uses_max_retries(pgcorral: DaemonFactory) -> None:
+    d = pgcorral({"max_connections": "1", "blocking_timeout": "0", "max_retries": "4",
+                  "connection_retry_delay": "100"})  # 4 x 100 ms
+    with psycopg.connect(d.dsn()):
+        started = time.monotonic()
+        error = connect_error(d.host, d.port, USER)
+        waited = time.monotonic() - started
+    assert error is not None and error["C"] == "53300"
+    assert 0.35 <= waited < 5

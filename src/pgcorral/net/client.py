@@ -288,7 +288,10 @@ class ClientConnection(Endpoint):
 
     async def _acquire(self, key: tuple[str, str]) -> Grant:
         ctx = self.ctx
-        timeout = ctx.config.main.blocking_timeout
+        main = ctx.config.main
+        timeout = main.blocking_timeout
+        if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
+            timeout = main.max_retries * main.connection_retry_delay
         result = ctx.pool.request(key, timeout, self._granted)
         if isinstance(result, Grant):
             return result
@@ -305,7 +308,7 @@ class ClientConnection(Endpoint):
                 raise ConnectionLost("client left while waiting")
             raise PoolExhausted(
                 f'connection pool is full: no server connection for user "{key[1]}", '
-                f'database "{key[0]}" became free within blocking_timeout ({timeout:g} s)')
+                f'database "{key[0]}" became free within {timeout:g} s')
         grant = granted.result()
         if self._ended.done():  # served just as the client left: give it back untouched
             if grant.new:
