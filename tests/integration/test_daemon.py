@@ -120,3 +120,19 @@ def test_sigterm_lets_a_running_transaction_commit(pgcorral: DaemonFactory,
     assert d.proc.wait(10) == 0
     count = pg.psql("select count(*) from graceful_check where x = 42", dbname="pgcorral_test")
     assert count.strip() == "1"
+
+
+def test_vault_problems_stop_the_daemon_with_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "pgcorral.conf"
+    conf.write_text("[pgcorral]\nhost = 127.0.0.1\nport = 6543\n\n[primary]\nhost = localhost\n"
+                    "port = 5432\n")
+    users = tmp_path / "users.conf"
+    users.write_text("alice:bm90IGEgcmVhbCBibG9i\n")
+    key = tmp_path / "keydir" / "master.key"
+    env = {"PGCORRAL_MASTER_KEY_FILE": str(key)}
+    out = subprocess.run([sys.executable, "-m", "pgcorral", "-c", str(conf), "-u", str(users)],
+                         capture_output=True, text=True, timeout=20,
+                         env=dict(os.environ, PYTHONPATH=str(REPO / "src"), **env))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "master key" in out.stderr and "pgcorral-admin master-key" in out.stderr

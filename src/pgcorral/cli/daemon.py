@@ -16,6 +16,7 @@ import sys
 from pgcorral import __version__
 from pgcorral.config import Config, MainConfig, load_config
 from pgcorral.errors import ConfigError
+from pgcorral.security.secrets import Secrets, load_secrets
 
 #: Default file names in a configuration directory (-D or PGCORRAL_CONFIG_DIR), ours first.
 _DEFAULT_FILES = {
@@ -103,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_path, hba_path, limits_path = _locate(args)
 
-    def load() -> Config:
-        return load_config(config_path, hba_path, limits_path)
+    def load() -> tuple[Config, Secrets]:
+        config = load_config(config_path, hba_path, limits_path)
+        return config, load_secrets(args.users, args.frontend, args.admins)
 
     try:
-        config = load()
+        config, secrets = load()
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pgcorral: {problem}", file=sys.stderr)
@@ -119,11 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.main.pipeline == "transaction":
         print("pgcorral: warning: pipeline = transaction is not implemented yet; "
               "clients get session pooling", file=sys.stderr)
-    for flag, path in (("-u", args.users), ("-F", args.frontend), ("-A", args.admins),
-                       ("-S", args.superuser)):
-        if path:
-            print(f"pgcorral: warning: {flag} {path}: user vault files are not supported yet; "
-                  "all users authenticate by pass-through", file=sys.stderr)
+    if args.superuser:
+        print(f"pgcorral: warning: -S {args.superuser}: auth_query is not supported yet",
+              file=sys.stderr)
     if args.daemon:
         if config.main.log_type == "console":
             print("pgcorral: daemon mode needs log_type = file or syslog", file=sys.stderr)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from pgcorral.supervisor.main import run
 
     try:
-        return run(config, load)
+        return run(config, secrets, load)
     except OSError as exc:
         logging.getLogger("pgcorral.main").critical("cannot start: %s", exc)
         print(f"pgcorral: cannot start: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pgcorral.errors import ServerUnavailable
 from pgcorral.net.server import ServerConnection
 from pgcorral.pool.pool import Pool, Slot
 from pgcorral.protocol import messages as msg
+from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:
     from pgcorral.net.client import ClientConnection
@@ -30,8 +31,9 @@ VALIDATION_TIMEOUT = 5.0
 
 
 class Context:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, secrets: Secrets | None = None) -> None:
         self.config = config
+        self.secrets = secrets or Secrets()
         self.pool = Pool(config.main.max_connections, config.limits, time.monotonic)
         self.clients: set[ClientConnection] = set()
         self.shutting_down = False
@@ -51,9 +53,11 @@ class Context:
                 return server
         return servers[0]
 
-    def apply(self, config: Config) -> None:
-        """A reloaded configuration: new hba, limits and reloadable keys for new clients."""
+    def apply(self, config: Config, secrets: Secrets) -> None:
+        """A reloaded configuration: new hba, limits, vaults and reloadable keys for new
+        clients."""
         self.config = config
+        self.secrets = secrets
         self.aliases = config.aliases()
         self.hba_cache.clear()
         self.pool.set_limits(config.limits)

@@ -22,6 +22,7 @@ from pgcorral.config import Config
 from pgcorral.errors import ConfigError
 from pgcorral.net.client import ClientConnection
 from pgcorral.net.context import Context
+from pgcorral.security.secrets import Secrets
 
 log = logging.getLogger("pgcorral.main")
 
@@ -30,8 +31,9 @@ MAINTENANCE_TICK = 5.0
 
 
 class Daemon:
-    def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
-        self.ctx = Context(config)
+    def __init__(self, config: Config, secrets: Secrets,
+                 reload_config: Callable[[], tuple[Config, Secrets]]) -> None:
+        self.ctx = Context(config, secrets)
         self._reload_config = reload_config
         self._listeners: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[str] | None = None
@@ -80,14 +82,14 @@ class Daemon:
 
     def reload(self) -> None:
         try:
-            config = self._reload_config()
+            config, secrets = self._reload_config()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload failed, keeping the running configuration: %s", problem)
             return
         for warning in config.warnings:
             log.warning("%s", warning)
-        self.ctx.apply(config)
+        self.ctx.apply(config, secrets)
         log.info("configuration reloaded")
 
     async def _listen(self) -> None:
@@ -151,9 +153,10 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(f"another server is listening on {path}")
 
 
-def run(config: Config, reload_config: Callable[[], Config]) -> int:
+def run(config: Config, secrets: Secrets,
+        reload_config: Callable[[], tuple[Config, Secrets]]) -> int:
     """Run the daemon until it is stopped; the exit code."""
-    daemon = Daemon(config, reload_config)
+    daemon = Daemon(config, secrets, reload_config)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
