@@ -216,6 +216,7 @@ class DaemonFactory(Protocol):
         limits: str | None = None,
         servers: list[tuple[str, str, int]] | None = None,
         env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> Daemon: ...
 
 
@@ -263,6 +264,7 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
         limits: str | None = None,
         servers: list[tuple[str, str, int]] | None = None,
         env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> Daemon:
         d = tempfile.mkdtemp(prefix="pgcorral-d-")
         os.chmod(d, 0o755)
@@ -291,6 +293,7 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
             limits_path = os.path.join(d, "pgcorral_databases.conf")
             Path(limits_path).write_text(limits, encoding="utf-8")
             cmd += ["-l", limits_path]
+        cmd += args or []
         log_path = os.path.join(d, "pgcorral.log")
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed by Daemon.stop()
         environ = dict(os.environ)

@@ -30,6 +30,7 @@ from pgcorral.errors import (
     ShuttingDown,
     StartupRejected,
 )
+from pgcorral.net.auth import VaultLogin, authenticate_client
 from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines import session
@@ -80,6 +81,7 @@ class ClientConnection(Endpoint):
         self.database = ""
         self.dirty = False  # the server saw bytes that left it mid-message
         self.terminating = False  # Terminate received; waiting for the server to finish
+        self.vault_login: VaultLogin | None = None  # set for users in the vault
         self._rx = StartupReader()
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
@@ -223,6 +225,7 @@ class ClientConnection(Endpoint):
         rule = self._hba_rule()
         if ctx.shutting_down:
             raise ShuttingDown("pgcorral is shutting down")
+        await self._authenticate(rule)
         real_db = ctx.config.real_database(self.database)
         server = await self._get_server((real_db, self.user), rule)
         try:
@@ -240,6 +243,21 @@ class ClientConnection(Endpoint):
             await session.release(ctx, server, self, clean=not server.closed)
             raise
         await self._link_and_serve(server)
+
+    async def _authenticate(self, rule: HbaRule) -> None:
+        """Users in the vault are checked by pgcorral itself (and logged in to PostgreSQL with
+        the vault password); others go through to PostgreSQL, if allow_unknown_users."""
+        secrets = self.ctx.secrets
+        password = secrets.backend_password(self.user)
+        method = "scram-sha-256" if rule.method == "all" else rule.method
+        if password is not None:
+            self.vault_login = VaultLogin(self.user, password)
+            if method != "trust":
+                await authenticate_client(self, method, self.user,
+                                          secrets.client_password(self.user))
+        elif not self.ctx.config.main.allow_unknown_users and method != "trust":
+            # the same exchange as for a known user, ending in the same 28P01
+            await authenticate_client(self, method, self.user, None)
 
     def _hba_rule(self) -> HbaRule:
         ctx = self.ctx
@@ -330,7 +348,7 @@ class ClientConnection(Endpoint):
             server = await ctx.open_server(slot)
             timeout = ctx.config.main.authentication_timeout or None
             async with asyncio.timeout(timeout):
-                await server.login(key[1], key[0], self._relay_auth)
+                await server.login(key[1], key[0], self.vault_login or self._relay_auth)
         except BaseException as exc:
             if server is not None:
                 server.poolable = False
@@ -351,9 +369,9 @@ class ClientConnection(Endpoint):
         self.write(msg.message(b"R", request))
         if msg.parse_auth_code(request) == codes.AUTH_SASL_FINAL:
             return b""
-        return await self._read_password()
+        return await self.read_password()
 
-    async def _read_password(self) -> bytes:
+    async def read_password(self) -> bytes:
         timeout = self.ctx.config.main.authentication_timeout or None
         try:
             async with asyncio.timeout(timeout):
@@ -369,7 +387,8 @@ class ClientConnection(Endpoint):
     async def _check_reused(self, server: ServerConnection, rule: HbaRule) -> None:
         """A reused pass-through connection: the client proves the password it logged in with."""
         memento = server.memento
-        if rule.method == "trust" or memento is None or memento[0] == "trust":
+        if (self.vault_login is not None or rule.method == "trust" or memento is None
+                or memento[0] == "trust"):
             return
         if memento[0] == "password":
             self.write(msg.authentication_cleartext())
@@ -377,7 +396,7 @@ class ClientConnection(Endpoint):
             self.write(msg.authentication_md5(memento[1][:4]))
         else:
             raise PasswordFailed(f'password authentication failed for user "{self.user}"')
-        answer = await self._read_password()
+        answer = await self.read_password()
         if not server.check_memento(answer):
             raise PasswordFailed(f'password authentication failed for user "{self.user}"')
 

@@ -1,0 +1,115 @@
+"""Authentication driven over the network: pgcorral checking a client with a password it knows
+(the vault), and pgcorral logging in to PostgreSQL with that password.
+
+The exchanges themselves are the pure state machines of ``protocol.auth_md5``,
+``protocol.scram_server`` and ``protocol.scram_client``; this module only moves their messages.
+PBKDF2 for a password is computed once per (password, salt, iterations) in a worker thread, so a
+first SCRAM login does not stall other clients' traffic; the salt pgcorral offers a user is
+stable for the life of the process, so every later login of that user hits the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from pgcorral.errors import AuthenticationError
+from pgcorral.protocol import codes
+from pgcorral.protocol import messages as msg
+from pgcorral.protocol.auth_md5 import check_cleartext, check_md5, md5_response, password_failed
+from pgcorral.protocol.scram import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_SALT_LENGTH,
+    is_derived,
+    salted_password,
+    sha256,
+)
+from pgcorral.protocol.scram_client import ScramClient
+from pgcorral.protocol.scram_server import ScramServer
+
+if TYPE_CHECKING:
+    from pgcorral.net.client import ClientConnection
+
+#: A per-process secret: the salts offered to clients and the mock salts of unknown users.
+_PROCESS_SECRET = os.urandom(32)
+_AUTH_OK = msg.authentication_ok()
+
+ReadAnswer = Callable[[], Awaitable[bytes]]
+
+
+def user_salt(user: str) -> bytes:
+    """The SCRAM salt pgcorral offers ``user``: stable in this process, unknown outside it."""
+    return sha256(_PROCESS_SECRET + user.encode("utf-8", "surrogateescape"))[
+        :DEFAULT_SALT_LENGTH]
+
+
+async def authenticate_client(client: ClientConnection, method: str, user: str,
+                              password: str | None) -> None:
+    """Check ``client`` with ``method`` against ``password``; None means an unknown user, who
+    goes through the same exchange and fails with the same 28P01 at the same step."""
+    read = client.read_password
+    if method == "password":
+        client.write(msg.authentication_cleartext())
+        body = await read()
+        if password is None:
+            raise password_failed(user)
+        check_cleartext(user, password, body)
+    elif method == "md5":
+        salt = os.urandom(4)
+        client.write(msg.authentication_md5(salt))
+        body = await read()
+        if password is None:
+            raise password_failed(user)
+        check_md5(user, password, salt, body)
+    else:  # scram-sha-256
+        await _scram(client, user, password, read)
+
+
+async def _scram(client: ClientConnection, user: str, password: str | None,
+                 read: ReadAnswer) -> None:
+    if password is None:
+        server = ScramServer.mock(user, _PROCESS_SECRET)
+    else:
+        salt = user_salt(user)
+        if not is_derived(password, salt, DEFAULT_ITERATIONS):
+            await asyncio.to_thread(salted_password, password, salt, DEFAULT_ITERATIONS)
+        server = ScramServer.from_password(user, password, salt=salt)
+    client.write(server.start())
+    client.write(server.handle_initial(await read()))
+    final = server.handle_response(await read())
+    while not server.done:  # the client sent an empty initial response: one more round
+        client.write(final)
+        final = server.handle_response(await read())
+    if final.endswith(_AUTH_OK):  # the greeting sends AuthenticationOk itself
+        final = final[:-len(_AUTH_OK)]
+    client.write(final)
+
+
+class VaultLogin:
+    """Answers PostgreSQL's authentication requests with a password from the vault."""
+
+    pass_through = False
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user = user
+        self.password = password
+        self._scram: ScramClient | None = None
+
+    async def __call__(self, request: bytes) -> bytes:
+        code = msg.parse_auth_code(request)
+        if code == codes.AUTH_CLEARTEXT_PASSWORD:
+            return self.password.encode("utf-8") + b"\0"
+        if code == codes.AUTH_MD5_PASSWORD:
+            return md5_response(self.user, self.password, request[4:8])
+        if code == codes.AUTH_SASL:
+            self._scram = ScramClient.from_password(self.password)
+            return self._scram.initial()
+        if self._scram is not None and code == codes.AUTH_SASL_CONTINUE:
+            return await asyncio.to_thread(self._scram.handle_continue, request)
+        if self._scram is not None and code == codes.AUTH_SASL_FINAL:
+            self._scram.handle_final(request)
+            return b""
+        raise AuthenticationError(f"authentication method {code} requested by the server is "
+                                  "not supported by pgcorral")

@@ -1,0 +1,127 @@
+"""Users in the vault: pgcorral checks the client itself with the hba method and logs in to
+PostgreSQL with the vault password, whatever method PostgreSQL asks (trust, password, md5,
+SCRAM). The two sides are independent, and every such connection is pooled."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+import psycopg
+import pytest
+from tests.pgwire import read_message, startup_packet
+
+from pgcorral.security.vault import MasterKey, Vault
+
+if TYPE_CHECKING:
+    from tests.conftest import Daemon, DaemonFactory
+
+#: server role -> the password PostgreSQL knows (trustuser: pg_hba says trust)
+ROLES = {"md5user": "md5pass", "scramuser": "scrampass", "pwuser": "pwpass",
+         "trustuser": "anything"}
+FRONTEND = {"scramuser": "front-door"}  # a client password that differs from the backend one
+
+
+def _vault(tmp: Path, entries: dict[str, str], name: str) -> tuple[str, dict[str, str]]:
+    key = tmp / "key" / "master.key"
+    master = (MasterKey.load(str(key)) if key.exists()
+              else MasterKey.create("Str0ng!Passphrase", str(key), iterations=1000))
+    vault = Vault(master)
+    for user, password in entries.items():
+        vault.set(user, password)
+    path = tmp / name
+    vault.save(str(path))
+    return str(path), {"PGCORRAL_MASTER_KEY_FILE": str(key)}
+
+
+def _daemon(pgcorral: DaemonFactory, tmp_path: Path, method: str, **conf: str) -> Daemon:
+    users, env = _vault(tmp_path, ROLES, "users.conf")
+    frontend, _ = _vault(tmp_path, FRONTEND, "frontend_users.conf")
+    hba = f"host all all all {method}\nlocal all all {method}\n"
+    return pgcorral({"max_connections": "8", **conf}, hba=hba, env=env,
+                    args=["-u", users, "-F", frontend])
+
+
+def _client_password(user: str) -> str:
+    return FRONTEND.get(user, ROLES[user])
+
+
+@pytest.mark.parametrize("method", ["password", "md5", "scram-sha-256", "all"])
+def test_every_client_method_against_every_server_method(
+        pgcorral: DaemonFactory, tmp_path: Path, method: str) -> None:
+    d = _daemon(pgcorral, tmp_path, method)
+    for user in ROLES:
+        good = _client_password(user)
+        with psycopg.connect(d.dsn(user=user, password=good)) as conn:
+            pid = conn.info.backend_pid
+            assert conn.execute("select current_user").fetchone() == (user,)
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(d.dsn(user=user, password=good + "x"))
+        with psycopg.connect(d.dsn(user=user, password=good)) as conn:
+            assert conn.info.backend_pid == pid, f"{user} over {method} was not pooled"
+
+
+def test_backend_password_is_refused_when_a_frontend_password_exists(
+        pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "scram-sha-256")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(d.dsn(user="scramuser", password="scrampass"))
+
+
+def test_trust_method_skips_the_client_check_but_logs_in_with_the_vault(
+        pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "trust")
+    with psycopg.connect(d.dsn(user="md5user")) as conn:  # no password from the client
+        assert conn.execute("select current_user").fetchone() == ("md5user",)
+
+
+def test_unknown_user_refused_like_a_wrong_password_without_allow_unknown_users(
+        pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "md5", allow_unknown_users="off")
+    with pytest.raises(psycopg.OperationalError) as unknown:
+        psycopg.connect(d.dsn(user="nobody", password="x"))
+    with pytest.raises(psycopg.OperationalError) as wrong:
+        psycopg.connect(d.dsn(user="md5user", password="x"))
+    assert "password authentication failed" in str(unknown.value)
+    assert str(unknown.value).replace("nobody", "U") == str(wrong.value).replace("md5user", "U")
+
+
+def test_asyncpg_scram_through_the_vault(pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "scram-sha-256")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(host=d.host, port=d.port, user="md5user",
+                                     password="md5pass", database="pgcorral_test")
+        try:
+            assert await conn.fetchval("select current_user") == "md5user"
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_pgbench_reconnecting_through_a_scram_vault_user(pgcorral: DaemonFactory,
+                                                         tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "scram-sha-256")
+    out = subprocess.run(
+        ["pgbench", "-h", d.host, "-p", str(d.port), "-U", "scramuser", "-n", "-c", "4",
+         "-j", "4", "-t", "50", "-S", "-C", "pgcorral_test"],
+        capture_output=True, text=True, timeout=120, env={"PGPASSWORD": "front-door"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "number of transactions actually processed: 200" in out.stdout
+
+
+def test_wrong_password_sqlstate_is_28p01(pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "password")
+    with socket.create_connection((d.host, d.port), timeout=10) as sock:
+        sock.sendall(startup_packet({"user": "md5user", "database": "pgcorral_test"}))
+        message = read_message(sock)
+        assert message is not None and message[0] == b"R"
+        sock.sendall(b"p\0\0\0\x0awrong\0")
+        message = read_message(sock)
+        assert message is not None and message[0] == b"E"
+        assert b"C28P01" in message[1]
