@@ -125,3 +125,25 @@ def test_wrong_password_sqlstate_is_28p01(pgcorral: DaemonFactory, tmp_path: Pat
         message = read_message(sock)
         assert message is not None and message[0] == b"E"
         assert b"C28P01" in message[1]
+
+
+def test_auth_query_pools_scram_users_without_any_password_in_pgcorral(
+        pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    """auth_query: pgcorral reads the verifier with the -S user, checks the client itself,
+    recovers the ClientKey from its proof and logs in with it: SCRAM connections are pooled and
+    every client is checked again."""
+    superuser, env = _vault(tmp_path, {"postgres": "unused-trust"}, "superuser.conf")
+    hba = "host all all all all\nlocal all all all\n"
+    d = pgcorral({"max_connections": "4", "auth_query": "on"}, hba=hba, env=env,
+                 args=["-S", superuser])
+    with psycopg.connect(d.dsn(user="scramuser", password="scrampass")) as conn:
+        pid = conn.info.backend_pid
+        assert conn.execute("select current_user").fetchone() == ("scramuser",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(d.dsn(user="scramuser", password="wrong"))
+    with psycopg.connect(d.dsn(user="scramuser", password="scrampass")) as conn:
+        assert conn.info.backend_pid == pid  # the SCRAM connection was pooled
+    with psycopg.connect(d.dsn(user="md5user", password="md5pass")) as conn:
+        assert conn.execute("select current_user").fetchone() == ("md5user",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(d.dsn(user="nosuchrole", password="x"))

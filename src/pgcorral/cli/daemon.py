@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def load() -> tuple[Config, Secrets]:
         config = load_config(config_path, hba_path, limits_path)
-        return config, load_secrets(args.users, args.frontend, args.admins)
+        return config, load_secrets(args.users, args.frontend, args.admins, args.superuser)
 
     try:
         config, secrets = load()
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.main.pipeline == "transaction":
         print("pgcorral: warning: pipeline = transaction is not implemented yet; "
               "clients get session pooling", file=sys.stderr)
-    if args.superuser:
-        print(f"pgcorral: warning: -S {args.superuser}: auth_query is not supported yet",
+    if config.main.auth_query and secrets.superuser is None:
+        print("pgcorral: warning: auth_query = on needs a superuser file (-S); ignored",
               file=sys.stderr)
     if args.daemon:
         if config.main.log_type == "console":

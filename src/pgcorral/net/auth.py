@@ -18,11 +18,20 @@ from typing import TYPE_CHECKING
 from pgcorral.errors import AuthenticationError
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
-from pgcorral.protocol.auth_md5 import check_cleartext, check_md5, md5_response, password_failed
+from pgcorral.protocol.auth_md5 import (
+    check_cleartext,
+    check_md5,
+    is_md5_hash,
+    md5_response,
+    password_failed,
+)
 from pgcorral.protocol.scram import (
     DEFAULT_ITERATIONS,
     DEFAULT_SALT_LENGTH,
+    ScramKeys,
+    ScramVerifier,
     is_derived,
+    is_scram_verifier,
     salted_password,
     sha256,
 )
@@ -87,24 +96,58 @@ async def _scram(client: ClientConnection, user: str, password: str | None,
     client.write(final)
 
 
+async def authenticate_with_verifier(client: ClientConnection, user: str, secret: str | None,
+                                     method: str) -> VaultLogin:
+    """auth_query: check ``client`` against the secret PostgreSQL stores for ``user`` (a SCRAM
+    verifier or an md5 hash; None for an unknown user) and return how to log in as that user:
+    with the ClientKey recovered from the client's proof, or with the md5 hash. As in
+    PostgreSQL, a SCRAM verifier means SCRAM whatever ``method`` says, and an md5 hash cannot
+    serve ``scram-sha-256``."""
+    read = client.read_password
+    if secret is not None and is_scram_verifier(secret):
+        server = ScramServer(user, ScramVerifier.parse(secret))
+        client.write(server.start())
+        client.write(server.handle_initial(await read()))
+        final = server.handle_response(await read())
+        while not server.done:
+            client.write(final)
+            final = server.handle_response(await read())
+        client.write(final[:-len(_AUTH_OK)] if final.endswith(_AUTH_OK) else final)
+        assert server.keys is not None
+        return VaultLogin(user, keys=server.keys)
+    if secret is not None and is_md5_hash(secret) and method != "scram-sha-256":
+        salt = os.urandom(4)
+        client.write(msg.authentication_md5(salt))
+        check_md5(user, secret, salt, await read())
+        return VaultLogin(user, secret)
+    await _scram(client, user, None, read)  # unknown user (or no usable secret): 28P01
+    raise password_failed(user)
+
+
 class VaultLogin:
-    """Answers PostgreSQL's authentication requests with a password from the vault."""
+    """Answers PostgreSQL's authentication requests with what pgcorral knows of a user: a
+    password from the vault, an md5 hash (auth_query), or SCRAM keys recovered from a client's
+    proof (auth_query). Never pass-through: connections logged in this way are pooled."""
 
     pass_through = False
 
-    def __init__(self, user: str, password: str) -> None:
+    def __init__(self, user: str, password: str | None = None, *,
+                 keys: ScramKeys | None = None) -> None:
         self.user = user
         self.password = password
+        self.keys = keys
         self._scram: ScramClient | None = None
 
     async def __call__(self, request: bytes) -> bytes:
         code = msg.parse_auth_code(request)
-        if code == codes.AUTH_CLEARTEXT_PASSWORD:
-            return self.password.encode("utf-8") + b"\0"
-        if code == codes.AUTH_MD5_PASSWORD:
-            return md5_response(self.user, self.password, request[4:8])
-        if code == codes.AUTH_SASL:
-            self._scram = ScramClient.from_password(self.password)
+        password = self.password
+        if code == codes.AUTH_CLEARTEXT_PASSWORD and password is not None:
+            return password.encode("utf-8") + b"\0"
+        if code == codes.AUTH_MD5_PASSWORD and password is not None:
+            return md5_response(self.user, password, request[4:8])
+        if code == codes.AUTH_SASL and (password is not None or self.keys is not None):
+            self._scram = (ScramClient.from_keys(self.keys) if self.keys is not None
+                           else ScramClient.from_password(password or ""))
             return self._scram.initial()
         if self._scram is not None and code == codes.AUTH_SASL_CONTINUE:
             return await asyncio.to_thread(self._scram.handle_continue, request)

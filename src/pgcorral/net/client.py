@@ -30,7 +30,7 @@ from pgcorral.errors import (
     ShuttingDown,
     StartupRejected,
 )
-from pgcorral.net.auth import VaultLogin, authenticate_client
+from pgcorral.net.auth import VaultLogin, authenticate_client, authenticate_with_verifier
 from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines import session
@@ -255,6 +255,12 @@ class ClientConnection(Endpoint):
             if method != "trust":
                 await authenticate_client(self, method, self.user,
                                           secrets.client_password(self.user))
+        elif (self.ctx.config.main.auth_query and secrets.superuser_login() is not None
+              and method != "trust"):
+            secret = await self.ctx.fetch_secret(self.ctx.config.real_database(self.database),
+                                                 self.user)
+            self.vault_login = await authenticate_with_verifier(self, self.user, secret,
+                                                                rule.method)
         elif not self.ctx.config.main.allow_unknown_users and method != "trust":
             # the same exchange as for a known user, ending in the same 28P01
             await authenticate_client(self, method, self.user, None)

@@ -12,10 +12,12 @@ import logging
 import secrets
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pgcorral.config import Config, HbaRule, ServerConfig
 from pgcorral.errors import ServerUnavailable
+from pgcorral.net.auth import VaultLogin
 from pgcorral.net.server import ServerConnection
 from pgcorral.pool.pool import Pool, Slot
 from pgcorral.protocol import messages as msg
@@ -28,6 +30,9 @@ log = logging.getLogger("pgcorral.context")
 
 #: Seconds an empty validation query may take before the connection is closed.
 VALIDATION_TIMEOUT = 5.0
+#: auth_query: the stored secret of a role that may log in now (superuser needed for pg_authid)
+AUTH_QUERY = ("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
+              " AND (rolvaliduntil IS NULL OR rolvaliduntil > now())")
 
 
 class Context:
@@ -41,6 +46,8 @@ class Context:
         self._cancel_keys: dict[int, tuple[bytes, ClientConnection]] = {}
         self.all_idle = asyncio.Event()
         self.aliases = config.aliases()
+        self._auth_conns: dict[str, ServerConnection] = {}
+        self._auth_lock = asyncio.Lock()
         self.hba_cache: dict[tuple[str, str, str, str | None], HbaRule | None] = {}
         # (setting, requested value) -> the value PostgreSQL reported (pipelines.settings)
         self.learned: dict[tuple[str, str], str] = {}
@@ -64,14 +71,17 @@ class Context:
 
     # --- server connections ------------------------------------------------------------------
 
-    async def open_server(self, slot: Slot) -> ServerConnection:
+    async def open_server(self, slot: Slot,
+                          on_lost: Callable[[ServerConnection], None] | None = None,
+                          ) -> ServerConnection:
         """Connect to PostgreSQL for ``slot`` (not yet logged in)."""
         loop = asyncio.get_running_loop()
         server = self.server
         timeout = self.config.main.server_connect_timeout or None
+        lost = on_lost or self._server_lost
 
         def factory() -> ServerConnection:
-            return ServerConnection(slot, self._server_lost)
+            return ServerConnection(slot, lost)
 
         try:
             async with asyncio.timeout(timeout):
@@ -106,6 +116,25 @@ class Context:
         else:
             server.terminate()
             self.pool.discard(slot)
+
+    # --- auth_query ----------------------------------------------------------------------------
+
+    async def fetch_secret(self, database: str, user: str) -> str | None:
+        """The password secret PostgreSQL stores for ``user`` (SCRAM verifier or md5 hash),
+        read by the superuser of the -S file on a connection kept for that purpose (outside
+        the pool, one per database, one query at a time). None: no such login role."""
+        login = self.secrets.superuser_login()
+        assert login is not None
+        async with self._auth_lock:
+            conn = self._auth_conns.get(database)
+            if conn is None or conn.closed:
+                slot = Slot(0, (database, login[0]), None, time.monotonic())
+                conn = await self.open_server(slot, on_lost=lambda _: None)
+                async with asyncio.timeout(self.config.main.authentication_timeout or None):
+                    await conn.login(login[0], database, VaultLogin(login[0], login[1]))
+                self._auth_conns[database] = conn
+            rows = await conn.query_rows(AUTH_QUERY, [user])
+        return None if not rows or rows[0][0] is None else rows[0][0].decode()
 
     # --- lifecycle (driven by the supervisor's periodic tick) ------------------------------
 

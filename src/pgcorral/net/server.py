@@ -240,6 +240,24 @@ class ServerConnection(Endpoint):
                                        Replies(1, EXTENDED_ROW_REPLIES))
         return replies.error
 
+    async def query_rows(self, sql: str, params: list[str | None]) -> list[list[bytes | None]]:
+        """Run one parameterised query pgcorral needs itself; its rows (errors raise)."""
+        self.write(msg.extended_query(sql, params))
+        rows: list[list[bytes | None]] = []
+        error: dict[str, str] | None = None
+        while True:
+            type_, body = await self.read_message()
+            if type_ == codes.DATA_ROW:
+                rows.append(_parse(msg.parse_data_row, body))
+            elif type_ == codes.ERROR_RESPONSE:
+                error = _parse(msg.parse_fields, body)
+            elif type_ == codes.READY_FOR_QUERY:
+                self.status = body[0] if body else -1
+                break
+        if error is not None:
+            raise ServerError(error)
+        return rows
+
     async def validate(self, timeout: float) -> bool:
         """Is the connection alive and idle? An empty query must come back clean."""
         timer = asyncio.get_running_loop().call_later(timeout, self.abort)

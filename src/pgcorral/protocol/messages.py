@@ -143,21 +143,25 @@ def sync() -> bytes:
     return message(b"S")
 
 
-def set_config_statement(settings: Sequence[tuple[str, str]]) -> bytes:
-    """Parse/Bind/Execute/Sync of ``SELECT set_config($1, $2, false), ...`` (unnamed statement).
-
-    Values travel as bind parameters, so no quoting of names or values is ever needed. The
-    pairs are applied left to right.
-    """
-    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)"
-                      for i in range(len(settings)))
-    parse = message(b"P", b"\0" + _cstr("SELECT " + calls) + _I16.pack(0))
-    values = [s.encode("utf-8", "surrogateescape") for pair in settings for s in pair]
+def extended_query(sql: str, params: Sequence[str | None]) -> bytes:
+    """Parse/Bind/Execute/Sync of ``sql`` as the unnamed statement, with text parameters
+    (None is SQL NULL): values never go through quoting."""
+    parse = message(b"P", b"\0" + _cstr(sql) + _I16.pack(0))
+    values = [None if v is None else v.encode("utf-8", "surrogateescape") for v in params]
+    encoded = b"".join(_I32.pack(-1) if v is None else _I32.pack(len(v)) + v for v in values)
     bind_body = (
         b"\0\0" + _I16.pack(0) + _I16.pack(len(values))
-        + b"".join(_I32.pack(len(v)) + v for v in values) + _I16.pack(0)
+        + encoded + _I16.pack(0)
     )
     return parse + message(b"B", bind_body) + message(b"E", b"\0" + _I32.pack(0)) + sync()
+
+
+def set_config_statement(settings: Sequence[tuple[str, str]]) -> bytes:
+    """``SELECT set_config($1, $2, false), ...`` for the pairs, applied left to right."""
+    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)"
+                      for i in range(len(settings)))
+    params: list[str | None] = [s for pair in settings for s in pair]
+    return extended_query("SELECT " + calls, params)
 
 
 # --- parsers ---------------------------------------------------------------------------------
@@ -204,3 +208,28 @@ def parse_command_tag(body: bytes | memoryview) -> str:
     if not raw.endswith(b"\0"):
         raise ValueError("CommandComplete without terminator")
     return raw[:-1].decode("utf-8", "replace")
+
+
+def parse_data_row(body: bytes | memoryview) -> list[bytes | None]:
+    """The column values of a DataRow body (None for SQL NULL)."""
+    raw = bytes(body)
+    if len(raw) < 2:
+        raise ValueError("DataRow too short")
+    (count,) = _I16.unpack_from(raw, 0)
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        if pos + 4 > len(raw):
+            raise ValueError("DataRow truncated")
+        (length,) = _I32.unpack_from(raw, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        if pos + length > len(raw):
+            raise ValueError("DataRow truncated")
+        values.append(raw[pos:pos + length])
+        pos += length
+    if pos != len(raw):
+        raise ValueError("DataRow has trailing bytes")
+    return values

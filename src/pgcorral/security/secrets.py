@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pgcorral.errors import ConfigError
 from pgcorral.security.vault import MasterKey, Vault
 
 
@@ -18,6 +19,15 @@ class Secrets:
     users: Vault | None = None
     frontend: Vault | None = None
     admins: Vault | None = None
+    superuser: Vault | None = None  # -S: the one user auth_query logs in as
+
+    def superuser_login(self) -> tuple[str, str] | None:
+        """(user, password) of the auth_query user, if a superuser file was given."""
+        if self.superuser is None or not self.superuser.users():
+            return None
+        user = self.superuser.users()[0]
+        password = self.superuser.get(user)
+        return None if password is None else (user, password)
 
     def backend_password(self, user: str) -> str | None:
         """The password pgcorral logs in to PostgreSQL with, if the user is in the vault."""
@@ -33,13 +43,19 @@ class Secrets:
 
 
 def load_secrets(users: str | None, frontend: str | None = None,
-                 admins: str | None = None, master_key: str | None = None) -> Secrets:
+                 admins: str | None = None, superuser: str | None = None,
+                 master_key: str | None = None) -> Secrets:
     """Decrypt the given vault files (none given: no secrets and no master key needed)."""
-    if not (users or frontend or admins):
+    if not (users or frontend or admins or superuser):
         return Secrets()
     master = MasterKey.load(master_key)
-    return Secrets(
+    loaded = Secrets(
         users=Vault.load(users, master) if users else None,
         frontend=Vault.load(frontend, master) if frontend else None,
         admins=Vault.load(admins, master) if admins else None,
+        superuser=Vault.load(superuser, master) if superuser else None,
     )
+    if loaded.superuser is not None and len(loaded.superuser) != 1:
+        raise ConfigError([f"{superuser}: must hold exactly one user "
+                           f"(it holds {len(loaded.superuser)})"])
+    return loaded
