@@ -7,6 +7,7 @@ daemon, and the daemon process is still alive. A Traceback in the daemon log fai
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -504,9 +505,10 @@ def test_client_leaving_while_large_result_streams(pgcorral: DaemonFactory,
     assert_healthy(d)
 
 
-def test_many_slow_startups_do_not_block_healthy_clients(pgcorral: DaemonFactory) -> None:
-    d = pgcorral({"authentication_timeout": "5", "max_connections": "2"})
+def test_a_thousand_slow_startups_neither_block_nor_leak(pgcorral: DaemonFactory) -> None:
+    d = pgcorral({"authentication_timeout": "12", "max_connections": "2"})
     partial = struct.pack("!ii", 50, 196608) + b"u" * 12
+    fds_before = len(os.listdir(f"/proc/{d.pid}/fd"))
 
     def slow_client(_: int) -> socket.socket:
         sock = socket.create_connection((d.host, d.port), timeout=SOCK_TIMEOUT)
@@ -516,23 +518,26 @@ def test_many_slow_startups_do_not_block_healthy_clients(pgcorral: DaemonFactory
 
     slow: list[socket.socket] = []
     try:
-        # in parallel, so that all 200 hang at once well within authentication_timeout
-        with ThreadPoolExecutor(50) as pool:
-            slow = list(pool.map(slow_client, range(200)))
-        assert _open_count(slow) == 200, "slow clients were closed before the timeout"
+        # in parallel, so that all of them hang at once well within authentication_timeout
+        with ThreadPoolExecutor(100) as pool:
+            slow = list(pool.map(slow_client, range(1000)))
+        assert _open_count(slow) == 1000, "slow clients were closed before the timeout"
         started = time.monotonic()
         with psycopg.connect(d.dsn(), connect_timeout=3) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         elapsed = time.monotonic() - started
         assert elapsed < 3, f"a healthy client needed {elapsed:.2f} s"
-        assert _open_count(slow) == 200, "slow clients were closed before the timeout"
+        assert _open_count(slow) == 1000, "slow clients were closed before the timeout"
         # and authentication_timeout frees them all
-        wait_for(lambda: _open_count(slow) == 0, timeout=10,
+        wait_for(lambda: _open_count(slow) == 0, timeout=30,
                  what="the slow clients to be closed by authentication_timeout")
     finally:
         for sock in slow:
             sock.close()
     assert_healthy(d)
+    # nothing kept: the daemon holds no more descriptors than before (+ the pooled server one)
+    wait_for(lambda: len(os.listdir(f"/proc/{d.pid}/fd")) <= fds_before + 2, timeout=10,
+             what="the daemon's file descriptors to return to their number before the test")
 
 
 def _open_count(socks: list[socket.socket]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,3 +148,46 @@ def test_auth_query_pools_scram_users_without_any_password_in_pgcorral(
         assert conn.execute("select current_user").fetchone() == ("md5user",)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(d.dsn(user="nosuchrole", password="x"))
+
+
+def _sasl_exchange(d: Daemon, payload: bytes) -> dict[str, str]:
+    """Start a SCRAM login as a vault user and answer AuthenticationSASL with ``payload``
+    (a complete message); the fields of the ErrorResponse that follows."""
+    with socket.create_connection((d.host, d.port), timeout=10) as sock:
+        sock.sendall(startup_packet({"user": "scramuser", "database": "pgcorral_test"}))
+        message = read_message(sock)
+        assert message is not None and message[0] == b"R" and message[1][:4] == b"\0\0\0\x0a"
+        sock.sendall(payload)
+        message = read_message(sock)
+        assert message is not None and message[0] == b"E", message
+        fields = dict((part[:1].decode(), part[1:].decode()) for part in
+                      message[1].rstrip(b"\0").split(b"\0") if part)
+        assert read_message(sock) is None  # and the connection is closed
+        return fields
+
+
+def _sasl_initial(mechanism: bytes, data: bytes, length: int | None = None) -> bytes:
+    body = mechanism + b"\0" + struct.pack("!i", len(data) if length is None else length) + data
+    return b"p" + struct.pack("!i", len(body) + 4) + body
+
+
+@pytest.mark.parametrize(("payload", "sqlstate"), [
+    (_sasl_initial(b"SCRAM-SHA-1", b"n,,n=,r=abc"), "08P01"),  # bad mechanism
+    (_sasl_initial(b"SCRAM-SHA-256", b"garbage"), "08P01"),  # malformed client-first
+    (_sasl_initial(b"SCRAM-SHA-256", b"n,,n=,r=abc", length=-5), "08P01"),  # negative length
+    (b"p\x7f\xff\xff\xff" + b"x" * 64, "28P01"),  # message length 0x7fffffff
+    (b"Q\0\0\0\x0dselect 1\0", "08P01"),  # a query instead of the SASL answer
+], ids=["bad-mechanism", "garbage-client-first", "negative-length", "huge-length", "query"])
+def test_hostile_sasl_input_gets_postgresqls_answer(pgcorral: DaemonFactory, tmp_path: Path,
+                                                   payload: bytes, sqlstate: str) -> None:
+    d = _daemon(pgcorral, tmp_path, "scram-sha-256")
+    assert _sasl_exchange(d, payload)["C"] == sqlstate
+    with psycopg.connect(d.dsn(user="scramuser", password="front-door")) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_ten_kilobyte_password_is_just_a_wrong_password(pgcorral: DaemonFactory,
+                                                        tmp_path: Path) -> None:
+    d = _daemon(pgcorral, tmp_path, "password")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(d.dsn(user="md5user", password="p" * 10_000))

@@ -58,7 +58,7 @@ async def authenticate_client(client: ClientConnection, method: str, user: str,
                               password: str | None) -> None:
     """Check ``client`` with ``method`` against ``password``; None means an unknown user, who
     goes through the same exchange and fails with the same 28P01 at the same step."""
-    read = client.read_password
+    read: ReadAnswer = client.read_password
     if method == "password":
         client.write(msg.authentication_cleartext())
         body = await read()
@@ -78,6 +78,7 @@ async def authenticate_client(client: ClientConnection, method: str, user: str,
 
 async def _scram(client: ClientConnection, user: str, password: str | None,
                  read: ReadAnswer) -> None:
+    read = _sasl_reader(client)
     if password is None:
         server = ScramServer.mock(user, _PROCESS_SECRET)
     else:
@@ -103,8 +104,9 @@ async def authenticate_with_verifier(client: ClientConnection, user: str, secret
     with the ClientKey recovered from the client's proof, or with the md5 hash. As in
     PostgreSQL, a SCRAM verifier means SCRAM whatever ``method`` says, and an md5 hash cannot
     serve ``scram-sha-256``."""
-    read = client.read_password
+    read: ReadAnswer = client.read_password
     if secret is not None and is_scram_verifier(secret):
+        read = _sasl_reader(client)
         server = ScramServer(user, ScramVerifier.parse(secret))
         client.write(server.start())
         client.write(server.handle_initial(await read()))
@@ -122,6 +124,13 @@ async def authenticate_with_verifier(client: ClientConnection, user: str, secret
         return VaultLogin(user, secret)
     await _scram(client, user, None, read)  # unknown user (or no usable secret): 28P01
     raise password_failed(user)
+
+
+def _sasl_reader(client: ClientConnection) -> ReadAnswer:
+    async def read() -> bytes:
+        return await client.read_password(sasl=True)
+
+    return read
 
 
 class VaultLogin:

@@ -39,6 +39,7 @@ from pgcorral.pipelines.settings import plan as settings_plan
 from pgcorral.pool.pool import Grant, Slot
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
+from pgcorral.protocol.auth_md5 import MAX_AUTH_TOKEN_LENGTH, auth_message_length_error
 from pgcorral.protocol.framing import TERMINATE_SPLIT, BoundaryTracker, FramingError, MessageReader
 from pgcorral.protocol.startup import (
     NEWEST_MINOR,
@@ -215,7 +216,8 @@ class ClientConnection(Endpoint):
         ctx = self.ctx
         if startup.needs_negotiation:
             self.write(msg.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized))
-        self.use_reader(MessageReader(codes.SMALL_MESSAGE_LIMIT))
+        # authentication messages: PostgreSQL reads up to PG_MAX_AUTH_TOKEN_LENGTH bytes
+        self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
         self.user, self.database = startup.user, startup.database
         replication = startup.params.get("replication", "false").lower()
         if replication not in ("false", "off", "no", "0"):
@@ -373,11 +375,14 @@ class ClientConnection(Endpoint):
     async def _relay_auth(self, request: bytes) -> bytes:
         """Pass-through: the server's Authentication request to the client, its answer back."""
         self.write(msg.message(b"R", request))
-        if msg.parse_auth_code(request) == codes.AUTH_SASL_FINAL:
+        code = msg.parse_auth_code(request)
+        if code == codes.AUTH_SASL_FINAL:
             return b""
-        return await self.read_password()
+        return await self.read_password(sasl=code in (codes.AUTH_SASL, codes.AUTH_SASL_CONTINUE))
 
-    async def read_password(self) -> bytes:
+    async def read_password(self, sasl: bool = False) -> bytes:
+        """The client's next authentication message ('p'), with PostgreSQL's answers to a bad
+        length (28P01 in SASL, a silent close otherwise) and to any other message (08P01)."""
         timeout = self.ctx.config.main.authentication_timeout or None
         try:
             async with asyncio.timeout(timeout):
@@ -385,6 +390,8 @@ class ClientConnection(Endpoint):
         except TimeoutError:
             raise AuthenticationError("canceling authentication due to timeout",
                                       sqlstate="08006") from None
+        except ClientProtocolError:  # a length out of range
+            raise auth_message_length_error(self.user, sasl=sasl) from None
         if type_ != codes.PASSWORD:
             raise ClientProtocolError(
                 f"expected password response, got message type {type_}")

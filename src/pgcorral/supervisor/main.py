@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -153,9 +154,18 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(f"another server is listening on {path}")
 
 
+def _raise_fd_limit() -> None:
+    """Every client and server connection is a file descriptor: use all the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config: Config, secrets: Secrets,
         reload_config: Callable[[], tuple[Config, Secrets]]) -> int:
     """Run the daemon until it is stopped; the exit code."""
+    _raise_fd_limit()
     daemon = Daemon(config, secrets, reload_config)
     try:
         import uvloop
