@@ -191,3 +191,32 @@ def test_ten_kilobyte_password_is_just_a_wrong_password(pgcorral: DaemonFactory,
     d = _daemon(pgcorral, tmp_path, "password")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(d.dsn(user="md5user", password="p" * 10_000))
+
+
+def test_daemon_uses_the_files_pgcorral_admin_writes(pgcorral: DaemonFactory,
+                                                      tmp_path: Path) -> None:
+    import os
+    import sys
+
+    key = tmp_path / "home" / ".pgcorral" / "master.key"
+    users = tmp_path / "users.conf"
+    env = dict(os.environ, PGCORRAL_MASTER_KEY_FILE=str(key))
+
+    def admin(*args: str, password: str) -> None:
+        out = subprocess.run([sys.executable, "-m", "pgcorral.cli.admin", *args],
+                             capture_output=True, text=True, timeout=60,
+                             env={**env, "PGCORRAL_PASSWORD": password}, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, out.stderr
+
+    admin("master-key", password="Adm1n!Master")
+    admin("-f", str(users), "user", "add", "-U", "scramuser", password="scrampass")
+    admin("-f", str(users), "add-user", "-U", "md5user", password="md5pass")  # 0.5.0 name
+    hba = "host all all all md5\nlocal all all md5\n"
+    d = pgcorral({"max_connections": "4"}, hba=hba,
+                 env={"PGCORRAL_MASTER_KEY_FILE": str(key)}, args=["-u", str(users)])
+    for user, password in (("scramuser", "scrampass"), ("md5user", "md5pass")):
+        out = subprocess.run(["psql", "-X", "-At", "-d", d.dsn(user=user, password=password),
+                              "-c", "select current_user"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == user
