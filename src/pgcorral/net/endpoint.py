@@ -40,7 +40,6 @@ class Endpoint(asyncio.Protocol):
         self._rx: StartupReader | MessageReader = MessageReader()
         self._wakeup: asyncio.Future[None] | None = None
         self._reading_paused = False
-        self._writing_paused = False
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -61,13 +60,11 @@ class Endpoint(asyncio.Protocol):
         """Called on a client to end its session (see ClientConnection.end)."""
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.resume_reading()
@@ -152,11 +149,6 @@ class Endpoint(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
         self._wake(ConnectionLost("connection closed"))
-
-    def unpause(self) -> None:
-        """Undo a flow-control pause the old peer left on our reading side."""
-        if not self.closed and not self._reading_paused:
-            self.transport.resume_reading()
 
     def info(self) -> dict[str, Any]:
         return {"side": self.side, "closed": self.closed}
