@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import sys
 
 from pgcorral import __version__
-from pgcorral.config import Config, MainConfig, load_config
+from pgcorral.config import Config, load_config
 from pgcorral.errors import ConfigError
 from pgcorral.security.secrets import Secrets, load_secrets
+from pgcorral.supervisor.logs import setup_logging
+from pgcorral.supervisor.process import (
+    check_pidfile,
+    check_port_free,
+    daemonize,
+    write_pidfile,
+)
 
 #: Default file names in a configuration directory (-D or PGCORRAL_CONFIG_DIR), ours first.
 _DEFAULT_FILES = {
@@ -26,10 +32,6 @@ _DEFAULT_FILES = {
 }
 _DEFAULT_DIR = "/etc/pgcorral"
 
-_LEVELS = {
-    "fatal": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING,
-    "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG, "trace": 5,
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,35 +73,6 @@ def _locate(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
     return config, pick(args.hba, "hba", False), pick(args.limit, "limit", False)
 
 
-def setup_logging(main: MainConfig) -> None:
-    name = main.log_level
-    level = _LEVELS.get(name, logging.DEBUG if name.startswith("debug") else logging.INFO)
-    handler: logging.Handler
-    if main.log_type == "file":
-        mode = "w" if main.log_mode == "create" else "a"
-        handler = logging.FileHandler(main.log_path, mode=mode)
-    elif main.log_type == "syslog":
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname).1s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def _daemonize() -> None:
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_path, hba_path, limits_path = _locate(args)
@@ -124,12 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     if config.main.auth_query and secrets.superuser is None:
         print("pgcorral: warning: auth_query = on needs a superuser file (-S); ignored",
               file=sys.stderr)
+    main_cfg = config.main
+    try:
+        check_pidfile(main_cfg.pidfile)
+        if args.daemon:
+            if main_cfg.log_type == "console":
+                raise ConfigError(["daemon mode (-d) needs log_type = file or syslog"])
+            check_port_free(main_cfg.host, main_cfg.port)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"pgcorral: {problem}", file=sys.stderr)
+        return 1
     if args.daemon:
-        if config.main.log_type == "console":
-            print("pgcorral: daemon mode needs log_type = file or syslog", file=sys.stderr)
-            return 1
-        _daemonize()
-    setup_logging(config.main)
+        daemonize()
+    write_pidfile(main_cfg.pidfile)
+    setup_logging(main_cfg)
     from pgcorral.supervisor.main import run
 
     try:
