@@ -76,8 +76,8 @@ def test_reply_walker_rejects_broken_streams(bad: bytes) -> None:
 
 
 REQUESTS = (msg(b"P", b"\0select 1\0\0\0") + msg(b"B", b"\0\0\0\0\0\0\0\0")
-            + msg(b"E", b"\0\0\0\0\0") + msg(b"S") + msg(b"Q", b"select 2\0") + msg(b"d", b"x" * 3000) + msg(b"F", b"\0" * 8)
-            + msg(b"S"))
+            + msg(b"E", b"\0\0\0\0\0") + msg(b"S") + msg(b"Q", b"select 2\0")
+            + msg(b"d", b"x" * 3000) + msg(b"F", b"\0" * 8) + msg(b"S"))
 
 
 def test_request_walker_counts_sync_points_at_every_split() -> None:
