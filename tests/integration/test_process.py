@@ -15,6 +15,7 @@ from devtools.pgcluster import find_free_port
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
+    from tests.conftest import DaemonFactory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,19 @@ def test_log_rotation_by_size(tmp_path: Path, pg: PgCluster) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sd_notify_ready_reloading_stopping(pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        d = pgcorral(env={"NOTIFY_SOCKET": path})
+        assert sock.recv(256).startswith(b"READY=1")
+        d.signal(signal.SIGHUP)
+        assert sock.recv(256) == b"RELOADING=1"
+        assert sock.recv(256) == b"READY=1"
+        d.signal(signal.SIGTERM)
+        assert sock.recv(256) == b"STOPPING=1"

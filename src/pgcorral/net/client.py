@@ -227,6 +227,7 @@ class ClientConnection(Endpoint):
         rule = self._hba_rule()
         if ctx.shutting_down:
             raise ShuttingDown("pgcorral is shutting down")
+        ctx.check_enabled(self.database)  # a disabled database: DatabaseDisabled 57P03
         await self._authenticate(rule)
         real_db = ctx.config.real_database(self.database)
         server = await self._get_server((real_db, self.user), rule)

@@ -1,25 +1,27 @@
 """The state one worker's connections share: configuration snapshot, pool, cancel keys, clients.
 
 Also owns the two server-side actions that need a fresh socket of their own: opening a server
-connection for a pool slot and forwarding a CancelRequest.
+connection for a pool slot and forwarding a CancelRequest; and the query/command API the
+management layer calls (status, details, flush, enable/disable, switch-to, counters, live keys).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import secrets
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgcorral.config import Config, HbaRule, ServerConfig
-from pgcorral.errors import ServerUnavailable
+from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net.auth import VaultLogin
 from pgcorral.net.server import ServerConnection
-from pgcorral.pool.pool import Pool, Slot
+from pgcorral.pool.pool import ACTIVE, IDLE, OPENING, Pool, Slot
 from pgcorral.protocol import messages as msg
 from pgcorral.security.secrets import Secrets
 
@@ -33,6 +35,11 @@ VALIDATION_TIMEOUT = 5.0
 #: auth_query: the stored secret of a role that may log in now (superuser needed for pg_authid)
 AUTH_QUERY = ("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
               " AND (rolvaliduntil IS NULL OR rolvaliduntil > now())")
+#: The counters ``clear prometheus`` resets.
+COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
+            "management_commands")
+#: Database names that mean every database in flush/enable/disable.
+ALL_DATABASES = ("all", "*")
 
 
 class Context:
@@ -51,10 +58,18 @@ class Context:
         self.hba_cache: dict[tuple[str, str, str, str | None], HbaRule | None] = {}
         # (setting, requested value) -> the value PostgreSQL reported (pipelines.settings)
         self.learned: dict[tuple[str, str], str] = {}
+        self.disabled: set[str] = set()  # databases refusing new logins; "*" = all
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.failed_servers: set[str] = set()
+        self._switched_to: str | None = None  # switch-to: the server new connections go to
+        self.started_at = time.time()
 
     @property
     def server(self) -> ServerConfig:
         servers = self.config.servers
+        for server in servers:
+            if server.name == self._switched_to:
+                return server
         for server in servers:
             if server.primary:
                 return server
@@ -116,6 +131,140 @@ class Context:
         else:
             server.terminate()
             self.pool.discard(slot)
+
+    # --- management: queries ----------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """Counts of the pool and the clients, servers, disabled databases, counters."""
+        pool = self.pool
+        current = self.server.name
+        servers = [{"name": s.name, "host": s.host, "port": s.port,
+                    "state": "primary" if s.name == current else
+                    "failed" if s.name in self.failed_servers else "notinit"}
+                   for s in self.config.servers]
+        return {
+            "status": "graceful shutdown" if self.shutting_down else "running",
+            "active_connections": pool.count(ACTIVE), "idle_connections": pool.count(IDLE),
+            "opening_connections": pool.count(OPENING), "total_connections": pool.total,
+            "max_connections": pool.max_connections, "clients": len(self.clients),
+            "waiting_clients": pool.waiting, "server": current, "servers": servers,
+            "disabled": sorted(self.disabled), "counters": dict(self.counters),
+        }
+
+    def details(self) -> dict[str, object]:
+        """``status`` plus one entry per server connection and per client."""
+        now_mono, now = time.monotonic(), time.time()
+        connections = []
+        for slot in sorted(self.pool.slots(), key=lambda s: s.id):
+            conn = slot.conn
+            connections.append({
+                "id": slot.id, "state": slot.state, "database": slot.key[0],
+                "user": slot.key[1], "pid": getattr(conn, "pid", 0) if conn else 0,
+                "started": round(now - (now_mono - slot.created_at), 3),
+                "last_used": round(now - (now_mono - slot.last_used), 3)})
+        sessions = [{"user": c.user, "database": c.database, "address": c.address or "[local]",
+                     "pid": c.server.pid if c.server is not None else 0}
+                    for c in self.clients]
+        sessions.sort(key=lambda c: (str(c["database"]), str(c["user"]), str(c["address"])))
+        return {**self.status(), "connections": connections, "sessions": sessions}
+
+    def is_disabled(self, database: str) -> bool:
+        disabled = self.disabled
+        return bool(disabled) and ("*" in disabled or database in disabled
+                                   or self.config.real_database(database) in disabled)
+
+    def check_enabled(self, database: str) -> None:
+        """Raise DatabaseDisabled (57P03) if ``database`` refuses new logins."""
+        if self.is_disabled(database):
+            self.counters["logins_refused_disabled"] += 1
+            raise DatabaseDisabled("connection refused",
+                                   detail=f'database "{database}" is disabled')
+
+    # --- management: commands ----------------------------------------------------------------
+
+    def disable(self, database: str) -> list[str]:
+        self.disabled.add("*" if database in ALL_DATABASES else database)
+        return sorted(self.disabled)
+
+    def enable(self, database: str) -> list[str]:
+        if database in ALL_DATABASES:
+            self.disabled.clear()
+        else:
+            self.disabled.discard(database)
+        return sorted(self.disabled)
+
+    def _matches(self, database: str | None, name: str) -> bool:
+        if database is None or database in ALL_DATABASES:
+            return True
+        return self.config.real_database(name) == self.config.real_database(database)
+
+    def flush(self, mode: str, database: str | None = None) -> dict[str, int]:
+        """idle: close idle server connections now; gracefully: also mark the ones in use to
+        close when their client leaves; all: also abort the clients in session and close
+        their server connections. Limited to ``database`` when given."""
+        closed = marked = aborted = 0
+        for slot in self.pool.idle_slots():
+            if self._matches(database, slot.key[0]):
+                self.pool.discard(slot)
+                slot.conn.terminate()
+                closed += 1
+        if mode in ("gracefully", "all"):
+            for slot in self.pool.slots():
+                if slot.state != IDLE and slot.conn is not None and self._matches(
+                        database, slot.key[0]):
+                    slot.conn.poolable = False  # release closes it instead of pooling it
+                    marked += 1
+        if mode == "all":
+            for client in list(self.clients):
+                if self._matches(database, client.database):
+                    client.abort()
+                    aborted += 1
+        self.counters["flushed_connections"] += closed + marked
+        log.info("flush %s (%s): %d idle closed, %d marked, %d clients aborted", mode,
+                 database or "all", closed, marked, aborted)
+        return {"closed": closed, "marked": marked, "aborted": aborted}
+
+    def switch_to(self, name: str) -> str:
+        """Send new server connections to server ``name``; the previous one is marked failed.
+        Existing connections are untouched. Returns the previous server's name."""
+        names = [s.name for s in self.config.servers]
+        if name not in names:
+            raise KeyError(name)
+        previous = self.server.name
+        if previous != name:
+            self.failed_servers.add(previous)
+        self.failed_servers.discard(name)
+        self._switched_to = name
+        log.info("switched to server %s (was %s)", name, previous)
+        return previous
+
+    def clear_server(self, name: str) -> None:
+        if name not in [s.name for s in self.config.servers]:
+            raise KeyError(name)
+        self.failed_servers.discard(name)
+
+    def clear_counters(self) -> None:
+        for name in self.counters:
+            self.counters[name] = 0
+
+    def set_main_key(self, name: str, value: object) -> object:
+        """Apply a live key in memory (``conf set``); the previous value."""
+        old = getattr(self.config.main, name)
+        changes: dict[str, Any] = {name: value}
+        main = dataclasses.replace(self.config.main, **changes)
+        self.config = dataclasses.replace(self.config, main=main)
+        return old
+
+    def set_server_key(self, server: str, name: str, value: object) -> object:
+        servers = list(self.config.servers)
+        for i, entry in enumerate(servers):
+            if entry.name == server:
+                old = getattr(entry, name)
+                changes: dict[str, Any] = {name: value}
+                servers[i] = dataclasses.replace(entry, **changes)
+                self.config = dataclasses.replace(self.config, servers=tuple(servers))
+                return old
+        raise KeyError(server)
 
     # --- auth_query ----------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
-"""The main process: listening sockets, signals, reload, shutdown.
+"""The main process: listening sockets, the management server, signals, reload, shutdown.
 
 Runs one worker's event loop in this process (uvloop when installed). Signal handlers only set
-what the loop then acts on: SIGTERM shuts down gracefully (stop accepting, let connected clients
-finish within ``flush_timeout``), SIGINT shuts down fast, SIGHUP reloads the configuration files
-(a broken file keeps the old configuration and logs every problem).
+what the loop then acts on: SIGTERM shuts down gracefully (connected clients may finish within
+``flush_timeout``; the listeners stay open so that a client connecting meanwhile gets 57P01, and
+``cancel-shutdown`` returns to normal service), SIGINT shuts down fast, SIGHUP reloads the
+configuration files (a broken file keeps the old configuration and logs every problem). The
+``Daemon`` is also the controller the management commands drive (``management.commands``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import socket
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pgcorral.config import Config
 from pgcorral.errors import ConfigError
+from pgcorral.management.server import ManagementServer
 from pgcorral.net.client import ClientConnection
 from pgcorral.net.context import Context
 from pgcorral.security.secrets import Secrets
+from pgcorral.supervisor.process import sd_notify
 
 log = logging.getLogger("pgcorral.main")
 
@@ -38,12 +43,15 @@ class Daemon:
         self._reload_config = reload_config
         self._listeners: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[str] | None = None
+        self._resume: asyncio.Future[str] | None = None  # set while draining
         self.unix_path = ""
+        self.management = ManagementServer(self)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         await self._listen()
+        await self.management.start()
         for signum, action in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast")):
             loop.add_signal_handler(signum, self.stop, action)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -53,11 +61,51 @@ class Daemon:
         log.info("pgcorral: started on %s:%d (unix socket %s), server %s at %s:%d, "
                  "event loop %s", main.host, main.port, self.unix_path, server.name,
                  server.host, server.port, loop_kind)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         maintenance = loop.create_task(self._maintenance())
-        mode = await self._stop
+        while True:
+            mode = await self._stop
+            if mode == "graceful":
+                mode = await self._drain()
+                if mode == "cancel":
+                    self._stop = loop.create_future()
+                    continue
+            break
         maintenance.cancel()
         await self._shutdown(mode)
         return 0
+
+    async def _drain(self) -> str:
+        """Graceful shutdown: new logins get 57P01 while connected clients finish, until none
+        is left or flush_timeout passes ("graceful"), a fast stop comes ("fast"), or
+        cancel-shutdown ("cancel", service resumes)."""
+        ctx = self.ctx
+        ctx.shutting_down = True
+        sd_notify("STOPPING=1")
+        loop = asyncio.get_running_loop()
+        resume: asyncio.Future[str] = loop.create_future()
+        self._resume = resume
+        log.info("graceful shutdown: waiting for %d client(s)", len(ctx.clients))
+        gone = loop.create_task(self._clients_gone())
+        try:
+            waits: list[asyncio.Future[Any]] = [gone, resume]
+            await asyncio.wait(waits, timeout=ctx.config.main.flush_timeout or None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            self._resume = None
+        mode = resume.result() if resume.done() else "graceful"
+        if mode == "cancel":
+            ctx.shutting_down = False
+            log.info("graceful shutdown cancelled; back to normal service")
+        return mode
+
+    async def _clients_gone(self) -> None:
+        ctx = self.ctx
+        while ctx.clients:
+            ctx.all_idle.clear()
+            if ctx.clients:
+                await ctx.all_idle.wait()
 
     async def _maintenance(self) -> None:
         """The periodic tick: idle_timeout, max_connection_age, background validation."""
@@ -75,23 +123,38 @@ class Daemon:
                 await ctx.validate_idle()
 
     def stop(self, mode: str) -> None:
+        """Shut down: "graceful" or "fast" (a fast stop during a graceful one hurries it)."""
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(mode)
-        elif mode == "fast":  # a second signal during a graceful shutdown: hurry up
+        elif mode == "fast":
+            if self._resume is not None and not self._resume.done():
+                self._resume.set_result("fast")
             for client in list(self.ctx.clients):
                 client.abort()
 
-    def reload(self) -> None:
+    def cancel_shutdown(self) -> bool:
+        """Leave a graceful shutdown in progress; False if there is none."""
+        if self._resume is None or self._resume.done():
+            return False
+        self._resume.set_result("cancel")
+        return True
+
+    def reload(self) -> list[str]:
+        """Re-read the files; the problems found (then the running configuration is kept)."""
+        sd_notify("RELOADING=1")
         try:
             config, secrets = self._reload_config()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload failed, keeping the running configuration: %s", problem)
-            return
+            sd_notify("READY=1")
+            return list(exc.problems) or [str(exc)]
         for warning in config.warnings:
             log.warning("%s", warning)
         self.ctx.apply(config, secrets)
         log.info("configuration reloaded")
+        sd_notify("READY=1")
+        return []
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -99,13 +162,19 @@ class Daemon:
         ctx = self.ctx
         backlog = main.backlog
         host = None if main.host in ("*", "") else main.host
-        tcp = await loop.create_server(lambda: ClientConnection(ctx, "host"), host, main.port,
+        counters = ctx.counters
+
+        def client(conn_type: str) -> ClientConnection:
+            counters["client_connections"] += 1
+            return ClientConnection(ctx, conn_type)
+
+        tcp = await loop.create_server(lambda: client("host"), host, main.port,
                                        backlog=backlog, reuse_address=True)
         self._listeners.append(tcp)
         os.makedirs(main.unix_socket_dir, exist_ok=True)
         self.unix_path = os.path.join(main.unix_socket_dir, f".s.PGSQL.{main.port}")
         _remove_stale_socket(self.unix_path)
-        unix = await loop.create_unix_server(lambda: ClientConnection(ctx, "local"),
+        unix = await loop.create_unix_server(lambda: client("local"),
                                              self.unix_path, backlog=backlog)
         os.chmod(self.unix_path, 0o777)
         self._listeners.append(unix)
@@ -113,19 +182,12 @@ class Daemon:
     async def _shutdown(self, mode: str) -> None:
         ctx = self.ctx
         ctx.shutting_down = True
+        sd_notify("STOPPING=1")
         for listener in self._listeners:
             listener.close()
+        self.management.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.unix_path)
-        if mode == "graceful" and ctx.clients:
-            timeout = ctx.config.main.flush_timeout or None
-            log.info("graceful shutdown: waiting for %d client(s)", len(ctx.clients))
-            ctx.all_idle.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    while ctx.clients:
-                        await ctx.all_idle.wait()
-                        ctx.all_idle.clear()
         for client in list(ctx.clients):
             client.abort()
         for slot in ctx.pool.slots():
