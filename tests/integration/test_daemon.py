@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,3 +137,31 @@ def test_vault_problems_stop_the_daemon_with_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "master key" in out.stderr and "pgcorral-admin master-key" in out.stderr
+
+
+def test_log_connections_and_disconnections(pgcorral: DaemonFactory) -> None:
+    d = pgcorral({"log_connections": "on", "log_disconnections": "on"})
+    with psycopg.connect(d.dsn()) as conn:
+        conn.execute("select 1")
+    d.wait_for_log("connection authorized: user=trustuser database=pgcorral_test")
+    d.wait_for_log("disconnection: user=trustuser database=pgcorral_test")
+    quiet = pgcorral()
+    with psycopg.connect(quiet.dsn()) as conn:
+        conn.execute("select 1")
+    assert "connection authorized" not in quiet.log()
+
+
+def test_reload_reports_restart_only_keys_without_applying_them(pgcorral: DaemonFactory) -> None:
+    d = pgcorral({"max_connections": "1", "blocking_timeout": "30"})
+    conf = Path(d.dir, "pgcorral.conf")
+    text = conf.read_text().replace("max_connections = 1", "max_connections = 5")
+    conf.write_text(text.replace("blocking_timeout = 30", "blocking_timeout = 1"))
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("configuration reloaded")
+    assert "max_connections: changed from 1 to 5: restart required" in d.log()
+    with psycopg.connect(d.dsn()):
+        # blocking_timeout (live) is now 1 s; max_connections (restart only) is still 1
+        started = time.monotonic()
+        error = connect_error(d.host, d.port, USER)
+        assert error is not None and error["C"] == "53300"
+        assert time.monotonic() - started < 10

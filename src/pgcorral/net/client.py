@@ -83,6 +83,7 @@ class ClientConnection(Endpoint):
         self.dirty = False  # the server saw bytes that left it mid-message
         self.terminating = False  # Terminate received; waiting for the server to finish
         self.vault_login: VaultLogin | None = None  # set for users in the vault
+        self.linked_once = False  # got a server connection (for log_disconnections)
         self._rx = StartupReader()
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
@@ -184,6 +185,9 @@ class ClientConnection(Endpoint):
             self.close()
             if not self.ctx.clients:
                 self.ctx.all_idle.set()
+            if self.linked_once and self.ctx.config.main.log_disconnections:
+                log.info("disconnection: user=%s database=%s host=%s", self.user,
+                         self.database, self.address or "[local]")
 
     async def _startup(self) -> Startup | None:
         """Read startup packets until a StartupMessage, within authentication_timeout."""
@@ -421,6 +425,10 @@ class ClientConnection(Endpoint):
         greeting = (_AUTH_OK + server.greeting_params() + msg.backend_key_data(server.pid, secret)
                     + msg.ready_for_query(bytes([status])))
         pipelined = self.take_buffered()
+        self.linked_once = True
+        if ctx.config.main.log_connections:
+            log.info("connection authorized: user=%s database=%s host=%s", self.user,
+                     self.database, self.address or "[local]")
         self.server = server
         self.peer = server
         server.peer = self

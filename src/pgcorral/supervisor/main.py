@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pgcorral.config import Config
+from pgcorral.config import KEYS, Config
 from pgcorral.errors import ConfigError
 from pgcorral.management.server import ManagementServer
 from pgcorral.net.client import ClientConnection
@@ -151,6 +152,7 @@ class Daemon:
             return list(exc.problems) or [str(exc)]
         for warning in config.warnings:
             log.warning("%s", warning)
+        config = keep_restart_only(self.ctx.config, config)
         self.ctx.apply(config, secrets)
         log.info("configuration reloaded")
         sd_notify("READY=1")
@@ -195,6 +197,26 @@ class Daemon:
                 slot.conn.terminate()
         await asyncio.sleep(0)
         log.info("pgcorral: stopped (%s)", mode)
+
+
+def keep_restart_only(old: Config, new: Config) -> Config:
+    """The reloaded configuration with every restart-only key (and the server sections) kept
+    as they run now; each change that needs a restart is logged, not applied."""
+    kept: dict[str, object] = {}
+    for key in KEYS:
+        if key.section == "main" and not key.reloadable:
+            before, after = getattr(old.main, key.name), getattr(new.main, key.name)
+            if before != after:
+                log.warning("%s: changed from %r to %r: restart required, not applied",
+                            key.name, before, after)
+                kept[key.name] = before
+    servers = new.servers
+    if [(s.name, s.host, s.port) for s in old.servers] != [
+            (s.name, s.host, s.port) for s in new.servers]:
+        log.warning("server sections changed: restart required, not applied")
+        servers = old.servers
+    return dataclasses.replace(new, main=dataclasses.replace(new.main, **kept),  # type: ignore[arg-type]
+                               servers=servers)
 
 
 def _remove_stale_socket(path: str) -> None:
