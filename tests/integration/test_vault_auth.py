@@ -5,9 +5,12 @@ SCRAM). The two sides are independent, and every such connection is pooled."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +22,10 @@ from tests.pgwire import read_message, startup_packet
 from pgcorral.security.vault import MasterKey, Vault
 
 if TYPE_CHECKING:
+    from devtools.pgcluster import PgCluster
     from tests.conftest import Daemon, DaemonFactory
+
+REPO = Path(__file__).resolve().parents[2]
 
 #: server role -> the password PostgreSQL knows (trustuser: pg_hba says trust)
 ROLES = {"md5user": "md5pass", "scramuser": "scrampass", "pwuser": "pwpass",
@@ -220,3 +226,28 @@ def test_daemon_uses_the_files_pgcorral_admin_writes(pgcorral: DaemonFactory,
                              timeout=30)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == user
+
+
+def test_prefill_initial_size_then_min_size_after_a_flush(pgcorral: DaemonFactory,
+                                                          tmp_path: Path, pg: PgCluster) -> None:
+    users, env = _vault(tmp_path, ROLES, "users.conf")
+    limits = "pgcorral_test md5user 4 3 2\nall all all\n"
+    d = pgcorral({"max_connections": "8"}, env=env, args=["-u", users], limits=limits)
+    count = ("select count(*) from pg_stat_activity where usename = 'md5user' "
+             "and datname = 'pgcorral_test'")
+
+    def wait_count(expected: int) -> None:
+        deadline = time.monotonic() + 20
+        while pg.psql(count).strip() != str(expected):
+            assert time.monotonic() < deadline, f"expected {expected} prefilled connections"
+            time.sleep(0.1)
+
+    wait_count(3)  # INITIAL_SIZE at start, before any client came
+    with psycopg.connect(d.dsn(user="md5user", password="md5pass")) as conn:
+        assert conn.execute("select current_user").fetchone() == ("md5user",)
+    cli = subprocess.run([sys.executable, "-m", "pgcorral.cli.cli", "-c",
+                          str(Path(d.dir, "pgcorral.conf")), "flush", "idle"],
+                         capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert cli.returncode == 0, cli.stderr
+    wait_count(3)  # after a flush, INITIAL_SIZE again (at least MIN_SIZE)

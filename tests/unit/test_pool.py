@@ -660,3 +660,19 @@ def test_expired_idle_by_idle_timeout_and_by_age() -> None:
     active = new_active(pool, ("db2", "carol"))
     clock.now = 1000.0
     assert active not in pool.expired_idle(clock.now, idle_timeout=1, max_age=1)
+
+
+def test_reserve_new_for_prefill_respects_limits_and_waiters() -> None:
+    pool, _ = make_pool(2, (limit("db1", "alice", 1),))
+    first = pool.reserve_new(A)
+    assert first is not None and pool.count_key(A) == 1
+    assert pool.reserve_new(A) is None  # alice's rule is full
+    assert pool.reserve_new(B) is not None  # bob has no rule of his own
+    assert pool.reserve_new(("db2", "carol")) is None  # max_connections reached, no eviction
+
+
+def test_reserve_new_leaves_room_to_waiters() -> None:
+    pool, _ = make_pool(3, (limit("db1", "alice", 1),))
+    assert pool.reserve_new(A) is not None
+    wait(pool, A, never)  # alice's rule is full: a second alice waits
+    assert pool.reserve_new(B) is None  # capacity is free, but a waiter comes first

@@ -55,6 +55,7 @@ class Context:
         self.aliases = config.aliases()
         self._auth_conns: dict[str, ServerConnection] = {}
         self._auth_lock = asyncio.Lock()
+        self.prefill_initial = False  # set by a flush: prefill INITIAL_SIZE, not just MIN_SIZE
         self.hba_cache: dict[tuple[str, str, str, str | None], HbaRule | None] = {}
         # (setting, requested value) -> the value PostgreSQL reported (pipelines.settings)
         self.learned: dict[tuple[str, str], str] = {}
@@ -220,6 +221,7 @@ class Context:
                     client.abort()
                     aborted += 1
         self.counters["flushed_connections"] += closed + marked
+        self.prefill_initial = True  # the next maintenance tick prefills INITIAL_SIZE again
         log.info("flush %s (%s): %d idle closed, %d marked, %d clients aborted", mode,
                  database or "all", closed, marked, aborted)
         return {"closed": closed, "marked": marked, "aborted": aborted}
@@ -265,6 +267,39 @@ class Context:
                 self.config = dataclasses.replace(self.config, servers=tuple(servers))
                 return old
         raise KeyError(server)
+
+    # --- prefill -----------------------------------------------------------------------------
+
+    async def prefill(self, initial: bool) -> int:
+        """Open connections ahead of clients for the limit rules naming a database and a vault
+        user: up to INITIAL_SIZE at start and after a flush, up to MIN_SIZE on every tick.
+        Returns how many were opened; a failure is logged and stops that rule's round."""
+        opened = 0
+        for rule in self.config.limits:
+            target = rule.initial_size if initial else rule.min_size
+            password = self.secrets.backend_password(rule.user)
+            if target <= 0 or "all" in (rule.database, rule.user) or password is None:
+                continue
+            key = (rule.database, rule.user)
+            while self.pool.count_key(key) < target and not self.shutting_down:
+                slot = self.pool.reserve_new(key)
+                if slot is None:
+                    break
+                try:
+                    server = await self.open_server(slot)
+                    async with asyncio.timeout(self.config.main.authentication_timeout or None):
+                        await server.login(rule.user, rule.database,
+                                           VaultLogin(rule.user, password))
+                except Exception as exc:
+                    log.warning("prefill of %s@%s failed: %s", rule.user, rule.database, exc)
+                    if slot.conn is not None:
+                        slot.conn.close()
+                    self.pool.discard(slot)
+                    break
+                self.pool.opened(slot)
+                self.release_server(server, clean=True)
+                opened += 1
+        return opened
 
     # --- auth_query ----------------------------------------------------------------------------
 

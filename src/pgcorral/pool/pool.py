@@ -189,6 +189,24 @@ class Pool:
     def idle_slots(self) -> list[Slot]:
         return [s for stack in self._idle.values() for s in stack]
 
+    def count_key(self, key: Key) -> int:
+        """Slots held for ``key`` (opening, in use or idle)."""
+        return sum(1 for s in self._slots.values() if s.key == key)
+
+    def reserve_new(self, key: Key) -> Slot | None:
+        """A new slot for prefill, only if the limits allow it without evicting anything and
+        nobody is waiting (waiters come first)."""
+        rule = self.rule_for(key)
+        if self._waiting or len(self._slots) >= self.max_connections:
+            return None
+        if rule is not None and self._per_rule.get(id(rule), 0) >= rule.max_size:
+            return None
+        slot = Slot(next(self._ids), key, rule, self.clock())
+        self._slots[slot.id] = slot
+        if rule is not None:
+            self._per_rule[id(rule)] = self._per_rule.get(id(rule), 0) + 1
+        return slot
+
     def expired_idle(self, now: float, idle_timeout: float, max_age: float) -> list[Slot]:
         """Idle slots past ``idle_timeout`` since their last use or past ``max_age`` since they
         were opened (0 disables either rule)."""

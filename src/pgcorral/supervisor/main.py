@@ -47,6 +47,7 @@ class Daemon:
         self._resume: asyncio.Future[str] | None = None  # set while draining
         self.unix_path = ""
         self.management = ManagementServer(self)
+        self._prefill: asyncio.Task[int] | None = None
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -64,6 +65,7 @@ class Daemon:
                  server.host, server.port, loop_kind)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         maintenance = loop.create_task(self._maintenance())
+        self._prefill = loop.create_task(self.ctx.prefill(initial=True))
         while True:
             mode = await self._stop
             if mode == "graceful":
@@ -119,6 +121,11 @@ class Daemon:
                 short.append(main.background_interval)
             await asyncio.sleep(min([MAINTENANCE_TICK, *[t / 2 for t in short]]))
             ctx.close_expired()
+            # top up to MIN_SIZE (INITIAL_SIZE after a flush)
+            if self._prefill is None or self._prefill.done():
+                initial, ctx.prefill_initial = ctx.prefill_initial, False
+                self._prefill = asyncio.get_running_loop().create_task(
+                    ctx.prefill(initial=initial))
             if main.validation == "background" and time.monotonic() >= next_validation:
                 next_validation = time.monotonic() + main.background_interval
                 await ctx.validate_idle()
