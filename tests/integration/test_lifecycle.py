@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 import psycopg
+import pytest
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
@@ -68,3 +69,22 @@ def test_background_validation_checks_idle_connections(pgcorral: DaemonFactory,
     # the empty validation query replaces the reset as the backend's last statement
     _wait_until(pg, f"select query = '' from pg_stat_activity where pid = {pid}", "t")
     assert _backend_pid(d.dsn()) == pid
+
+
+def test_disconnect_client_ends_idle_sessions_only(pgcorral: DaemonFactory,
+                                                   pg: PgCluster) -> None:
+    d = pgcorral({"disconnect_client": "1", "max_connections": "2"})
+    idle = psycopg.connect(d.dsn(), autocommit=True)
+    pid = idle.info.backend_pid
+    with psycopg.connect(d.dsn()) as busy:
+        busy_pid = busy.info.backend_pid
+        busy.execute("select pg_sleep(3)")  # running longer than disconnect_client: kept
+        assert busy.execute("select 1").fetchone() == (1,)
+    d.wait_for_log("idle for")
+    try:
+        with pytest.raises(psycopg.OperationalError, match="idle-session timeout"):
+            idle.execute("select 1")
+    finally:
+        idle.close()
+    with psycopg.connect(d.dsn()) as conn:  # both backends went back to the pool
+        assert conn.info.backend_pid in (pid, busy_pid)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.errors import (
@@ -84,6 +85,8 @@ class ClientConnection(Endpoint):
         self.terminating = False  # Terminate received; waiting for the server to finish
         self.vault_login: VaultLogin | None = None  # set for users in the vault
         self.linked_once = False  # got a server connection (for log_disconnections)
+        self.activity = 0  # chunks relayed from the client (disconnect_client samples it)
+        self.seen_activity = (0, 0.0)  # (activity, when) at the last sample that saw a change
         self._rx = StartupReader()
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
@@ -108,6 +111,7 @@ class ClientConnection(Endpoint):
     def data_received(self, data: bytes) -> None:
         server = self.server
         if server is not None:
+            self.activity += 1  # for disconnect_client
             # Fast path: the chunk starts on a message boundary and holds whole messages, none
             # of them a Terminate (the usual case: one request). The tracker's state is then
             # unchanged; anything else goes through BoundaryTracker.feed.
@@ -426,6 +430,7 @@ class ClientConnection(Endpoint):
                     + msg.ready_for_query(bytes([status])))
         pipelined = self.take_buffered()
         self.linked_once = True
+        self.seen_activity = (self.activity, time.monotonic())
         if ctx.config.main.log_connections:
             log.info("connection authorized: user=%s database=%s host=%s", self.user,
                      self.database, self.address or "[local]")

@@ -22,6 +22,7 @@ from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net.auth import VaultLogin
 from pgcorral.net.server import ServerConnection
 from pgcorral.pool.pool import ACTIVE, IDLE, OPENING, Pool, Slot
+from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.security.secrets import Secrets
 
@@ -333,6 +334,35 @@ class Context:
             self.pool.discard(slot)
             slot.conn.terminate()
         return len(expired)
+
+    def disconnect_idle_clients(self) -> int:
+        """disconnect_client: end sessions whose client sent nothing for that long while their
+        server connection sat idle (any state with disconnect_client_force). The server
+        connection goes back to the pool as usual."""
+        main = self.config.main
+        if main.disconnect_client <= 0:
+            return 0
+        now = time.monotonic()
+        ended = 0
+        for client in list(self.clients):
+            server = client.server
+            if server is None:
+                continue
+            if client.activity != client.seen_activity[0]:
+                client.seen_activity = (client.activity, now)
+                continue
+            idle_for = now - client.seen_activity[1]
+            if idle_for < main.disconnect_client:
+                continue
+            if server.status != codes.TX_IDLE and not main.disconnect_client_force:
+                continue
+            log.info("disconnecting client %s (user %s, database %s): idle for %.0f s",
+                     client.address or "[local]", client.user, client.database, idle_for)
+            client.write(msg.error_response(
+                "57P05", "terminating connection due to idle-session timeout (disconnect_client)"))
+            client.end("disconnect_client")
+            ended += 1
+        return ended
 
     async def validate_idle(self) -> None:
         """Background validation: check every idle connection; close the broken ones."""

@@ -116,11 +116,13 @@ class Daemon:
         next_validation = time.monotonic() + ctx.config.main.background_interval
         while True:
             main = ctx.config.main
-            short = [t for t in (main.idle_timeout, main.max_connection_age) if t > 0]
+            short = [t for t in (main.idle_timeout, main.max_connection_age,
+                                 main.disconnect_client) if t > 0]
             if main.validation == "background":
                 short.append(main.background_interval)
             await asyncio.sleep(min([MAINTENANCE_TICK, *[t / 2 for t in short]]))
             ctx.close_expired()
+            ctx.disconnect_idle_clients()
             # top up to MIN_SIZE (INITIAL_SIZE after a flush)
             if self._prefill is None or self._prefill.done():
                 initial, ctx.prefill_initial = ctx.prefill_initial, False
