@@ -1,4 +1,5 @@
-"""RequestWalker and ReplyWalker at every split point and with random chunking."""
+"""ReplyWalker and the sync points of BoundaryTracker, at every split point and with random
+chunking."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgcorral.protocol.framing import BoundaryTracker
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.walkers import ReplyWalker, RequestWalker
+from pgcorral.protocol.walkers import ReplyWalker
 
 
 def msg(type_: bytes, body: bytes = b"") -> bytes:
@@ -82,7 +84,7 @@ REQUESTS = (msg(b"P", b"\0select 1\0\0\0") + msg(b"B", b"\0\0\0\0\0\0\0\0")
 
 def test_request_walker_counts_sync_points_at_every_split() -> None:
     for cut in range(0, len(REQUESTS) + 1):
-        w = RequestWalker()
+        w = BoundaryTracker()
         assert w.feed(REQUESTS[:cut]) == -1
         assert w.feed(REQUESTS[cut:]) == -1
         assert w.sync_points == 4, cut  # Sync, Query, FunctionCall, Sync
@@ -90,7 +92,7 @@ def test_request_walker_counts_sync_points_at_every_split() -> None:
 
 
 def test_request_walker_finds_terminate() -> None:
-    w = RequestWalker()
+    w = BoundaryTracker()
     data = msg(b"Q", b"select 1\0") + msg(b"X")
     assert w.feed(data) == len(data) - 5
     assert w.sync_points == 1
@@ -98,4 +100,4 @@ def test_request_walker_finds_terminate() -> None:
 
 def test_request_walker_rejects_bad_lengths() -> None:
     with pytest.raises(FramingError):
-        RequestWalker().feed(b"Q\0\0\0\x01")
+        BoundaryTracker().feed(b"Q\0\0\0\x01")

@@ -4,8 +4,9 @@ In transaction mode a server connection goes back to the pool at a ReadyForQuery
 'I' once every request the client sent has been answered. Two walkers follow the two streams
 without keeping their bytes (bodies are skipped by length, whatever the chunking):
 
-* ``RequestWalker`` (client -> server) counts the messages that each get exactly one
-  ReadyForQuery: Query ('Q'), Sync ('S') and FunctionCall ('F'), and finds a Terminate.
+* ``framing.BoundaryTracker`` (client -> server) counts the messages that each get exactly
+  one ReadyForQuery: Query ('Q'), Sync ('S') and FunctionCall ('F') (``sync_points``), and
+  finds a Terminate.
 * ``ReplyWalker`` (server -> client) reports where each ReadyForQuery ends and its status, and
   collects ParameterStatus messages (the settings a client changed with SET, to be applied again
   when it moves to another server connection).
@@ -24,79 +25,21 @@ from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import parse_parameter_status
 
 _header = struct.Struct("!BI").unpack_from
-_SYNC_POINTS = frozenset([codes.QUERY, codes.SYNC, codes.FUNCTION_CALL])
 #: ParameterStatus bodies are small; a larger one is skipped, not collected.
 _MAX_COLLECTED = 64 * 1024
 
 
-class _Walker:
-    __slots__ = ("_header", "_skip", "_type", "max_length")
-
-    def __init__(self, max_length: int) -> None:
-        self._skip = 0  # body bytes of the current message still to come
-        self._header = b""  # a header split across chunks
-        self._type = 0  # type of the message whose body is being skipped
-        self.max_length = max_length
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._skip == 0 and not self._header
-
-    def _check(self, length: int) -> None:
-        if length < 4 or length - 4 > self.max_length:
-            raise FramingError(f"invalid message length {length}")
-
-
-class RequestWalker(_Walker):
-    """Client -> server: counts sync points; ``feed`` returns the offset of a Terminate or -1."""
-
-    __slots__ = ("sync_points",)
-
-    def __init__(self, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
-        super().__init__(max_length)
-        self.sync_points = 0
-
-    def feed(self, data: bytes) -> int:
-        pos, n = self._skip, len(data)
-        if self._header:
-            need = 5 - len(self._header)
-            header = self._header + bytes(data[:need])
-            if len(header) < 5:
-                self._header = header
-                return -1
-            self._header = b""
-            type_, length = _header(header, 0)
-            if type_ == codes.TERMINATE:
-                return 0
-            self._check(length)
-            if type_ in _SYNC_POINTS:
-                self.sync_points += 1
-            pos = need + length - 4
-        while pos < n:
-            if pos + 5 > n:
-                self._header = bytes(data[pos:])
-                self._skip = 0
-                return -1
-            type_, length = _header(data, pos)
-            if type_ == codes.TERMINATE:
-                self._skip = 0
-                return pos
-            self._check(length)
-            if type_ in _SYNC_POINTS:
-                self.sync_points += 1
-            pos += 1 + length
-        self._skip = pos - n
-        return -1
-
-
-class ReplyWalker(_Walker):
+class ReplyWalker:
     """Server -> client: ``feed`` returns ``[(end offset in data, status byte)]`` for every
     ReadyForQuery that completes in ``data``; ``params`` collects ParameterStatus values."""
 
-    __slots__ = ("_body", "params")
+    __slots__ = ("_body", "_header", "_skip", "_type", "max_length", "params")
 
     def __init__(self, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
-        super().__init__(max_length)
+        self._skip = 0  # body bytes of the current message still to come
+        self._header = b""  # a header split across chunks
+        self._type = 0  # type of the message whose body is being consumed
+        self.max_length = max_length
         self._body = bytearray()  # the body so far of a ReadyForQuery or ParameterStatus
         self.params: dict[str, str] = {}
 
@@ -131,6 +74,14 @@ class ReplyWalker(_Walker):
                     return ready
                 pos = end
         return ready
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._skip == 0 and not self._header
+
+    def _check(self, length: int) -> None:
+        if length < 4 or length - 4 > self.max_length:
+            raise FramingError(f"invalid message length {length}")
 
     def _continue_body(self, data: bytes, ready: list[tuple[int, int]], pos: int = 0) -> int:
         """Consume the rest of the current body from ``data[pos:]``; the new position."""
