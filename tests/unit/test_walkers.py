@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgcorral.protocol.framing import BoundaryTracker
-from pgcorral.protocol.framing import FramingError
+from pgcorral.protocol.framing import BoundaryTracker, FramingError
 from pgcorral.protocol.walkers import ReplyWalker
 
 
