@@ -251,3 +251,16 @@ def test_prefill_initial_size_then_min_size_after_a_flush(pgcorral: DaemonFactor
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert cli.returncode == 0, cli.stderr
     wait_count(3)  # after a flush, INITIAL_SIZE again (at least MIN_SIZE)
+
+
+def test_auth_query_trouble_is_not_shown_to_the_client(pgcorral: DaemonFactory, tmp_path: Path,
+                                                       pg: PgCluster) -> None:
+    # the -S user names a role that does not exist: the lookup fails
+    superuser, env = _vault(tmp_path, {"no_such_superuser": "x"}, "superuser.conf")
+    d = pgcorral({"auth_query": "on"}, hba="host all all all all\nlocal all all all\n",
+                 env=env, args=["-S", superuser])
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(d.dsn(user="scramuser", password="scrampass"))
+    assert "authentication lookup failed" in str(info.value)
+    assert "no_such_superuser" not in str(info.value)
+    d.wait_for_log("auth_query for user 'scramuser' failed")

@@ -27,6 +27,7 @@ from pgcorral.errors import (
     PgCorralError,
     PoolExhausted,
     ServerError,
+    ServerProtocolError,
     ServerUnavailable,
     ShuttingDown,
     StartupRejected,
@@ -268,8 +269,14 @@ class ClientConnection(Endpoint):
                                           secrets.client_password(self.user))
         elif (self.ctx.config.main.auth_query and secrets.superuser_login() is not None
               and method != "trust"):
-            secret = await self.ctx.fetch_secret(self.ctx.config.real_database(self.database),
-                                                 self.user)
+            try:
+                secret = await self.ctx.fetch_secret(
+                    self.ctx.config.real_database(self.database), self.user)
+            except (ServerError, ServerUnavailable, ServerProtocolError, ConnectionLost,
+                    TimeoutError, AuthenticationError) as exc:
+                # the superuser's own trouble is for the log, not for the client
+                log.error("auth_query for user %r failed: %s", self.user, exc)
+                raise ServerUnavailable("authentication lookup failed") from None
             self.vault_login = await authenticate_with_verifier(self, self.user, secret,
                                                                 rule.method)
         elif not self.ctx.config.main.allow_unknown_users and method != "trust":
