@@ -345,3 +345,11 @@ def test_parse_options_refuses_other_switches(options: str) -> None:
         parse_options(options)
     assert info.value.sqlstate == "08P01"
     assert info.value.message.startswith("invalid command-line argument for server process: ")
+
+
+def test_options_split_only_on_ascii_whitespace() -> None:
+    from pgcorral.protocol.startup import parse_options
+
+    # a no-break space is part of the value, as in PostgreSQL's pg_split_opts
+    assert parse_options("-c application_name=a\u00a0b") == {"application_name": "a\u00a0b"}
+    assert parse_options("-c a=1\t-c b=2") == {"a": "1", "b": "2"}

@@ -197,7 +197,7 @@ def parse_options(options: str) -> dict[str, str]:
         elif ch == "\\":
             escaped = True
             in_word = True
-        elif ch.isspace():
+        elif ch in " \t\n\r\f\v":  # ASCII only, as pg_split_opts
             if in_word:
                 words.append("".join(current))
                 current, in_word = [], False
