@@ -32,3 +32,21 @@ def test_postgresql_restart_with_idle_and_active_connections(pgcorral: DaemonFac
             assert conn.execute("select 1").fetchone() == (1,)
             assert conn.info.backend_pid != idle_pid
     assert d.running()
+
+
+def test_silent_server_gives_08006_after_the_login_timeout(pgcorral: DaemonFactory) -> None:
+    """A "server" that accepts and never answers: the client gets 08006, not a hang."""
+    import socket
+    import time
+
+    from tests.pgwire import connect_error
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        d = pgcorral({"authentication_timeout": "1"}, servers=[("primary", "127.0.0.1", port)])
+        started = time.monotonic()
+        error = connect_error(d.host, d.port, {"user": "trustuser", "database": "x"})
+        assert error is not None and error["C"] == "08006"
+        assert time.monotonic() - started < 5
