@@ -556,3 +556,28 @@ def _open_count(socks: list[socket.socket]) -> int:
             continue
         assert data == b"", f"a slow client was sent {data!r}"
     return count
+
+
+def test_a_connected_client_keeps_working_through_every_hostile_input(
+        pgcorral: DaemonFactory) -> None:
+    """One session stays open (in a transaction) while the hostile inputs above hit the same
+    daemon; afterwards it commits and queries as if nothing happened."""
+    d = pgcorral({"authentication_timeout": "1"})
+    with psycopg.connect(d.dsn()) as healthy:
+        pid = healthy.info.backend_pid
+        healthy.execute("create temp table survivor(x int)")
+        healthy.execute("insert into survivor values (1)")
+        inputs = [
+            struct.pack("!i", 0), struct.pack("!i", -1), struct.pack("!ii", 100000, 196608),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", _random_bytes(7, False),
+            struct.pack("!ii", 8, 80877103) + b"pipelined", b"p\0\0\0\x08abc\0",
+            struct.pack("!iiii", 16, 80877102, pid, 12345),  # a cancel with a wrong key
+        ]
+        for data in inputs:
+            with raw(d) as sock:
+                send(sock, data)
+                read_until_close(sock)
+        healthy.execute("insert into survivor values (2)")
+        healthy.commit()
+        assert healthy.execute("select count(*) from survivor").fetchone() == (2,)
+        assert healthy.info.backend_pid == pid
