@@ -270,11 +270,14 @@ def test_backend_killed_while_idle_is_not_handed_out(pgcorral: DaemonFactory,
 def test_backend_killed_mid_session_gives_client_an_error(pgcorral: DaemonFactory,
                                                            pg: PgCluster) -> None:
     d = pgcorral({"max_connections": "2"})
-    with psycopg.connect(d.dsn(), autocommit=True) as conn:
+    conn = psycopg.connect(d.dsn(), autocommit=True)
+    try:
         pid = conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
         pg.psql(f"select pg_terminate_backend({pid})")
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 1")
+    finally:
+        conn.close()  # not `with`: its exit would try a COMMIT on the broken connection
     with psycopg.connect(d.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
 
