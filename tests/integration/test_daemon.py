@@ -79,6 +79,8 @@ def test_plain_asyncio_event_loop_works_too(pgcorral: DaemonFactory) -> None:
     assert "event loop asyncio" in d.log()
 
 
+@pytest.mark.skipif(os.environ.get("PGCORRAL_EVENT_LOOP") == "asyncio",
+                    reason="the whole suite is running on plain asyncio")
 def test_uvloop_is_the_default(pgcorral: DaemonFactory) -> None:
     assert "event loop uvloop" in pgcorral().log()
 
