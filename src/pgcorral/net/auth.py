@@ -73,12 +73,12 @@ async def authenticate_client(client: ClientConnection, method: str, user: str,
             raise password_failed(user)
         check_md5(user, password, salt, body)
     else:  # scram-sha-256
-        await _scram(client, user, password, read)
+        await _scram(client, user, password)
 
 
-async def _scram(client: ClientConnection, user: str, password: str | None,
-                 read: ReadAnswer) -> None:
-    read = _sasl_reader(client)
+async def _scram(client: ClientConnection, user: str, password: str | None) -> None:
+    """SCRAM against a vault password (PBKDF2 in a worker thread the first time), or a mock
+    exchange for an unknown user (``password`` None) that ends in 28P01."""
     if password is None:
         server = ScramServer.mock(user, _PROCESS_SECRET)
     else:
@@ -86,6 +86,12 @@ async def _scram(client: ClientConnection, user: str, password: str | None,
         if not is_derived(password, salt, DEFAULT_ITERATIONS):
             await asyncio.to_thread(salted_password, password, salt, DEFAULT_ITERATIONS)
         server = ScramServer.from_password(user, password, salt=salt)
+    await _run_scram(client, server)
+
+
+async def _run_scram(client: ClientConnection, server: ScramServer) -> None:
+    """Drive ``server`` over ``client`` to the end (raises on a bad or failed exchange)."""
+    read = _sasl_reader(client)
     client.write(server.start())
     client.write(server.handle_initial(await read()))
     final = server.handle_response(await read())
@@ -104,25 +110,17 @@ async def authenticate_with_verifier(client: ClientConnection, user: str, secret
     with the ClientKey recovered from the client's proof, or with the md5 hash. As in
     PostgreSQL, a SCRAM verifier means SCRAM whatever ``method`` says, and an md5 hash cannot
     serve ``scram-sha-256``."""
-    read: ReadAnswer = client.read_password
     if secret is not None and is_scram_verifier(secret):
-        read = _sasl_reader(client)
         server = ScramServer(user, ScramVerifier.parse(secret))
-        client.write(server.start())
-        client.write(server.handle_initial(await read()))
-        final = server.handle_response(await read())
-        while not server.done:
-            client.write(final)
-            final = server.handle_response(await read())
-        client.write(final[:-len(_AUTH_OK)] if final.endswith(_AUTH_OK) else final)
+        await _run_scram(client, server)
         assert server.keys is not None
         return VaultLogin(user, keys=server.keys)
     if secret is not None and is_md5_hash(secret) and method != "scram-sha-256":
         salt = os.urandom(4)
         client.write(msg.authentication_md5(salt))
-        check_md5(user, secret, salt, await read())
+        check_md5(user, secret, salt, await client.read_password())
         return VaultLogin(user, secret)
-    await _scram(client, user, None, read)  # unknown user (or no usable secret): 28P01
+    await _scram(client, user, None)  # unknown user (or no usable secret): 28P01
     raise password_failed(user)
 
 
