@@ -91,9 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for warning in config.warnings:
         print(f"pgcorral: warning: {warning}", file=sys.stderr)
-    if config.main.pipeline == "transaction":
-        print("pgcorral: warning: pipeline = transaction is not implemented yet; "
-              "clients get session pooling", file=sys.stderr)
     if config.main.auth_query and secrets.superuser is None:
         print("pgcorral: warning: auth_query = on needs a superuser file (-S); ignored",
               file=sys.stderr)

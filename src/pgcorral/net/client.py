@@ -88,6 +88,8 @@ class ClientConnection(Endpoint):
         self.linked_once = False  # got a server connection (for log_disconnections)
         self.activity = 0  # chunks relayed from the client (disconnect_client samples it)
         self.seen_activity = (0, 0.0)  # (activity, when) at the last sample that saw a change
+        self.settings: dict[str, str] = {}  # asked for at startup (options included)
+        self.hba_rule: HbaRule | None = None
         self._rx = StartupReader()
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
@@ -162,6 +164,10 @@ class ClientConnection(Endpoint):
         super().connection_lost(exc)
         self.end("client lost")
 
+    def shutdown_started(self) -> None:
+        """Graceful shutdown began (the transaction pipeline closes clients between
+        transactions; a session runs on until its client leaves)."""
+
     def server_lost(self) -> None:
         """The linked server connection broke or closed."""
         self.end("server lost")
@@ -232,8 +238,8 @@ class ClientConnection(Endpoint):
         if replication not in ("false", "off", "no", "0"):
             raise StartupRejected("replication connections are not supported by pgcorral",
                                   sqlstate="0A000")
-        settings = _client_settings(startup.params)
-        rule = self._hba_rule()
+        settings = self.settings = _client_settings(startup.params)
+        rule = self.hba_rule = self._hba_rule()
         if ctx.shutting_down:
             raise ShuttingDown("pgcorral is shutting down")
         ctx.check_enabled(self.database)  # a disabled database: DatabaseDisabled 57P03

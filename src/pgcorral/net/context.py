@@ -21,9 +21,11 @@ from pgcorral.config import Config, HbaRule, ServerConfig
 from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net.auth import VaultLogin
 from pgcorral.net.server import ServerConnection
+from pgcorral.net.txserver import TxServerConnection
 from pgcorral.pool.pool import ACTIVE, IDLE, OPENING, Pool, Slot
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
+from pgcorral.protocol.prepared import StatementRegistry
 from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ AUTH_QUERY = ("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 A
 #: The counters ``clear prometheus`` resets.
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
             "management_commands")
+#: Virtual pids of the transaction pipeline start above Linux's largest pid_max (2**22), so a
+#: client never sees a pid that belongs to a real backend.
+VIRTUAL_PID_BASE = 1 << 22
 #: Database names that mean every database in flush/enable/disable.
 ALL_DATABASES = ("all", "*")
 
@@ -65,6 +70,10 @@ class Context:
         self.failed_servers: set[str] = set()
         self._switched_to: str | None = None  # switch-to: the server new connections go to
         self.started_at = time.time()
+        self.transaction = config.main.pipeline == "transaction"
+        # transaction pipeline: pooler names of prepared statements, shared by all clients
+        self.registry = StatementRegistry()
+        self._next_virtual_pid = VIRTUAL_PID_BASE
 
     @property
     def server(self) -> ServerConfig:
@@ -97,7 +106,11 @@ class Context:
         timeout = self.config.main.server_connect_timeout or None
         lost = on_lost or self._server_lost
 
+        max_prepared = self.config.main.max_prepared_statements
+
         def factory() -> ServerConnection:
+            if self.transaction:
+                return TxServerConnection(slot, lost, max_prepared, self.registry.known)
             return ServerConnection(slot, lost)
 
         try:
@@ -346,7 +359,7 @@ class Context:
         ended = 0
         for client in list(self.clients):
             server = client.server
-            if server is None:
+            if server is None and not getattr(client, "in_session", False):
                 continue
             if client.activity != client.seen_activity[0]:
                 client.seen_activity = (client.activity, now)
@@ -354,7 +367,8 @@ class Context:
             idle_for = now - client.seen_activity[1]
             if idle_for < main.disconnect_client:
                 continue
-            if server.status != codes.TX_IDLE and not main.disconnect_client_force:
+            status = server.status if server is not None else codes.TX_IDLE
+            if status != codes.TX_IDLE and not main.disconnect_client_force:
                 continue
             log.info("disconnecting client %s (user %s, database %s): idle for %.0f s",
                      client.address or "[local]", client.user, client.database, idle_for)
@@ -382,6 +396,15 @@ class Context:
         self._cancel_keys[pid] = (struct.pack("!i", secret), client)
         return secret
 
+    def issue_virtual_key(self, client: ClientConnection) -> tuple[int, int]:
+        """Transaction pipeline: a virtual pid (unique among live clients) and its secret; a
+        cancel for it goes to whichever backend runs the client's transaction then."""
+        pid = self._next_virtual_pid
+        while pid in self._cancel_keys:
+            pid = pid + 1 if pid < 0x7FFFFFFF else VIRTUAL_PID_BASE
+        self._next_virtual_pid = pid + 1 if pid < 0x7FFFFFFF else VIRTUAL_PID_BASE
+        return pid, self.issue_cancel_key(client, pid)
+
     def drop_cancel_key(self, client: ClientConnection, pid: int) -> None:
         entry = self._cancel_keys.get(pid)
         if entry is not None and entry[1] is client:
@@ -396,18 +419,26 @@ class Context:
             return
         server = entry[1].server
         if server is None or server.closed:
-            return
+            return  # transaction pipeline: between transactions there is nothing to cancel
+        held = server if isinstance(server, TxServerConnection) else None
+        if held is not None:  # not handed to another client before the backend is signalled
+            held.cancels += 1
         target = self.server
         try:
             async with asyncio.timeout(5):
                 if target.host.startswith("/"):
-                    _, writer = await asyncio.open_unix_connection(
+                    reader, writer = await asyncio.open_unix_connection(
                         f"{target.host}/.s.PGSQL.{target.port}")
                 else:
-                    _, writer = await asyncio.open_connection(target.host, target.port)
+                    reader, writer = await asyncio.open_connection(target.host, target.port)
                 writer.write(msg.cancel_request(server.pid, server.secret))
                 await writer.drain()
+                # PostgreSQL closes the connection once it has signalled the backend
+                await reader.read()
                 writer.close()
         except (OSError, TimeoutError) as exc:
             log.warning("could not forward cancel request for pid %d: %s", pid, exc)
+        finally:
+            if held is not None:
+                held.cancel_done()
 

@@ -40,6 +40,9 @@ class Endpoint(asyncio.Protocol):
         self._rx: StartupReader | MessageReader = MessageReader()
         self._wakeup: asyncio.Future[None] | None = None
         self._reading_paused = False
+        # our transport's write buffer is over its high-water mark: whoever is linked to us
+        # must not read (the transaction pipeline re-applies this when peers change)
+        self.writing_paused = False
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -60,11 +63,13 @@ class Endpoint(asyncio.Protocol):
         """Called on a client to end its session (see ClientConnection.end)."""
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.resume_reading()

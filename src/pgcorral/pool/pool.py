@@ -133,6 +133,21 @@ class Pool:
         self._waiting += 1
         return waiter
 
+    def take_idle(self, key: Key) -> Slot | None:
+        """The most recently used idle slot of ``key`` if one is free and nobody of that pair
+        waits; else None (the caller then goes through ``request``). The transaction
+        pipeline's fast path, without a Grant."""
+        if key in self._waiters:
+            return None
+        stack = self._idle.get(key)
+        if not stack:
+            return None
+        slot = stack.pop()
+        if not stack:
+            del self._idle[key]
+        slot.state = ACTIVE
+        return slot
+
     def cancel(self, waiter: Waiter) -> bool:
         """Forget a waiter (timed out, or its client left). False if it was already served."""
         queue = self._waiters.get(waiter.key)

@@ -150,10 +150,16 @@ def command_complete(tag: bytes) -> bytes:
 class StatementRegistry:
     """Identity -> pooler name, shared by every client and server connection of a worker."""
 
-    __slots__ = ("_names",)
+    __slots__ = ("_names", "known")
 
     def __init__(self) -> None:
         self._names: dict[bytes, str] = {}
+        #: pooler names some server has accepted (ParseComplete): a later Parse of the same
+        #: statement outside a transaction may be answered without a server (``parse_locally``)
+        self.known: set[str] = set()
+
+    def lookup(self, identity: bytes) -> str | None:
+        return self._names.get(identity)
 
     def name_for(self, identity: bytes) -> str:
         name = self._names.get(identity)
@@ -243,28 +249,50 @@ class Slot:
     copy_end: bool = False  # a CopyDone/CopyFail marker, no reply of its own
 
 
-def _default_slots(type_: int) -> list[Slot]:
-    if type_ == codes.SYNC:
-        return [Slot(_READY, sync=True)]
-    if type_ in (codes.QUERY, codes.FUNCTION_CALL):
-        return [Slot(_READY)]
-    if type_ in _COPY_END:
-        return [Slot(frozenset(), copy_end=True)]
-    ends = _ENDS.get(type_)
-    return [Slot(ends)] if ends is not None else []
-
-
 _ENDS = {codes.PARSE: _PARSE_ENDS, codes.BIND: _BIND_ENDS, codes.CLOSE: _CLOSE_ENDS,
          codes.DESCRIBE: _DESCRIBE_ENDS, codes.EXECUTE: _EXECUTE_ENDS}
+
+
+def _make_default_slots(type_: int) -> tuple[Slot, ...]:
+    if type_ == codes.SYNC:
+        return (Slot(_READY, sync=True),)
+    if type_ in (codes.QUERY, codes.FUNCTION_CALL):
+        return (Slot(_READY),)
+    if type_ in _COPY_END:
+        return (Slot(frozenset(), copy_end=True),)
+    ends = _ENDS.get(type_)
+    return (Slot(ends),) if ends is not None else ()
+
+
+#: The slots of a message passed unchanged, by type. Shared: a plan never mutates a slot that
+#: has no ``restore`` (the only field it changes), and these have none.
+DEFAULT_SLOTS: dict[int, tuple[Slot, ...]] = {t: _make_default_slots(t) for t in range(256)}
+
+
+def _default_slots(type_: int) -> tuple[Slot, ...]:
+    return DEFAULT_SLOTS[type_]
+
+
+def own_query_slot() -> Slot:
+    """The slot of a Query or Sync-ended batch pgcorral sends itself before a client's requests
+    (settings, reset): every reply up to its ReadyForQuery is dropped, errors included."""
+    return Slot(_READY, drop=True)
+
+
+def is_discard_all(query_body: bytes) -> bool:
+    """Is this Query body (with its terminating zero) exactly ``DISCARD ALL``?"""
+    return (query_body[:64].lstrip()[:7].lower() == b"discard"
+            and _DISCARD_ALL.match(query_body, 0, max(len(query_body) - 1, 0)) is not None)
 
 
 class ReplyPlan:
     """The FIFO of reply slots of one server connection (see the module docstring)."""
 
-    __slots__ = ("_copy_in", "_out", "_skipping", "_slots", "server")
+    __slots__ = ("_copy_in", "_out", "_skipping", "_slots", "known", "server")
 
-    def __init__(self, server: ServerStatements) -> None:
+    def __init__(self, server: ServerStatements, known: set[str] | None = None) -> None:
         self.server = server
+        self.known = known  # StatementRegistry.known: names a server accepted
         self._slots: deque[Slot] = deque()
         self._out = bytearray()
         self._skipping = False  # after an error: slots up to the next Sync get no reply
@@ -278,7 +306,26 @@ class ReplyPlan:
         """Every reply expected has been handled (and fabricated bytes taken)."""
         return not self._slots and not self._out
 
+    @property
+    def has_fabricated(self) -> bool:
+        """Fabricated replies are due (``fabricated_before_next`` would return bytes), or a
+        fabricated slot waits at the head."""
+        slots = self._slots
+        return bool(self._out) or (bool(slots) and bool(slots[0].fabricate))
+
+    def reset(self) -> None:
+        """Forget every slot (the server connection is being reset or closed)."""
+        self._slots.clear()
+        self._out.clear()
+        self._skipping = False
+        self._copy_in = False
+
     def extend(self, slots: Iterable[Slot]) -> None:
+        if not self._copy_in and not self._skipping:
+            self._slots.extend(slots)
+            if self._slots and (self._slots[0].fabricate or self._slots[0].copy_end):
+                self._settle()
+            return
         for slot in slots:
             if self._copy_in:  # PostgreSQL ignores Sync (and Flush) in copy-in mode
                 if slot.copy_end:
@@ -308,7 +355,7 @@ class ReplyPlan:
                 if head.restore:
                     self._restore(head.restore)
                     head.restore = ()
-                return PASS
+                return DROP if head.drop else PASS
             slots.popleft()
             self._undo(head)
             self._skipping = True
@@ -321,6 +368,8 @@ class ReplyPlan:
             return DROP
         if type_ in head.ends:
             slots.popleft()
+            if head.prepares is not None and self.known is not None:
+                self.known.add(head.prepares)
             self._settle()
         return DROP if head.drop else PASS
 
@@ -379,7 +428,7 @@ class Rewrite:
     """What to send to the server for one client message, and its reply slots in order."""
 
     send: bytes
-    slots: list[Slot]
+    slots: list[Slot] | tuple[Slot, ...]
 
 
 def _identifier(match: re.Match[bytes]) -> bytes | None:
@@ -413,7 +462,7 @@ def rewrite(type_: int, body: bytes, client: ClientStatements, server: ServerSta
     if server.capacity <= 0:
         return Rewrite(_header.pack(type_, len(body) + 4) + body, _default_slots(type_))
     parts: list[bytes] = []
-    slots: list[Slot] = []
+    slots: list[Slot] = []  # built in request order
     if server.at_sync and type_ in _REQUESTS and server.pending_close:
         for name in server.pending_close:
             parts.append(build_target(b"C", _KIND_STATEMENT, name.encode()))
@@ -426,6 +475,8 @@ def rewrite(type_: int, body: bytes, client: ClientStatements, server: ServerSta
     handled = _translate(type_, body, client, server, registry, parts, slots)
     if not handled:
         parts.append(_header.pack(type_, len(body) + 4) + body)
+        if not slots:
+            return Rewrite(parts[0], _default_slots(type_))
         slots.extend(_default_slots(type_))
     return Rewrite(b"".join(parts), slots)
 
@@ -470,6 +521,32 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
     if type_ == codes.QUERY:
         return _translate_query(body, client, server, parts, slots)
     return False
+
+
+def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegistry) -> bool:
+    """A named Parse, with no server linked and no transaction open, of a statement a server
+    has accepted before: recorded for the client, answered ParseComplete by the caller, and
+    prepared on a server when first used (a Bind or Describe re-Parses it). False: it needs a
+    server. This keeps clients that prepare synchronously before each transaction (pgbench
+    -M prepared) from waiting for a server only to be told ParseComplete."""
+    name, identity = parse_parse(body)
+    if not name:
+        return False
+    pooled = registry.lookup(identity)
+    if pooled is None or pooled not in registry.known:
+        return False
+    client.names[name] = identity
+    return True
+
+
+def close_locally(body: bytes, client: ClientStatements) -> bool:
+    """A Close 'S' of a mapped name with no server linked: forgotten; the caller answers
+    CloseComplete. False: it needs a server (a portal, or a name pgcorral does not map)."""
+    kind, name = parse_target(body, "Close")
+    if kind != _KIND_STATEMENT or not name or name not in client.names:
+        return False
+    del client.names[name]
+    return True
 
 
 def _translate_query(body: bytes, client: ClientStatements, server: ServerStatements,

@@ -28,6 +28,7 @@ from pgcorral.errors import ConfigError
 from pgcorral.management.server import ManagementServer
 from pgcorral.net.client import ClientConnection
 from pgcorral.net.context import Context
+from pgcorral.net.transaction import TransactionClient
 from pgcorral.security.secrets import Secrets
 from pgcorral.supervisor.process import sd_notify
 
@@ -89,6 +90,8 @@ class Daemon:
         resume: asyncio.Future[str] = loop.create_future()
         self._resume = resume
         log.info("graceful shutdown: waiting for %d client(s)", len(ctx.clients))
+        for client in list(ctx.clients):
+            client.shutdown_started()
         gone = loop.create_task(self._clients_gone())
         try:
             waits: list[asyncio.Future[Any]] = [gone, resume]
@@ -175,9 +178,11 @@ class Daemon:
         host = None if main.host in ("*", "") else main.host
         counters = ctx.counters
 
+        kind = TransactionClient if ctx.transaction else ClientConnection
+
         def client(conn_type: str) -> ClientConnection:
             counters["client_connections"] += 1
-            return ClientConnection(ctx, conn_type)
+            return kind(ctx, conn_type)
 
         tcp = await loop.create_server(lambda: client("host"), host, main.port,
                                        backlog=backlog, reuse_address=True)

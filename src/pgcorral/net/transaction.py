@@ -1,0 +1,502 @@
+"""The transaction pipeline: a server connection serves a client for one transaction at a time.
+
+Login is the session pipeline's cold path (``ClientConnection``): startup, hba, authentication,
+a server connection, the client's startup settings, the greeting. The greeting carries a
+pooler-issued BackendKeyData (a virtual pid no Linux process has, ``Context.issue_virtual_key``)
+and the login server connection goes back to the pool at once.
+
+Then, per transaction:
+
+1. Client bytes arrive with no server linked: they are kept until a whole message is there (a
+   lone Terminate ends the client). An idle connection of the same database/user is taken
+   synchronously (``Pool.take_idle``); otherwise the client's coroutine waits for one or opens a
+   new one (``_serve``), within blocking_timeout.
+2. ``_link``: the client's settings are brought over when the connection differs (reported
+   parameters the client saw last, plus non-reported startup settings: one ``set_config``
+   batch whose replies are dropped), then the client's messages are forwarded.
+3. ``_forward``: whole client messages, each through ``protocol.prepared.rewrite`` when
+   prepared-statement mapping is on (Parse/Bind/Describe/Close renamed, re-Parse where the
+   statement is missing, local answers planned) and its reply slots into the ``ReplyPlan``.
+4. Replies go through the server's ``ReplyRouter`` (``net.txserver``); at a ReadyForQuery 'I'
+   with nothing owed and no batch open the client is unlinked (``server_free``) and the server
+   connection goes back to the pool, after ``server_reset_query`` with
+   ``server_reset_query_always``, and never while a cancel request for it is being forwarded.
+
+A client that leaves with a server linked: an open transaction is rolled back (the connection
+is closed instead if replies were still due or the stream stopped mid-message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pgcorral.errors import AuthenticationError, ClientProtocolError, PgCorralError
+from pgcorral.net.client import _AUTH_OK, ClientConnection
+from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
+from pgcorral.pipelines.session import RESET_TIMEOUT
+from pgcorral.protocol import codes
+from pgcorral.protocol import messages as msg
+from pgcorral.protocol.prepared import (
+    CLOSE_COMPLETE,
+    DEFAULT_SLOTS,
+    PARSE_COMPLETE,
+    ClientStatements,
+    close_locally,
+    is_discard_all,
+    own_query_slot,
+    parse_locally,
+    rewrite,
+)
+
+if TYPE_CHECKING:
+    from pgcorral.config import HbaRule
+    from pgcorral.net.context import Context
+    from pgcorral.net.server import ServerConnection
+    from pgcorral.net.txserver import TxServerConnection
+
+log = logging.getLogger("pgcorral.transaction")
+_header_unpack_from = struct.Struct("!BI").unpack_from
+
+#: Reported parameters a client cannot set (set_config would fail).
+READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_datetimes",
+                              "is_superuser", "session_authorization", "in_hot_standby"])
+#: Messages that open an extended-protocol batch (closed by Sync).
+_BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
+#: Messages that go through ``prepared.rewrite`` when the mapping is on.
+_REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
+_STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
+_READY_IDLE = msg.ready_for_query(b"I")
+
+
+def release_free(ctx: Context, server: TxServerConnection) -> None:
+    """A server connection at a ReadyForQuery 'I' with nothing owed: back to the pool, after
+    the cancel requests in flight for it and the reset query when it runs always."""
+    if server.cancels > 0:
+        server.after_cancels = lambda: release_free(ctx, server)
+        return
+    main = ctx.config.main
+    if main.server_reset_query_always and main.server_reset_query.strip():
+        asyncio.get_running_loop().create_task(
+            _reset_and_release(ctx, server, main.server_reset_query))
+        return
+    ctx.release_server(server, clean=True)
+
+
+async def _reset_and_release(ctx: Context, server: TxServerConnection, query: str) -> None:
+    ok = await reset(server, query)
+    if ok:
+        release_free_now(ctx, server)
+    else:
+        ctx.release_server(server, clean=False)
+
+
+def release_free_now(ctx: Context, server: TxServerConnection) -> None:
+    if server.cancels > 0:
+        server.after_cancels = lambda: release_free_now(ctx, server)
+        return
+    ctx.release_server(server, clean=True)
+
+
+async def reset(server: TxServerConnection, query: str) -> bool:
+    """Roll back an open transaction and run ``query`` (may be empty); what it forgets is
+    forgotten here too. False: close the connection instead."""
+    server.requests = []  # nothing to re-apply after DISCARD ALL: the next client brings its own
+    ok = await server.reset(query, RESET_TIMEOUT)
+    if ok and query and any(r in query.upper() for r in _STATEMENT_RESETS):
+        server.forget_statements()
+        if "DISCARD ALL" in query.upper():
+            server.extra.clear()
+    return ok
+
+
+class TransactionClient(ClientConnection):
+    server: TxServerConnection | None
+
+    def __init__(self, ctx: Context, conn_type: str) -> None:
+        super().__init__(ctx, conn_type)
+        self.key = ("", "")
+        self.params: dict[str, str] = {}  # reported parameters as this client last saw them
+        self.extra: dict[str, str] = {}  # non-reported startup settings (lower-case names)
+        self.statements = ClientStatements()
+        self.cancel_pid = 0
+        self.in_session = False  # greeted: bytes are requests now
+        self._rest = b""  # client bytes not forwarded yet (no server, or a partial message)
+        self._rest_paused = False
+        self._need: asyncio.Future[None] | None = None  # wakes _serve
+        self._acquiring = False  # _serve is getting a server connection for us
+        self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
+
+    # --- bytes from the client ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_session:
+            self.buffer(data)  # the cold path reads startup and authentication messages
+            return
+        self.activity += 1
+        rest = self._rest
+        if rest:
+            data = rest + data
+            self._rest = b""
+        if self.server is not None:
+            self._forward(data)
+        else:
+            self._rest = data
+            if len(data) > FRAMED_BUFFER_LIMIT and not self._rest_paused:
+                self.transport.pause_reading()
+                self._rest_paused = True
+            self._want_server()
+
+    def _want_server(self) -> None:
+        """Unlinked with bytes waiting: get a server connection once a whole message is here."""
+        if self._acquiring or self.closed or self.terminating:
+            return
+        if self.ctx.config.main.max_prepared_statements > 0:
+            self._answer_locally()
+        data = self._rest
+        if len(data) < 5:
+            return
+        type_, length = _header_unpack_from(data, 0)
+        if length < 4 or length - 4 > self.tracker.max_length:
+            self._protocol_violation(f"invalid message length {length}")
+            return
+        if type_ == codes.TERMINATE:
+            self.end("terminate")
+            return
+        if len(data) < 1 + length:
+            return
+        ctx = self.ctx
+        if ctx.shutting_down:
+            self._shut_out()
+            return
+        slot = ctx.pool.take_idle(self.key)
+        if slot is not None:
+            server: TxServerConnection = slot.conn
+            server.idle = False
+            if server.closed:
+                ctx.pool.discard(slot)
+            elif ctx.config.main.validation == "foreground":
+                ctx.release_server(server, clean=True)  # _serve takes it again and validates
+            else:
+                self._link(server)
+                return
+        self._acquiring = True
+        need = self._need
+        if need is not None and not need.done():
+            need.set_result(None)
+
+    def _answer_locally(self) -> None:
+        """Unlinked (so status 'I', no batch open): answer the leading Parse of statements a
+        server accepted before, Close of mapped statements, Sync and Flush without a server."""
+        data = self._rest
+        registry = self.ctx.registry
+        statements = self.statements
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        try:
+            while pos + 5 <= n:
+                type_, length = _header_unpack_from(data, pos)
+                end = pos + 1 + length
+                if length < 4 or end > n:
+                    break
+                if type_ == codes.PARSE:
+                    if not parse_locally(data[pos + 5:end], statements, registry):
+                        break
+                    out.append(PARSE_COMPLETE)
+                elif type_ == codes.CLOSE:
+                    if not close_locally(data[pos + 5:end], statements):
+                        break
+                    out.append(CLOSE_COMPLETE)
+                elif type_ == codes.SYNC:
+                    out.append(_READY_IDLE)
+                elif type_ != codes.FLUSH:
+                    break
+                pos = end
+        except ClientProtocolError:
+            pass  # malformed: forwarded with the rest, where rewrite reports it
+        if pos:
+            self._rest = data[pos:]
+            self.write(b"".join(out))
+
+    def _forward(self, data: bytes) -> None:
+        """Linked: forward every whole message of ``data``, keep a partial one."""
+        server = self.server
+        assert server is not None
+        router = server.router
+        plan = router.plan
+        statements = server.statements
+        mapping = statements.capacity > 0
+        registry = self.ctx.registry
+        limit = self.tracker.max_length
+        parts: list[bytes] = []
+        pos = run = 0
+        n = len(data)
+        terminate = False
+        try:
+            while pos + 5 <= n:
+                type_, length = _header_unpack_from(data, pos)
+                if length < 4 or length - 4 > limit:
+                    raise ClientProtocolError(f"invalid message length {length}")
+                end = pos + 1 + length
+                if end > n:
+                    break
+                if type_ == codes.TERMINATE:
+                    terminate = True
+                    break
+                if type_ in _BATCH:
+                    router.batch_open = True
+                elif type_ == codes.SYNC:
+                    router.batch_open = False
+                if mapping and type_ in _REWRITTEN:
+                    if run < pos:
+                        parts.append(data[run:pos])
+                    rw = rewrite(type_, data[pos + 5:end], self.statements, statements,
+                                 registry)
+                    if rw.send:
+                        parts.append(rw.send)
+                    plan.extend(rw.slots)
+                    run = end
+                else:
+                    slots = DEFAULT_SLOTS[type_]
+                    if slots:
+                        plan.extend(slots)
+                if (type_ == codes.QUERY
+                        and data[pos + 5:pos + 69].lstrip()[:7].lower() == b"discard"
+                        and is_discard_all(data[pos + 5:end])):
+                    self.extra = {}  # RESET ALL: non-reported settings back to defaults
+                    server.extra.clear()
+                    if not mapping:
+                        statements.clear()
+                pos = end
+        except ClientProtocolError as exc:
+            if run < pos:
+                parts.append(data[run:pos])
+            self._send(server, parts)
+            self._protocol_violation(exc.message)
+            return
+        if run < pos:
+            parts.append(data[run:pos])
+        self._rest = data[pos:] if pos < n and not terminate else b""
+        self._send(server, parts)
+        if plan.has_fabricated and router.at_boundary:
+            self.write(plan.fabricated_before_next())
+        if terminate:
+            self.terminating = True
+            if plan.idle and router.at_boundary:
+                self.end("terminate")
+        elif router.free and self.server is server:
+            self.server_free(server, b"")
+
+    def _send(self, server: TxServerConnection, parts: list[bytes]) -> None:
+        if not parts:
+            return
+        server.status = -1
+        try:
+            server.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        except RuntimeError:  # the server's transport closed under us (uvloop raises)
+            self.end("server lost")
+
+    # --- linking -----------------------------------------------------------------------------
+
+    def _link(self, server: TxServerConnection) -> None:
+        self._acquiring = False
+        self.server = server
+        self.peer = server
+        server.peer = self
+        server.statements.at_sync = True
+        if self.writing_paused:
+            server.transport.pause_reading()
+        pairs = self._settings_for(server)
+        if pairs:
+            server.transport.write(msg.set_config_statement(pairs))
+            server.router.plan.extend((own_query_slot(),))
+        data, self._rest = self._rest, b""
+        if self._rest_paused:
+            self._rest_paused = False
+            self.transport.resume_reading()
+        self._forward(data)
+
+    def _settings_for(self, server: TxServerConnection) -> list[tuple[str, str | None]]:
+        """What to set on ``server`` so that it shows this client's settings."""
+        pairs: list[tuple[str, str | None]] = []
+        mine, theirs = self.params, server.params
+        if mine is not theirs and mine != theirs:
+            for name, value in mine.items():
+                now = theirs.get(name)
+                if now is not None and now != value and name not in READ_ONLY_PARAMS:
+                    pairs.append((name, value))
+        mine_extra, their_extra = self.extra, server.extra
+        if mine_extra != their_extra:
+            for name, value in mine_extra.items():
+                if their_extra.get(name) != value:
+                    pairs.append((name, value))
+            for name in their_extra:
+                if name not in mine_extra:
+                    pairs.append((name, None))  # set_config(name, NULL) resets it
+            server.extra = dict(mine_extra)
+        return pairs
+
+    def _unlink(self, server: TxServerConnection) -> None:
+        self.server = None
+        self.peer = None
+        server.peer = None
+        self.params = server.params  # replaced, never changed in place: shared safely
+        if server.writing_paused:
+            self.transport.resume_reading()
+        if self.writing_paused:
+            server.transport.resume_reading()
+
+    def server_free(self, server: TxServerConnection, extra: bytes) -> None:
+        """The router found the end of the transaction: unlink and give the server back."""
+        if extra:
+            log.info("server connection %d (pid %d) sent %d bytes nobody asked for; closing it",
+                     server.slot.id, server.pid, len(extra))
+            server.poolable = False
+        self._unlink(server)
+        if server.poolable:
+            release_free(self.ctx, server)
+        else:
+            self.ctx.release_server(server, clean=False)
+        if self.terminating:
+            self.end("terminate")
+        elif self.ctx.shutting_down:
+            self._shut_out()
+        elif self._rest:
+            self._want_server()
+
+    def shutdown_started(self) -> None:
+        """Graceful shutdown: a client between transactions is told and closed now."""
+        if self.in_session and self.server is None and not self._acquiring:
+            self._shut_out()
+
+    def _shut_out(self) -> None:
+        self.write(msg.error_response("57P01", "terminating connection due to administrator "
+                                      "command"))
+        self.end("shutdown")
+
+    def server_lost(self) -> None:
+        self.end("server lost")
+
+    def end(self, reason: str) -> None:
+        super().end(reason)
+        need = self._need
+        if need is not None and not need.done():
+            need.set_result(None)
+
+    # --- the coroutine -----------------------------------------------------------------------
+
+    async def _link_and_serve(self, server: ServerConnection) -> None:
+        """Greet the client, give the login connection back, serve transactions."""
+        ctx = self.ctx
+        tx_server: TxServerConnection = server  # type: ignore[assignment]
+        self.key = server.slot.key
+        self.cancel_pid, secret = ctx.issue_virtual_key(self)
+        greeting = (_AUTH_OK + server.greeting_params()
+                    + msg.backend_key_data(self.cancel_pid, secret)
+                    + msg.ready_for_query(b"I"))
+        self.params = server.params
+        names = server.names
+        self.extra = {k.lower(): v for k, v in self.settings.items()
+                      if k.lower() not in names}
+        tx_server.extra.update(self.extra)
+        self.linked_once = True
+        self.seen_activity = (self.activity, time.monotonic())
+        if ctx.config.main.log_connections:
+            log.info("connection authorized: user=%s database=%s host=%s", self.user,
+                     self.database, self.address or "[local]")
+        pipelined = self.take_buffered()
+        self.write(greeting)
+        self.in_session = True
+        if server.status == codes.TX_IDLE:
+            server.requests = []
+            release_free(ctx, tx_server)
+        else:
+            ctx.release_server(server, clean=False)
+        try:
+            if pipelined:
+                self.data_received(pipelined)
+            await self._serve()
+        finally:
+            await self._finish()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        ended = self._ended
+        assert ended is not None and self.hba_rule is not None
+        while not ended.done():
+            if not self._acquiring:
+                self._need = loop.create_future()
+                try:
+                    await self._need
+                finally:
+                    self._need = None
+                continue
+            try:
+                server = await self._get_server(self.key, self.hba_rule)
+            except ConnectionLost:
+                return
+            except PgCorralError as exc:
+                self._fail(exc)
+                return
+            tx_server: TxServerConnection = server  # type: ignore[assignment]
+            if ended.done():
+                release_free(self.ctx, tx_server)
+                return
+            tx_server.router.reset()
+            self._link(tx_server)
+
+    async def _finish(self) -> None:
+        """The client left (or was ended): its server connection, if any, is cleaned."""
+        ctx = self.ctx
+        ctx.drop_cancel_key(self, self.cancel_pid)
+        ended = self._ended
+        reason = ended.result() if ended is not None and ended.done() else "error"
+        server = self.server
+        if server is None:
+            return
+        if reason == "server lost":
+            self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
+        self._unlink(server)
+        router = server.router
+        ok = (not self.dirty and router.at_boundary and router.plan.idle
+              and not router.batch_open and server.poolable and not server.closed
+              and router.status in (codes.TX_IDLE, codes.TX_IN_BLOCK, codes.TX_FAILED))
+        if ok:
+            server.status = router.status
+            server.transport.resume_reading()
+            main = ctx.config.main
+            ok = await reset(server, main.server_reset_query
+                             if main.server_reset_query_always else "")
+        if ok:
+            release_free_now(ctx, server)
+        else:
+            ctx.release_server(server, clean=False)
+
+    # --- authentication of later logins --------------------------------------------------
+
+    async def _relay_auth(self, request: bytes) -> bytes:
+        """Pass-through users: at login the client answers; a connection opened later for the
+        same client can only be logged in with a cleartext password it gave (or trust)."""
+        code = msg.parse_auth_code(request)
+        if self.in_session:
+            if code == codes.AUTH_CLEARTEXT_PASSWORD and self._cleartext is not None:
+                return self._cleartext
+            raise AuthenticationError(
+                f'transaction pipeline: cannot open a new server connection for user '
+                f'"{self.user}" (PostgreSQL asks for a password pgcorral does not know); '
+                'add the user to the vault (-u) or use auth_query', sqlstate="08004")
+        answer = await super()._relay_auth(request)
+        if code == codes.AUTH_CLEARTEXT_PASSWORD:
+            self._cleartext = answer
+        return answer
+
+    async def _check_reused(self, server: ServerConnection, rule: HbaRule) -> None:
+        if self.in_session:
+            return  # the client proved who it is at login
+        await super()._check_reused(server, rule)
+        memento = server.memento
+        if memento is not None and memento[0] == "password":
+            self._cleartext = memento[1]

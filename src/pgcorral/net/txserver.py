@@ -1,0 +1,80 @@
+"""Server connections of the transaction pipeline.
+
+A ``TxServerConnection`` is a ``ServerConnection`` that also carries what transaction pooling
+needs to know about it between clients: the protocol-level statements prepared on it
+(``statements``, pooler names, LRU), the reply plan and router of the client linked now
+(``router``), the settings pgcorral set on it that PostgreSQL does not report (``extra``), and
+the cancel requests in flight against it (``cancels``: it is not handed to another client until
+they are done, so a late cancel never hits the next client's query).
+
+While linked, each chunk from PostgreSQL goes through the router: passed, dropped or completed
+with fabricated replies, then written to the client; when the router says the connection is
+free, the client unlinks it (``net.transaction``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgcorral.net.server import ServerConnection
+from pgcorral.protocol.framing import FramingError
+from pgcorral.protocol.prepared import ReplyPlan, ServerStatements
+from pgcorral.protocol.txrelay import ReplyRouter
+
+if TYPE_CHECKING:
+    from pgcorral.net.transaction import TransactionClient
+    from pgcorral.pool.pool import Slot
+
+log = logging.getLogger("pgcorral.server")
+
+
+class TxServerConnection(ServerConnection):
+    peer: TransactionClient | None
+
+    def __init__(self, slot: Slot, on_lost: Callable[[ServerConnection], None],
+                 max_prepared: int, known: set[str] | None = None) -> None:
+        super().__init__(slot, on_lost)
+        self.statements = ServerStatements(max_prepared)
+        self.router = ReplyRouter(ReplyPlan(self.statements, known))
+        self.extra: dict[str, str] = {}  # lower-case name -> value pgcorral set, not reported
+        self.cancels = 0  # cancel requests being forwarded to this backend
+        self.after_cancels: Callable[[], None] | None = None  # release held for them
+
+    def data_received(self, data: bytes) -> None:
+        client = self.peer
+        if client is None:
+            super().data_received(data)
+            return
+        router = self.router
+        try:
+            out, free_at = router.feed(data)
+        except FramingError as exc:
+            log.warning("server connection %d (pid %d): %s", self.slot.id, self.pid, exc)
+            self.poolable = False
+            client.end("server lost")
+            self.abort()
+            return
+        if router.changes:
+            self._set_params({**self.params, **router.changes})
+            router.changes.clear()
+        if out:
+            try:
+                client.transport.write(out)
+            except RuntimeError:  # the client's transport closed under us (uvloop raises)
+                return
+        if free_at >= 0:
+            self.status = router.status
+            client.server_free(self, data[free_at:])
+
+    def forget_statements(self) -> None:
+        """Every statement is gone from the server (DISCARD ALL / DEALLOCATE ALL ran)."""
+        self.statements.clear()
+
+    def cancel_done(self) -> None:
+        """A forwarded cancel request finished; a release held for it may go on."""
+        self.cancels -= 1
+        if self.cancels <= 0 and self.after_cancels is not None:
+            release, self.after_cancels = self.after_cancels, None
+            release()

@@ -1,0 +1,157 @@
+"""Server -> client routing in transaction mode: one ``ReplyRouter`` per server connection.
+
+The router walks the headers of what PostgreSQL sends while a client is linked, asks the
+connection's ``ReplyPlan`` (``protocol.prepared``) whether each message passes to the client or
+is dropped (the replies to pgcorral's own requests: settings, re-Parse, deferred Close), splices
+in the replies pgcorral fabricates (ParseComplete, CloseComplete, CommandComplete of a local
+DEALLOCATE) at their turn, and says where the server connection became free: the end of a
+ReadyForQuery with status 'I' after which no reply is expected and no extended-protocol batch
+is open (``batch_open``, kept by the client side: Parse/Bind/Describe/Close/Execute open a
+batch, Sync closes it).
+
+Bodies are not kept, except the one byte of a ReadyForQuery and ParameterStatus bodies (the
+settings a client changed, to follow it to its next server connection: ``changes``). A message
+that passes is forwarded as its bytes arrive, whatever the chunking, so large rows and COPY
+data stream through. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pgcorral.protocol import codes
+from pgcorral.protocol.framing import FramingError
+from pgcorral.protocol.messages import parse_parameter_status
+from pgcorral.protocol.prepared import DROP, ReplyPlan
+
+_header = struct.Struct("!BI").unpack_from
+#: ParameterStatus bodies are small; a larger one is forwarded but not collected.
+_MAX_COLLECTED = 64 * 1024
+_READY = codes.READY_FOR_QUERY
+_PARAM = codes.PARAMETER_STATUS
+
+
+class ReplyRouter:
+    """``feed(data) -> (bytes for the client, free offset or -1)``.
+
+    The free offset is where, in ``data``, the connection became free: the caller writes the
+    returned bytes to the client and unlinks the server connection; bytes of ``data`` after the
+    offset were not routed (PostgreSQL sent something nobody asked for).
+    """
+
+    __slots__ = ("_body", "_drop", "_header", "_in_body", "_skip", "_type", "batch_open",
+                 "changes", "max_length", "plan", "status")
+
+    def __init__(self, plan: ReplyPlan, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
+        self.plan = plan
+        self.max_length = max_length
+        self.status = codes.TX_IDLE  # of the last ReadyForQuery
+        self.batch_open = False  # an extended-protocol batch was sent and not yet Synced
+        self.changes: dict[str, str] = {}  # ParameterStatus values since the caller last looked
+        self._header = b""  # a header split across chunks
+        self._in_body = False
+        self._skip = 0  # body bytes of the current message still to come
+        self._type = 0
+        self._drop = False
+        self._body: bytearray | None = None  # collected body (ReadyForQuery, ParameterStatus)
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._in_body and not self._header
+
+    @property
+    def free(self) -> bool:
+        """Nothing is owed to the client, no batch is open, and the last status was 'I'."""
+        return (self.status == codes.TX_IDLE and not self.batch_open and self.plan.idle
+                and not self._in_body and not self._header)
+
+    def reset(self) -> None:
+        """Forget any message in progress (the connection is reused after pgcorral's own
+        exchange, which read whole messages)."""
+        self._header = b""
+        self._in_body = False
+        self._skip = 0
+        self._body = None
+        self.batch_open = False
+        self.plan.reset()
+
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        out: list[bytes] = []
+        n = len(data)
+        pos = run = 0  # run: start of the bytes to pass not yet appended to out
+        if self._header:
+            need = 5 - len(self._header)
+            header = self._header + data[:need]
+            if len(header) < 5:
+                self._header = header
+                return b"", -1
+            self._header = b""
+            pos = run = need
+            if self._start(*_header(header, 0)):
+                out.append(header)
+        plan = self.plan
+        while True:
+            if self._in_body:
+                take = self._skip if self._skip <= n - pos else n - pos
+                if self._body is not None:
+                    self._body += data[pos:pos + take]
+                pos += take
+                self._skip -= take
+                if self._drop:
+                    run = pos
+                if self._skip:
+                    break  # the rest of this message comes in a later chunk
+                self._in_body = False
+                ready = self._end()
+                if plan.has_fabricated:
+                    out.append(data[run:pos])
+                    out.append(plan.fabricated_before_next())
+                    run = pos
+                if ready and self.free:
+                    out.append(data[run:pos])
+                    return b"".join(out), pos
+                continue
+            if pos >= n:
+                break
+            if pos + 5 > n:
+                out.append(data[run:pos])
+                self._header = data[pos:]
+                return b"".join(out), -1
+            if not self._start(*_header(data, pos)):
+                out.append(data[run:pos])
+                run = pos + 5
+            pos += 5
+        if run == 0 and pos == n and not out:
+            return data, -1
+        out.append(data[run:pos])
+        return b"".join(out), -1
+
+    def _start(self, type_: int, length: int) -> bool:
+        """A message header: decide pass or drop; True if it passes."""
+        if length < 4 or length - 4 > self.max_length:
+            raise FramingError(f"invalid message length {length} from the server")
+        self._type = type_
+        self._skip = length - 4
+        self._in_body = True
+        self._body = bytearray() if (type_ == _READY or (
+            type_ == _PARAM and length - 4 <= _MAX_COLLECTED)) else None
+        self._drop = self.plan.on_server_reply(type_) == DROP
+        return not self._drop
+
+    def _end(self) -> bool:
+        """A message is complete; True if it was a ReadyForQuery."""
+        body = self._body
+        if body is None:
+            return False
+        self._body = None
+        if self._type == _READY:
+            if len(body) != 1:
+                raise FramingError("ReadyForQuery with a body that is not one byte")
+            self.status = body[0]
+            return True
+        try:
+            name, value = parse_parameter_status(bytes(body))
+        except ValueError as exc:
+            raise FramingError(str(exc)) from None
+        self.changes[name] = value
+        return False
