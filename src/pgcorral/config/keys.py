@@ -85,9 +85,11 @@ KEYS: tuple[Key, ...] = (
     Key("server_connect_timeout", "duration", 10.0, _LIVE,
         _OURS + "Time allowed to connect and authenticate to a server."),
     Key("track_prepared_statements", "bool", False, _LIVE,
-        "Transaction pipeline: DEALLOCATE ALL after a transaction that used a named Parse."),
+        "Transaction pipeline with max_prepared_statements = 0: DEALLOCATE ALL after a "
+        "transaction that used a named Parse (pgagroal's behaviour)."),
     Key("max_prepared_statements", "int", 200, _LIVE,
-        _OURS + "Prepared statements tracked per client.", minimum=0),
+        _OURS + "Transaction pipeline: protocol-level prepared statements kept per server "
+        "connection (LRU), mapped for every client; 0 = no mapping.", minimum=0),
     Key("server_reset_query", "string", "DISCARD ALL", _LIVE,
         "Statement run when a server connection returns to the pool; empty = none."),
     Key("server_reset_query_always", "bool", False, _LIVE,
@@ -95,7 +97,7 @@ KEYS: tuple[Key, ...] = (
     Key("server_reset_query_behavior_on_failure", "enum", "discard", _LIVE,
         "What to do when the reset query fails.", choices=("discard", "ignore", "try")),
     Key("disconnect_client", "duration", 0.0, _LIVE,
-        "Disconnect clients idle longer than this (session pipeline); 0 = never."),
+        "Disconnect clients idle longer than this; 0 = never."),
     Key("disconnect_client_force", "bool", False, _LIVE,
         "Apply disconnect_client even to active clients."),
     Key("flush_timeout", "duration", 60.0, _LIVE,

@@ -129,6 +129,7 @@ class TransactionClient(ClientConnection):
         self._need: asyncio.Future[None] | None = None  # wakes _serve
         self._acquiring = False  # _serve is getting a server connection for us
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
+        self.named_parse = False  # a named Parse went through unmapped in this transaction
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -250,6 +251,8 @@ class TransactionClient(ClientConnection):
                     router.batch_open = True
                 elif type_ == codes.SYNC:
                     router.batch_open = False
+                if type_ == codes.PARSE and not mapping and data[pos + 5] != 0:
+                    self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL later
                 if mapping and type_ in _REWRITTEN:
                     if run < pos:
                         parts.append(data[run:pos])
@@ -356,10 +359,15 @@ class TransactionClient(ClientConnection):
                      server.slot.id, server.pid, len(extra))
             server.poolable = False
         self._unlink(server)
-        if server.poolable:
-            release_free(self.ctx, server)
-        else:
+        track = self.named_parse and self.ctx.config.main.track_prepared_statements
+        self.named_parse = False
+        if not server.poolable:
             self.ctx.release_server(server, clean=False)
+        elif track:  # pgagroal's track_prepared_statements (mapping off)
+            asyncio.get_running_loop().create_task(
+                _reset_and_release(self.ctx, server, "DEALLOCATE ALL"))
+        else:
+            release_free(self.ctx, server)
         if self.terminating:
             self.end("terminate")
         elif self.ctx.shutting_down:
