@@ -244,6 +244,11 @@ class ClientConnection(Endpoint):
             raise ShuttingDown("pgcorral is shutting down")
         ctx.check_enabled(self.database)  # a disabled database: DatabaseDisabled 57P03
         await self._authenticate(rule)
+        await self._login(settings, rule)
+
+    async def _login(self, settings: dict[str, str], rule: HbaRule) -> None:
+        """A server connection for the client, its startup settings applied, then the session."""
+        ctx = self.ctx
         real_db = ctx.config.real_database(self.database)
         server = await self._get_server((real_db, self.user), rule)
         try:

@@ -30,6 +30,7 @@ from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:
     from pgcorral.net.client import ClientConnection
+    from pgcorral.net.transaction import TxLogin
 
 log = logging.getLogger("pgcorral.context")
 
@@ -74,6 +75,8 @@ class Context:
         # transaction pipeline: pooler names of prepared statements, shared by all clients
         self.registry = StatementRegistry()
         self._next_virtual_pid = VIRTUAL_PID_BASE
+        # transaction pipeline: what the last login of each (database, user) showed
+        self.tx_logins: dict[tuple[str, str], TxLogin] = {}
 
     @property
     def server(self) -> ServerConfig:
@@ -93,6 +96,7 @@ class Context:
         self.secrets = secrets
         self.aliases = config.aliases()
         self.hba_cache.clear()
+        self.tx_logins.clear()  # a changed vault or hba: logins go through a server again
         self.pool.set_limits(config.limits)
 
     # --- server connections ------------------------------------------------------------------

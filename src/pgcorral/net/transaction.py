@@ -32,7 +32,7 @@ import asyncio
 import logging
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pgcorral.errors import AuthenticationError, ClientProtocolError, PgCorralError
 from pgcorral.net.client import _AUTH_OK, ClientConnection
@@ -70,6 +70,38 @@ _BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.
 _REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
 _STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
 _READY_IDLE = msg.ready_for_query(b"I")
+
+
+class TxLogin(NamedTuple):
+    """What a login for one database/user showed last time (``Context.tx_logins``)."""
+
+    baseline: dict[str, str]  # reported parameters right after login
+    names: dict[str, str]  # lower-case name -> reported spelling
+    trusted: bool  # PostgreSQL asked no password
+
+
+def _predict(baseline: dict[str, str], names: dict[str, str], settings: dict[str, str],
+             learned: dict[tuple[str, str], str]) -> dict[str, str] | None:
+    """The parameters a login with ``settings`` would report, or None if one is unknown."""
+    params = dict(baseline)
+    for name, value in settings.items():
+        canon = names.get(name.lower())
+        if canon is None:
+            continue  # not reported: set when the client's first transaction is linked
+        if canon in READ_ONLY_PARAMS:
+            return None
+        reported = learned.get((canon, value))
+        if reported is None:
+            if baseline.get(canon) != value:
+                return None
+            reported = value
+        params[canon] = reported
+    return params
+
+
+def _extra(settings: dict[str, str], names: dict[str, str]) -> dict[str, str]:
+    """The startup settings PostgreSQL does not report (lower-case names)."""
+    return {k.lower(): v for k, v in settings.items() if k.lower() not in names}
 
 
 def release_free(ctx: Context, server: TxServerConnection) -> None:
@@ -396,20 +428,48 @@ class TransactionClient(ClientConnection):
 
     # --- the coroutine -----------------------------------------------------------------------
 
+    async def _login(self, settings: dict[str, str], rule: HbaRule) -> None:
+        """Without a server connection when pgcorral can answer the login itself: the client is
+        authenticated (vault, auth_query) or PostgreSQL trusted this user last time, and every
+        reported setting it asks for has a known outcome (``Context.learned``). Else as in
+        session mode, then the login's server connection goes back to the pool."""
+        ctx = self.ctx
+        key = (ctx.config.real_database(self.database), self.user)
+        known = ctx.tx_logins.get(key)
+        if known is not None and (self.vault_login is not None or known.trusted):
+            params = _predict(known.baseline, known.names, settings, ctx.learned)
+            if params is not None:
+                self.key = key
+                await self._greet_and_serve(params, _extra(settings, known.names))
+                return
+        await super()._login(settings, rule)
+
     async def _link_and_serve(self, server: ServerConnection) -> None:
-        """Greet the client, give the login connection back, serve transactions."""
+        """The login went through a server connection: remember what it showed, give it back."""
         ctx = self.ctx
         tx_server: TxServerConnection = server  # type: ignore[assignment]
         self.key = server.slot.key
+        memento = server.memento
+        ctx.tx_logins[self.key] = TxLogin(server.baseline, server.names,
+                                          memento is not None and memento[0] == "trust")
+        extra = _extra(self.settings, server.names)
+        tx_server.extra.update(extra)
+        params = server.params
+        if server.status == codes.TX_IDLE:
+            server.requests = []
+            release_free(ctx, tx_server)
+        else:
+            ctx.release_server(server, clean=False)
+        await self._greet_and_serve(params, extra)
+
+    async def _greet_and_serve(self, params: dict[str, str], extra: dict[str, str]) -> None:
+        ctx = self.ctx
         self.cancel_pid, secret = ctx.issue_virtual_key(self)
-        greeting = (_AUTH_OK + server.greeting_params()
+        greeting = (_AUTH_OK + b"".join(msg.parameter_status(k, v) for k, v in params.items())
                     + msg.backend_key_data(self.cancel_pid, secret)
                     + msg.ready_for_query(b"I"))
-        self.params = server.params
-        names = server.names
-        self.extra = {k.lower(): v for k, v in self.settings.items()
-                      if k.lower() not in names}
-        tx_server.extra.update(self.extra)
+        self.params = params
+        self.extra = extra
         self.linked_once = True
         self.seen_activity = (self.activity, time.monotonic())
         if ctx.config.main.log_connections:
@@ -418,11 +478,6 @@ class TransactionClient(ClientConnection):
         pipelined = self.take_buffered()
         self.write(greeting)
         self.in_session = True
-        if server.status == codes.TX_IDLE:
-            server.requests = []
-            release_free(ctx, tx_server)
-        else:
-            ctx.release_server(server, clean=False)
         try:
             if pipelined:
                 self.data_received(pipelined)
