@@ -34,10 +34,17 @@ import struct
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from pgcorral.errors import AuthenticationError, ClientProtocolError, PgCorralError
+from pgcorral.errors import (
+    AuthenticationError,
+    ClientProtocolError,
+    PgCorralError,
+    PoolExhausted,
+)
 from pgcorral.net.client import _AUTH_OK, ClientConnection
+from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
 from pgcorral.pipelines.session import RESET_TIMEOUT
+from pgcorral.pool.pool import Grant, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.prepared import (
@@ -104,6 +111,14 @@ def _extra(settings: dict[str, str], names: dict[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in settings.items() if k.lower() not in names}
 
 
+def _give_back(ctx: Context, grant: Grant) -> None:
+    """A grant the client can no longer use."""
+    if grant.new:
+        ctx.pool.discard(grant.slot)
+    else:
+        ctx.release_server(grant.slot.conn, clean=True)
+
+
 def release_free(ctx: Context, server: TxServerConnection) -> None:
     """A server connection at a ReadyForQuery 'I' with nothing owed: back to the pool, after
     the cancel requests in flight for it and the reset query when it runs always."""
@@ -159,7 +174,11 @@ class TransactionClient(ClientConnection):
         self._rest = b""  # client bytes not forwarded yet (no server, or a partial message)
         self._rest_paused = False
         self._need: asyncio.Future[None] | None = None  # wakes _serve
-        self._acquiring = False  # _serve is getting a server connection for us
+        self._acquiring = False  # getting a server connection (waiting, opening, validating)
+        self._waiter: Waiter | None = None  # our place in the pool's line
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._wait_timeout = 0.0
+        self._grant_pending: Grant | None = None  # for _serve: open or validate it
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
         self.named_parse = False  # a named Parse went through unmapped in this transaction
 
@@ -207,16 +226,72 @@ class TransactionClient(ClientConnection):
             return
         slot = ctx.pool.take_idle(self.key)
         if slot is not None:
-            server: TxServerConnection = slot.conn
+            self._take(Grant(slot, new=False))
+            return
+        # No idle connection: a new one, or a place in line. The wait is driven by callbacks
+        # (``_granted_tx``, ``_wait_expired``), not by the client's coroutine: a server
+        # connection freed by one client reaches the next without a task switch.
+        main = ctx.config.main
+        timeout = main.blocking_timeout
+        if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
+            timeout = main.max_retries * main.connection_retry_delay
+        self._acquiring = True
+        result = ctx.pool.request(self.key, timeout, self._granted_tx)
+        if isinstance(result, Grant):
+            self._take(result)
+            return
+        self._waiter = result
+        if timeout <= 0:
+            self._wait_expired()
+            return
+        self._wait_timer = asyncio.get_running_loop().call_later(timeout, self._wait_expired)
+        self._wait_timeout = timeout
+
+    def _granted_tx(self, grant: Grant) -> None:
+        """The pool serves our place in line (synchronously, inside its own bookkeeping: the
+        grant is taken on the next loop iteration)."""
+        self._waiter = None
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        asyncio.get_running_loop().call_soon(self._take, grant)
+
+    def _wait_expired(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        self._wait_timer = None
+        if waiter is None or not self.ctx.pool.cancel(waiter):
+            return  # served meanwhile
+        self._acquiring = False
+        self._fail(PoolExhausted(
+            f'connection pool is full: no server connection for user "{self.user}", '
+            f'database "{self.key[0]}" became free within {self._wait_timeout:g} s'))
+        self.end("pool exhausted")
+
+    def _take(self, grant: Grant) -> None:
+        """A slot for the client's next transaction: link it now, or let the coroutine open
+        (or validate) it."""
+        ctx = self.ctx
+        self._acquiring = True
+        ended = self._ended
+        if self.closed or (ended is not None and ended.done()):
+            self._acquiring = False
+            _give_back(ctx, grant)
+            return
+        if grant.victim is not None and grant.victim.conn is not None:
+            grant.victim.conn.terminate()
+        if not grant.new:
+            server: TxServerConnection = grant.slot.conn
             server.idle = False
             if server.closed:
-                ctx.pool.discard(slot)
-            elif ctx.config.main.validation == "foreground":
-                ctx.release_server(server, clean=True)  # _serve takes it again and validates
-            else:
+                ctx.pool.discard(grant.slot)
+                self._acquiring = False
+                self._want_server()
+                return
+            if ctx.config.main.validation != "foreground":
+                server.router.reset()
                 self._link(server)
                 return
-        self._acquiring = True
+        self._grant_pending = grant
         need = self._need
         if need is not None and not need.done():
             need.set_result(None)
@@ -486,35 +561,62 @@ class TransactionClient(ClientConnection):
             await self._finish()
 
     async def _serve(self) -> None:
+        """The client's coroutine after the greeting: opens (or validates) the server
+        connections the callbacks could not link at once, until the client leaves."""
         loop = asyncio.get_running_loop()
         ended = self._ended
-        assert ended is not None and self.hba_rule is not None
+        assert ended is not None
         while not ended.done():
-            if not self._acquiring:
+            grant = self._grant_pending
+            if grant is None:
                 self._need = loop.create_future()
                 try:
                     await self._need
                 finally:
                     self._need = None
                 continue
+            self._grant_pending = None
             try:
-                server = await self._get_server(self.key, self.hba_rule)
-            except ConnectionLost:
+                server = await self._ready_server(grant)
+            except (ConnectionLost, ConnectionError):
                 return
             except PgCorralError as exc:
                 self._fail(exc)
                 return
-            tx_server: TxServerConnection = server  # type: ignore[assignment]
+            if server is None:  # failed validation: try again
+                self._acquiring = False
+                self._want_server()
+                continue
             if ended.done():
-                release_free(self.ctx, tx_server)
+                release_free(self.ctx, server)
                 return
-            tx_server.router.reset()
-            self._link(tx_server)
+            server.router.reset()
+            self._link(server)
+
+    async def _ready_server(self, grant: Grant) -> TxServerConnection | None:
+        ctx = self.ctx
+        if grant.new:
+            server: TxServerConnection = await self._open(  # type: ignore[assignment]
+                grant.slot, self.key)
+            return server
+        server = grant.slot.conn
+        if await server.validate(VALIDATION_TIMEOUT):
+            return server
+        ctx.release_server(server, clean=False)
+        return None
 
     async def _finish(self) -> None:
         """The client left (or was ended): its server connection, if any, is cleaned."""
         ctx = self.ctx
         ctx.drop_cancel_key(self, self.cancel_pid)
+        if self._waiter is not None:
+            ctx.pool.cancel(self._waiter)
+            self._waiter = None
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+        if self._grant_pending is not None:
+            _give_back(ctx, self._grant_pending)
+            self._grant_pending = None
         ended = self._ended
         reason = ended.result() if ended is not None and ended.done() else "error"
         server = self.server
