@@ -52,6 +52,9 @@ from pgcorral.protocol.prepared import (
     DEFAULT_SLOTS,
     PARSE_COMPLETE,
     ClientStatements,
+    ServerStatements,
+    StatementRegistry,
+    bind_fast,
     close_locally,
     is_discard_all,
     own_query_slot,
@@ -358,9 +361,21 @@ class TransactionClient(ClientConnection):
                     router.batch_open = True
                 elif type_ == codes.SYNC:
                     router.batch_open = False
-                if type_ == codes.PARSE and not mapping and data[pos + 5] != 0:
-                    self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL later
-                if mapping and type_ in _REWRITTEN:
+                if not mapping:
+                    if type_ == codes.PARSE and data[pos + 5] != 0:
+                        self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
+                    slots = DEFAULT_SLOTS[type_]
+                    if slots:
+                        plan.extend(slots)
+                elif type_ == codes.SYNC:
+                    statements.at_sync = True
+                    plan.extend(DEFAULT_SLOTS[type_])
+                elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
+                    slots = DEFAULT_SLOTS[type_]
+                    if slots:
+                        plan.extend(slots)
+                elif (statements.at_sync and statements.pending_close) or not (
+                        fast := self._fast(type_, data, pos, end, statements, registry)):
                     if run < pos:
                         parts.append(data[run:pos])
                     rw = rewrite(type_, data[pos + 5:end], self.statements, statements,
@@ -370,9 +385,13 @@ class TransactionClient(ClientConnection):
                     plan.extend(rw.slots)
                     run = end
                 else:
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
+                    statements.at_sync = False
+                    plan.extend(DEFAULT_SLOTS[type_])
+                    if fast is not True:  # a renamed Bind
+                        if run < pos:
+                            parts.append(data[run:pos])
+                        parts.append(fast)
+                        run = end
                 if (type_ == codes.QUERY
                         and data[pos + 5:pos + 69].lstrip()[:7].lower() == b"discard"
                         and is_discard_all(data[pos + 5:end])):
@@ -399,6 +418,20 @@ class TransactionClient(ClientConnection):
                 self.end("terminate")
         elif router.free and self.server is server:
             self.server_free(server, b"")
+
+    def _fast(self, type_: int, data: bytes, pos: int, end: int,
+              statements: ServerStatements, registry: StatementRegistry) -> bytes | bool:
+        """A mapped-mode message that needs no ``rewrite``: True to pass it as is, the renamed
+        Bind, or False for ``rewrite``."""
+        if type_ == codes.BIND:
+            renamed = bind_fast(data[pos + 5:end], self.statements, statements, registry)
+            return False if renamed is None else renamed
+        if type_ in (codes.EXECUTE, codes.FUNCTION_CALL):
+            return True
+        if type_ == codes.QUERY:  # DEALLOCATE and DISCARD are translated
+            head = data[pos + 5:pos + 69].lstrip()[:10].lower()
+            return not (head.startswith(b"deallocate") or head.startswith(b"discard"))
+        return False  # Parse, Describe, Close
 
     def _send(self, server: TxServerConnection, parts: list[bytes]) -> None:
         if not parts:

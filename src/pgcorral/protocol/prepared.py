@@ -288,13 +288,13 @@ def is_discard_all(query_body: bytes) -> bool:
 class ReplyPlan:
     """The FIFO of reply slots of one server connection (see the module docstring)."""
 
-    __slots__ = ("_copy_in", "_out", "_skipping", "_slots", "known", "server")
+    __slots__ = ("_copy_in", "_skipping", "_slots", "known", "out", "server")
 
     def __init__(self, server: ServerStatements, known: set[str] | None = None) -> None:
         self.server = server
         self.known = known  # StatementRegistry.known: names a server accepted
         self._slots: deque[Slot] = deque()
-        self._out = bytearray()
+        self.out = bytearray()  # fabricated replies due now (``fabricated_before_next``)
         self._skipping = False  # after an error: slots up to the next Sync get no reply
         self._copy_in = False  # copy-in started: Syncs before the CopyDone/CopyFail are ignored
 
@@ -304,19 +304,18 @@ class ReplyPlan:
     @property
     def idle(self) -> bool:
         """Every reply expected has been handled (and fabricated bytes taken)."""
-        return not self._slots and not self._out
+        return not self._slots and not self.out
 
     @property
     def has_fabricated(self) -> bool:
         """Fabricated replies are due (``fabricated_before_next`` would return bytes), or a
         fabricated slot waits at the head."""
-        slots = self._slots
-        return bool(self._out) or (bool(slots) and bool(slots[0].fabricate))
+        return bool(self.out)  # settled: a fabricated slot never waits at the head
 
     def reset(self) -> None:
         """Forget every slot (the server connection is being reset or closed)."""
         self._slots.clear()
-        self._out.clear()
+        self.out.clear()
         self._skipping = False
         self._copy_in = False
 
@@ -339,13 +338,15 @@ class ReplyPlan:
     def fabricated_before_next(self) -> bytes:
         """Bytes pgcorral answers itself whose turn has come; write them to the client now."""
         self._settle()
-        out = bytes(self._out)
-        self._out.clear()
+        out = bytes(self.out)
+        self.out.clear()
         return out
 
     def on_server_reply(self, type_: int) -> str:
-        """``"pass"`` or ``"drop"`` for one server message, given its type byte."""
-        self._settle()
+        """``"pass"`` or ``"drop"`` for one server message, given its type byte.
+
+        Every method leaves the plan settled (no fabricated slot or copy marker at the head,
+        no skipping with a request at the head), so there is nothing to settle first."""
         slots = self._slots
         if not slots or type_ in _ASYNC:
             return PASS
@@ -364,7 +365,7 @@ class ReplyPlan:
         if type_ == codes.COPY_IN_RESPONSE:
             self._start_copy_in()
         elif type_ == codes.EMPTY_QUERY_RESPONSE and head.tag:
-            self._out += command_complete(head.tag)
+            self.out += command_complete(head.tag)
             return DROP
         if type_ in head.ends:
             slots.popleft()
@@ -397,7 +398,7 @@ class ReplyPlan:
             elif head.copy_end:
                 slots.popleft()
             elif head.fabricate:
-                self._out += slots.popleft().fabricate
+                self.out += slots.popleft().fabricate
             else:
                 break
         if self._skipping and slots:
@@ -521,6 +522,28 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
     if type_ == codes.QUERY:
         return _translate_query(body, client, server, parts, slots)
     return False
+
+
+def bind_fast(body: bytes, client: ClientStatements, server: ServerStatements,
+              registry: StatementRegistry) -> bytes | None:
+    """The hot path of ``rewrite`` for a Bind: a mapped statement the server connection
+    already has, renamed in place (the caller plans one BindComplete). None: go through
+    ``rewrite`` (unnamed, unknown or missing statement, malformed body)."""
+    p1 = body.find(b"\0")
+    if p1 < 0:
+        return None
+    p2 = body.find(b"\0", p1 + 1)
+    if p2 <= p1 + 1:
+        return None
+    identity = client.names.get(body[p1 + 1:p2])
+    if identity is None:
+        return None
+    pooled = registry.name_for(identity)
+    if pooled not in server:
+        return None
+    server.touch(pooled)
+    new = body[:p1 + 1] + pooled.encode() + body[p2:]
+    return _header.pack(codes.BIND, len(new) + 4) + new
 
 
 def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegistry) -> bool:

@@ -90,6 +90,9 @@ class ReplyRouter:
             if self._start(*_header(header, 0)):
                 out.append(header)
         plan = self.plan
+        on_reply = plan.on_server_reply
+        fabricated = plan.out
+        max_length = self.max_length
         while True:
             if self._in_body:
                 take = self._skip if self._skip <= n - pos else n - pos
@@ -103,24 +106,39 @@ class ReplyRouter:
                     break  # the rest of this message comes in a later chunk
                 self._in_body = False
                 ready = self._end()
-                if plan.has_fabricated:
+            else:
+                if pos >= n:
+                    break
+                if pos + 5 > n:
                     out.append(data[run:pos])
-                    out.append(plan.fabricated_before_next())
-                    run = pos
-                if ready and self.free:
+                    self._header = data[pos:]
+                    return b"".join(out), -1
+                type_, length = _header(data, pos)
+                end = pos + 1 + length
+                if end > n or type_ == _PARAM or length < 4 or length - 4 > max_length:
+                    # split, collected or bad: the general path
+                    if not self._start(type_, length):
+                        out.append(data[run:pos])
+                        run = pos + 5
+                    pos += 5
+                    continue
+                # the common case: a whole message in this chunk
+                if on_reply(type_) == DROP:
                     out.append(data[run:pos])
-                    return b"".join(out), pos
-                continue
-            if pos >= n:
-                break
-            if pos + 5 > n:
+                    run = end
+                ready = type_ == _READY
+                if ready:
+                    if length != 5:
+                        raise FramingError("ReadyForQuery with a body that is not one byte")
+                    self.status = data[end - 1]
+                pos = end
+            if fabricated:
                 out.append(data[run:pos])
-                self._header = data[pos:]
-                return b"".join(out), -1
-            if not self._start(*_header(data, pos)):
+                out.append(plan.fabricated_before_next())
+                run = pos
+            if ready and self.free:
                 out.append(data[run:pos])
-                run = pos + 5
-            pos += 5
+                return b"".join(out), pos
         if run == 0 and pos == n and not out:
             return data, -1
         out.append(data[run:pos])
