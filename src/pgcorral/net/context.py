@@ -30,7 +30,7 @@ from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:
     from pgcorral.net.client import ClientConnection
-    from pgcorral.net.transaction import TxLogin
+    from pgcorral.net.transaction import TransactionClient, TxLogin
 
 log = logging.getLogger("pgcorral.context")
 
@@ -77,6 +77,10 @@ class Context:
         self._next_virtual_pid = VIRTUAL_PID_BASE
         # transaction pipeline: what the last login of each (database, user) showed
         self.tx_logins: dict[tuple[str, str], TxLogin] = {}
+        # transaction pipeline: clients waiting for a server connection, and the one timer
+        # that checks their deadlines (net.transaction._sweep)
+        self.tx_waiting: set[TransactionClient] = set()
+        self.tx_sweep: asyncio.TimerHandle | None = None
 
     @property
     def server(self) -> ServerConfig:

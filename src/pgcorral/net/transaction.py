@@ -114,6 +114,24 @@ def _extra(settings: dict[str, str], names: dict[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in settings.items() if k.lower() not in names}
 
 
+#: Seconds between two looks at the deadlines of clients waiting for a server connection.
+WAIT_SWEEP = 0.05
+
+
+def _sweep(ctx: Context) -> None:
+    """Refuse (53300) the waiting clients whose blocking_timeout has passed."""
+    ctx.tx_sweep = None
+    now = time.monotonic()
+    for client in list(ctx.tx_waiting):
+        waiter = client._waiter
+        if waiter is None:
+            ctx.tx_waiting.discard(client)
+        elif waiter.deadline is not None and waiter.deadline <= now:
+            client._wait_expired()
+    if ctx.tx_waiting:
+        ctx.tx_sweep = asyncio.get_running_loop().call_later(WAIT_SWEEP, _sweep, ctx)
+
+
 def _give_back(ctx: Context, grant: Grant) -> None:
     """A grant the client can no longer use."""
     if grant.new:
@@ -179,7 +197,6 @@ class TransactionClient(ClientConnection):
         self._need: asyncio.Future[None] | None = None  # wakes _serve
         self._acquiring = False  # getting a server connection (waiting, opening, validating)
         self._waiter: Waiter | None = None  # our place in the pool's line
-        self._wait_timer: asyncio.TimerHandle | None = None
         self._wait_timeout = 0.0
         self._grant_pending: Grant | None = None  # for _serve: open or validate it
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
@@ -244,24 +261,25 @@ class TransactionClient(ClientConnection):
             self._take(result)
             return
         self._waiter = result
+        self._wait_timeout = timeout
         if timeout <= 0:
             self._wait_expired()
             return
-        self._wait_timer = asyncio.get_running_loop().call_later(timeout, self._wait_expired)
-        self._wait_timeout = timeout
+        ctx.tx_waiting.add(self)
+        if ctx.tx_sweep is None:  # one timer for every waiting client, not one each
+            ctx.tx_sweep = asyncio.get_running_loop().call_later(WAIT_SWEEP, _sweep, ctx)
 
     def _granted_tx(self, grant: Grant) -> None:
-        """The pool serves our place in line (synchronously, inside its own bookkeeping: the
-        grant is taken on the next loop iteration)."""
+        """The pool serves our place in line: linked at once. (The pool calls this last in
+        its bookkeeping; a transaction linked here cannot end before a server reply comes, so
+        the pool is not re-entered from here.)"""
         self._waiter = None
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
-        asyncio.get_running_loop().call_soon(self._take, grant)
+        self.ctx.tx_waiting.discard(self)
+        self._take(grant)
 
     def _wait_expired(self) -> None:
         waiter, self._waiter = self._waiter, None
-        self._wait_timer = None
+        self.ctx.tx_waiting.discard(self)
         if waiter is None or not self.ctx.pool.cancel(waiter):
             return  # served meanwhile
         self._acquiring = False
@@ -645,8 +663,7 @@ class TransactionClient(ClientConnection):
         if self._waiter is not None:
             ctx.pool.cancel(self._waiter)
             self._waiter = None
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
+        ctx.tx_waiting.discard(self)
         if self._grant_pending is not None:
             _give_back(ctx, self._grant_pending)
             self._grant_pending = None
