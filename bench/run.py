@@ -59,7 +59,7 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "select-prepared": ("select -M prepared", ("-S", "-M", "prepared")),
     "select-connect": ("select -C", ("-S", "-C")),
 }
-PROFILE_WORKLOAD = "select-prepared"
+PROFILE_WORKLOAD = os.environ.get("PGCORRAL_PROFILE_WORKLOAD", "select-prepared")
 PROFILE_CLIENTS = 100
 
 
@@ -790,7 +790,8 @@ class Bench:
         log(f"initialising PostgreSQL in {self.cluster.basedir} (port {self.cluster.port})")
         self.cluster.init(
             settings={
-                "max_connections": "400",
+                # direct runs need one backend per client (500-client cells)
+                "max_connections": str(max(400, max(self.cfg.clients) + 50)),
                 "shared_buffers": "256MB",
                 "fsync": "off",
                 "synchronous_commit": "off",
