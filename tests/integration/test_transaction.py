@@ -974,6 +974,53 @@ def test_copy_in_and_out_from_concurrent_clients(pgcorral: DaemonFactory,
         assert one(conn.execute(f"SELECT count(*) FROM {table} WHERE n < 0")) == (0,)
 
 
+def test_large_copy_data_messages_stream_through(pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    """CopyData messages of 1 MB (libpq sends each put_copy_data buffer as one message) pass
+    through as their bytes arrive; a 1 MB CopyData sent outside COPY (PostgreSQL ignores it)
+    does not let the connection go back to the pool in the middle of the message."""
+    table = new_table(pg, "n int, payload text")
+    d = pgcorral(tx_conf(1))
+    row = "x" * 1000
+    lines = "".join(f"{n}\t{row}\n" for n in range(1000)).encode()  # about 1 MB
+    pgc = pq_connect(d.dsn())
+    try:
+        pgc.send_query_params(f"COPY {table} FROM STDIN".encode(), None)
+        res = pgc.get_result()
+        assert res is not None and res.status == pq.ExecStatus.COPY_IN
+        for _ in range(3):
+            assert pgc.put_copy_data(lines) == 1
+        assert pgc.put_copy_end() == 1
+        res = pgc.get_result()
+        assert res is not None and pq_ok(res).command_status == b"COPY 3000"
+        assert pgc.get_result() is None
+    finally:
+        pgc.finish()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        sock.sendall(startup_packet({"user": "trustuser", "database": TEST_DB}))
+        def next_message() -> tuple[bytes, bytes]:
+            message = read_message(sock)
+            assert message is not None, "pgcorral closed the connection"
+            return message
+
+        while next_message()[0] != b"Z":
+            pass
+        big = b"d" + struct.pack("!I", len(lines) + 4) + lines
+        sock.sendall(big[:1000])  # the server connection is linked for it...
+        sock.sendall(big[1000:])  # ...until its last byte, then a query on the same stream
+        sock.sendall(b"Q" + struct.pack("!I", 4 + 9) + b"SELECT 7\0")
+        types = []
+        while True:
+            type_, body = next_message()
+            types.append(type_)
+            if type_ == b"D":
+                assert body.endswith(b"7")
+            if type_ == b"Z":
+                break
+        assert types == [b"T", b"D", b"C", b"Z"]
+    with direct(pg) as conn:
+        assert one(conn.execute(f"SELECT count(*) FROM {table}")) == (3000,)
+
+
 # --------------------------------------------------------------------------- reset
 
 

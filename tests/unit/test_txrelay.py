@@ -244,3 +244,13 @@ def test_scenario_any_chunking(cuts: list[int]) -> None:
     _, stream = _scenario()
     whole = feed_chunks(_scenario()[0].router, stream, [])
     assert feed_chunks(_scenario()[0].router, stream, cuts) == whole
+
+
+def test_a_half_forwarded_client_message_keeps_the_link() -> None:
+    link = Link()
+    link.send(msg(b"Q", b"SELECT 1\0"))
+    link.router.mid_message = True  # the client side is streaming a large CopyData
+    _, free_at = link.router.feed(SELECT_1 + ready(b"I"))
+    assert free_at == -1 and not link.router.free
+    link.router.mid_message = False
+    assert link.router.free

@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgcorral.transaction")
 _header_unpack_from = struct.Struct("!BI").unpack_from
 
+#: A message at least this long that passes unchanged is forwarded as its bytes arrive.
+STREAM_FROM = 64 * 1024
 #: Reported parameters a client cannot set (set_config would fail).
 READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_datetimes",
                               "is_superuser", "session_authorization", "in_hot_standby"])
@@ -79,6 +81,7 @@ _BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.
 #: Messages that go through ``prepared.rewrite`` when the mapping is on.
 _REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
 _STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
+_KIND_PORTAL = ord("P")
 _READY_IDLE = msg.ready_for_query(b"I")
 
 
@@ -200,6 +203,7 @@ class TransactionClient(ClientConnection):
         self._wait_timeout = 0.0
         self._grant_pending: Grant | None = None  # for _serve: open or validate it
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
+        self._pass = 0  # bytes of a large message still to forward as they come
         self.named_parse = False  # a named Parse went through unmapped in this transaction
 
     # --- bytes from the client ---------------------------------------------------------------
@@ -364,6 +368,10 @@ class TransactionClient(ClientConnection):
         pos = run = 0
         n = len(data)
         terminate = False
+        if self._pass:  # the rest of a large message already on its way
+            pos = min(self._pass, n)
+            self._pass -= pos
+            router.mid_message = self._pass > 0
         try:
             while pos + 5 <= n:
                 type_, length = _header_unpack_from(data, pos)
@@ -371,6 +379,15 @@ class TransactionClient(ClientConnection):
                     raise ClientProtocolError(f"invalid message length {length}")
                 end = pos + 1 + length
                 if end > n:
+                    if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
+                        break  # kept until it is whole
+                    # large CopyData and the like stream through as they come
+                    slots = DEFAULT_SLOTS[type_]
+                    if slots:
+                        plan.extend(slots)
+                    self._pass = end - n
+                    router.mid_message = True
+                    pos = n
                     break
                 if type_ == codes.TERMINATE:
                     terminate = True
@@ -449,7 +466,10 @@ class TransactionClient(ClientConnection):
         if type_ == codes.QUERY:  # DEALLOCATE and DISCARD are translated
             head = data[pos + 5:pos + 69].lstrip()[:10].lower()
             return not (head.startswith(b"deallocate") or head.startswith(b"discard"))
-        return False  # Parse, Describe, Close
+        if type_ == codes.PARSE:  # the unnamed statement is not mapped
+            return end > pos + 5 and data[pos + 5] == 0
+        # Describe or Close: a portal, or the unnamed statement, is not mapped
+        return end > pos + 6 and (data[pos + 5] == _KIND_PORTAL or data[pos + 6] == 0)
 
     def _send(self, server: TxServerConnection, parts: list[bytes]) -> None:
         if not parts:
@@ -676,7 +696,7 @@ class TransactionClient(ClientConnection):
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
         self._unlink(server)
         router = server.router
-        ok = (not self.dirty and router.at_boundary and router.plan.idle
+        ok = (not self.dirty and not self._pass and router.at_boundary and router.plan.idle
               and not router.batch_open and server.poolable and not server.closed
               and router.status in (codes.TX_IDLE, codes.TX_IN_BLOCK, codes.TX_FAILED))
         if ok:

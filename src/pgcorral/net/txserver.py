@@ -67,6 +67,8 @@ class TxServerConnection(ServerConnection):
         if free_at >= 0:
             self.status = router.status
             client.server_free(self, data[free_at:])
+        elif client.terminating and router.plan.idle and router.at_boundary:
+            client.end("terminate")  # Terminate came in a transaction: its replies are out
 
     def forget_statements(self) -> None:
         """Every statement is gone from the server (DISCARD ALL / DEALLOCATE ALL ran)."""

@@ -20,7 +20,6 @@ from pgcorral.protocol import codes
 _HEADER = struct.Struct("!BI")
 _header_unpack_from = _HEADER.unpack_from
 _READY_TAIL = b"\0\0\0\x05"
-_SYNC_POINTS = frozenset([codes.QUERY, codes.SYNC, codes.FUNCTION_CALL])
 
 
 class FramingError(ValueError):
@@ -85,15 +84,12 @@ class BoundaryTracker:
     a Terminate are of no interest: the caller stops reading there.
     """
 
-    __slots__ = ("_partial", "_skip", "max_length", "sync_points")
+    __slots__ = ("_partial", "_skip", "max_length")
 
     def __init__(self, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
         self._skip = 0  # body bytes of the current message still to come
         self._partial = b""  # the first bytes of a header split across chunks
         self.max_length = max_length
-        # messages seen that each get one ReadyForQuery (Query, Sync, FunctionCall): what the
-        # transaction pipeline waits for before it frees a server connection
-        self.sync_points = 0
 
     @property
     def at_boundary(self) -> bool:
@@ -115,8 +111,6 @@ class BoundaryTracker:
             if type_ == codes.TERMINATE:
                 return TERMINATE_SPLIT
             self._check(length)
-            if type_ in _SYNC_POINTS:
-                self.sync_points += 1
             pos = need + length - 4
         max_length = self.max_length
         while pos < n:
@@ -130,8 +124,6 @@ class BoundaryTracker:
                 return pos
             if length < 4 or length - 4 > max_length:
                 self._check(length)
-            if type_ in _SYNC_POINTS:
-                self.sync_points += 1
             pos += 1 + length
         self._skip = pos - n
         return -1

@@ -40,13 +40,14 @@ class ReplyRouter:
     """
 
     __slots__ = ("_body", "_drop", "_header", "_in_body", "_skip", "_type", "batch_open",
-                 "changes", "max_length", "plan", "status")
+                 "changes", "max_length", "mid_message", "plan", "status")
 
     def __init__(self, plan: ReplyPlan, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
         self.plan = plan
         self.max_length = max_length
         self.status = codes.TX_IDLE  # of the last ReadyForQuery
         self.batch_open = False  # an extended-protocol batch was sent and not yet Synced
+        self.mid_message = False  # the client's side: a message is half forwarded
         self.changes: dict[str, str] = {}  # ParameterStatus values since the caller last looked
         self._header = b""  # a header split across chunks
         self._in_body = False
@@ -63,7 +64,7 @@ class ReplyRouter:
     def free(self) -> bool:
         """Nothing is owed to the client, no batch is open, and the last status was 'I'."""
         return (self.status == codes.TX_IDLE and not self.batch_open and self.plan.idle
-                and not self._in_body and not self._header)
+                and not self._in_body and not self._header and not self.mid_message)
 
     def reset(self) -> None:
         """Forget any message in progress (the connection is reused after pgcorral's own
@@ -73,6 +74,7 @@ class ReplyRouter:
         self._skip = 0
         self._body = None
         self.batch_open = False
+        self.mid_message = False
         self.plan.reset()
 
     def feed(self, data: bytes) -> tuple[bytes, int]:
