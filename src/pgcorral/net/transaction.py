@@ -336,7 +336,8 @@ class TransactionClient(ClientConnection):
                 if length < 4 or end > n:
                     break
                 if type_ == codes.PARSE:
-                    if not parse_locally(data[pos + 5:end], statements, registry):
+                    if length < 5 or data[pos + 5] == 0 or not parse_locally(
+                            data[pos + 5:end], statements, registry):
                         break
                     out.append(PARSE_COMPLETE)
                 elif type_ == codes.CLOSE:
@@ -459,7 +460,11 @@ class TransactionClient(ClientConnection):
         """A mapped-mode message that needs no ``rewrite``: True to pass it as is, the renamed
         Bind, or False for ``rewrite``."""
         if type_ == codes.BIND:
-            renamed = bind_fast(data[pos + 5:end], self.statements, statements, registry)
+            body = data[pos + 5:end]
+            portal_end = body.find(b"\0")
+            if 0 <= portal_end < len(body) - 1 and body[portal_end + 1] == 0:
+                return True  # the unnamed statement is not mapped
+            renamed = bind_fast(body, self.statements, statements, registry)
             return False if renamed is None else renamed
         if type_ in (codes.EXECUTE, codes.FUNCTION_CALL):
             return True

@@ -1,0 +1,125 @@
+"""Transaction pooling around the transactions: logins while every server connection is busy,
+graceful shutdown, track_prepared_statements with the mapping off, disconnect_client."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+from psycopg import pq
+from tests.integration.test_transaction import (
+    TEST_DB,
+    direct,
+    one,
+    pq_connect,
+    pq_sqlstate,
+    tx_conf,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from devtools.pgcluster import PgCluster
+    from tests.conftest import DaemonFactory
+
+
+def in_transaction(pg: PgCluster, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with direct(pg) as conn:
+            row = one(conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                " AND state = 'idle in transaction'", (TEST_DB,)))
+        return bool(row[0] == count)
+    return check
+
+
+def test_login_needs_no_server_connection_once_known(pgcorral: DaemonFactory,
+                                                     pg: PgCluster) -> None:
+    """max_connections = 2, both in open transactions: a third client of the same user still
+    logs in at once (pgcorral answers the login itself: the user was trusted at the last
+    login), and its query runs as soon as a transaction ends."""
+    d = pgcorral(tx_conf(2))
+    holders = [psycopg.connect(d.dsn()) for _ in range(2)]
+    try:
+        for conn in holders:
+            conn.execute("SELECT 1")  # BEGIN + SELECT: the transaction keeps its backend
+        wait_until(in_transaction(pg, 2), "two idle-in-transaction backends")
+        started = time.monotonic()
+        with psycopg.connect(d.dsn(), connect_timeout=5, autocommit=True) as late:
+            assert time.monotonic() - started < 3  # not queued behind the transactions
+            result: list[Any] = []
+            worker = threading.Thread(
+                target=lambda: result.append(one(late.execute("SELECT 42"))), daemon=True)
+            worker.start()
+            worker.join(0.3)
+            assert not result  # no server connection free yet
+            holders[0].commit()
+            worker.join(10)
+            assert result == [(42,)]
+    finally:
+        for conn in holders:
+            conn.close()
+
+
+def test_graceful_shutdown_closes_idle_clients_and_lets_transactions_finish(
+        pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    """SIGTERM: a client between transactions gets 57P01 at once; a client inside one commits
+    it, then is closed; the daemon exits."""
+    d = pgcorral(tx_conf(3, flush_timeout="20"))
+    idle = psycopg.connect(d.dsn(), autocommit=True)
+    busy = psycopg.connect(d.dsn())
+    try:
+        idle.execute("SELECT 1")
+        busy.execute("SELECT 1")
+        wait_until(in_transaction(pg, 1), "the busy client's transaction")
+        d.signal(signal.SIGTERM)
+        d.wait_for_log("graceful shutdown")
+        with pytest.raises(psycopg.OperationalError) as caught:
+            idle.execute("SELECT 1")  # the 57P01 was sent when the shutdown began
+        assert "administrator command" in str(caught.value), caught.value
+        assert one(busy.execute("SELECT 2")) == (2,)  # inside its transaction: still served
+        busy.commit()
+        d.proc.wait(10)
+        assert d.proc.returncode == 0, d.log()
+    finally:
+        idle.close()
+        busy.close()
+
+
+@pytest.mark.parametrize("track", ["on", "off"])
+def test_track_prepared_statements_with_the_mapping_off(pgcorral: DaemonFactory,
+                                                        track: str) -> None:
+    """max_prepared_statements = 0 (names go to PostgreSQL as they are), one server
+    connection: with track_prepared_statements = on, a transaction that prepared a named
+    statement leaves the connection through DEALLOCATE ALL (pgagroal's behaviour), so the next
+    client can prepare the same name; with it off the name leaks (42P05)."""
+    d = pgcorral(tx_conf(1, max_prepared_statements="0", track_prepared_statements=track))
+    first = pq_connect(d.dsn())
+    second = pq_connect(d.dsn())
+    try:
+        res = first.prepare(b"stmt", b"SELECT 1")
+        assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        res = second.prepare(b"stmt", b"SELECT 2")
+        if track == "on":
+            assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        else:
+            assert pq_sqlstate(res) == "42P05"
+    finally:
+        first.finish()
+        second.finish()
+
+
+def test_disconnect_client_ends_idle_transaction_mode_clients(pgcorral: DaemonFactory) -> None:
+    """disconnect_client = 1 s: a client that sends nothing (no server connection linked)
+    is ended with 57P05."""
+    d = pgcorral(tx_conf(2, disconnect_client="1"))
+    with psycopg.connect(d.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        d.wait_for_log("disconnecting client", timeout=10)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+    assert "idle for" in d.log()
