@@ -3,7 +3,7 @@ or answer with an ErrorResponse, never hang or crash, and keep serving healthy c
 
 Every test ends with ``assert_healthy``: a fresh psycopg client runs SELECT 1 through the same
 daemon, and the daemon process is still alive. A Traceback in the daemon log fails the test
-(conftest)."""
+(conftest). Every test runs twice: session pooling and transaction pooling."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -38,6 +38,16 @@ Message = tuple[bytes, bytes]
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(params=["session", "transaction"])
+def pgcorral(pgcorral: DaemonFactory, request: pytest.FixtureRequest) -> DaemonFactory:
+    """The conftest factory with ``pipeline`` set: every hostile input meets both pipelines."""
+
+    def start(conf_extra: dict[str, str] | None = None, **kwargs: Any) -> Daemon:
+        return pgcorral({"pipeline": request.param, **(conf_extra or {})}, **kwargs)
+
+    return start  # type: ignore[return-value]
 
 
 @contextmanager

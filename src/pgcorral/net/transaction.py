@@ -82,6 +82,9 @@ _BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.
 _REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
 _STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
 _KIND_PORTAL = ord("P")
+#: What PostgreSQL accepts after login (a password message, or anything else, is refused with
+#: 08P01 "invalid frontend message type"; pgcorral answers it without a server connection).
+_SESSION_TYPES = codes.FRONTEND_TYPES - {codes.PASSWORD}
 _READY_IDLE = msg.ready_for_query(b"I")
 
 
@@ -242,6 +245,9 @@ class TransactionClient(ClientConnection):
         if type_ == codes.TERMINATE:
             self.end("terminate")
             return
+        if type_ not in _SESSION_TYPES:
+            self._protocol_violation(f"invalid frontend message type {type_}")
+            return
         if len(data) < 1 + length:
             return
         ctx = self.ctx
@@ -379,6 +385,8 @@ class TransactionClient(ClientConnection):
                 if length < 4 or length - 4 > limit:
                     raise ClientProtocolError(f"invalid message length {length}")
                 end = pos + 1 + length
+                if type_ not in _SESSION_TYPES:
+                    raise ClientProtocolError(f"invalid frontend message type {type_}")
                 if end > n:
                     if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
                         break  # kept until it is whole
