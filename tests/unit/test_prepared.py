@@ -484,3 +484,37 @@ def test_model_several_clients_over_simulated_servers(data: st.DataObject) -> No
             tracked = {n.encode() for n in [*other.names(), *other.pending_close]}
             assert tracked == on_server  # nothing missing, nothing leaked
             assert len(other) <= capacity
+
+
+def test_bind_fast_renames_only_a_statement_the_server_has() -> None:
+    from pgcorral.protocol.prepared import bind_fast
+
+    side = Side()
+    side.send(parse(b"a", b"SELECT 1"), SYNC)
+    side.plan.on_server_reply(ord("1"))
+    side.plan.on_server_reply(ord("Z"))
+    body = bind(b"a", b"portal")[5:]
+    renamed = bind_fast(body, side.client, side.server, side.registry)
+    assert renamed is not None and renamed == bind(b"pgc_1", b"portal")
+    assert bind_fast(bind(b"")[5:], side.client, side.server, side.registry) is None
+    assert bind_fast(bind(b"nope")[5:], side.client, side.server, side.registry) is None
+    side.server.discard("pgc_1")  # not on this server: rewrite() must re-Parse it
+    assert bind_fast(body, side.client, side.server, side.registry) is None
+    assert bind_fast(b"\0", side.client, side.server, side.registry) is None  # malformed
+
+
+def test_parse_and_close_answered_locally() -> None:
+    from pgcorral.protocol.prepared import close_locally, is_discard_all, parse_locally
+
+    registry = StatementRegistry()
+    client = ClientStatements()
+    assert not parse_locally(parse(b"a", b"SELECT 1")[5:], client, registry)  # never seen
+    registry.known.add(registry.name_for(parse(b"x", b"SELECT 1")[5:][2:]))
+    assert parse_locally(parse(b"a", b"SELECT 1")[5:], client, registry)
+    assert b"a" in client
+    assert not parse_locally(parse(b"", b"SELECT 1")[5:], client, registry)  # unnamed
+    assert not close_locally(close(b"P", b"a")[5:], client)  # a portal needs the server
+    assert not close_locally(close(b"S", b"b")[5:], client)  # not ours
+    assert close_locally(close(b"S", b"a")[5:], client)
+    assert b"a" not in client
+    assert is_discard_all(b"  discard ALL ;\0") and not is_discard_all(b"DISCARD PLANS\0")
