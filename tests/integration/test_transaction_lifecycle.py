@@ -123,3 +123,29 @@ def test_disconnect_client_ends_idle_transaction_mode_clients(pgcorral: DaemonFa
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
     assert "idle for" in d.log()
+
+
+def test_postgresql_restart_between_and_inside_transactions(pgcorral: DaemonFactory,
+                                                            pg: PgCluster) -> None:
+    """PostgreSQL restarts: a client between transactions just goes on (its next transaction
+    gets a live server connection); a client inside a transaction gets an error, not a hang;
+    new clients are served."""
+    d = pgcorral(tx_conf(4))
+    between = psycopg.connect(d.dsn(), autocommit=True)
+    inside = psycopg.connect(d.dsn())
+    try:
+        assert one(between.execute("SELECT 1")) == (1,)
+        assert one(inside.execute("SELECT 1")) == (1,)  # BEGIN: keeps its backend
+        before = one(inside.execute("SELECT pg_backend_pid()"))[0]
+        pg.stop("fast")
+        pg.start()
+        with pytest.raises(psycopg.OperationalError):
+            inside.execute("SELECT 1")
+        row = one(between.execute("SELECT pg_backend_pid()"))
+        assert row[0] != before
+        with psycopg.connect(d.dsn(), autocommit=True) as conn:
+            assert one(conn.execute("SELECT 2")) == (2,)
+    finally:
+        between.close()
+        inside.close()
+    assert d.running()
