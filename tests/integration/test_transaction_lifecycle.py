@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -21,6 +22,7 @@ from tests.integration.test_transaction import (
     tx_conf,
     wait_until,
 )
+from tests.integration.test_vault_auth import _vault
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
@@ -149,3 +151,45 @@ def test_postgresql_restart_between_and_inside_transactions(pgcorral: DaemonFact
         between.close()
         inside.close()
     assert d.running()
+
+
+def test_vault_users_get_new_server_connections_in_the_middle_of_a_session(
+        pgcorral: DaemonFactory, tmp_path: Path) -> None:
+    """Vault users (SCRAM toward the client and toward PostgreSQL): four clients log in, then
+    all open transactions at once over max_connections = 4, so connections are opened for
+    clients already in session; pgcorral logs them in with the vault password."""
+    users, env = _vault(tmp_path, {"scramuser": "scrampass"}, "users.conf")
+    d = pgcorral(tx_conf(4), hba="host all all all scram-sha-256\n", env=env,
+                 args=["-u", users])
+    conns = [psycopg.connect(d.dsn(user="scramuser", password="scrampass"))
+             for _ in range(4)]
+    try:
+        for conn in conns:
+            assert one(conn.execute("SELECT current_user")) == ("scramuser",)  # in a transaction
+        for conn in conns:
+            conn.commit()
+    finally:
+        for conn in conns:
+            conn.close()
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(d.dsn(user="scramuser", password="wrong"))
+
+
+def test_pass_through_md5_user_cannot_get_a_new_connection_mid_session(
+        pgcorral: DaemonFactory) -> None:
+    """A pass-through md5 user (no vault, no auth_query): the login's server connection is
+    pooled; a transaction that needs a second, new connection gets 08004 with what to
+    configure, and the first connection keeps serving."""
+    d = pgcorral(tx_conf(2))
+    first = psycopg.connect(d.dsn(user="md5user", password="md5pass"))
+    second = psycopg.connect(d.dsn(user="md5user", password="md5pass"), autocommit=True)
+    try:
+        assert one(first.execute("SELECT 1")) == (1,)  # holds the only connection
+        with pytest.raises(psycopg.OperationalError, match="vault") as caught:
+            second.execute("SELECT 2")
+        assert caught.value.sqlstate == "08004", caught.value
+        first.commit()
+        assert one(first.execute("SELECT 3")) == (3,)
+    finally:
+        first.close()
+        second.close()
