@@ -146,14 +146,14 @@ def _give_back(ctx: Context, grant: Grant) -> None:
         ctx.release_server(grant.slot.conn, clean=True)
 
 
-def release_free(ctx: Context, server: TxServerConnection) -> None:
-    """A server connection at a ReadyForQuery 'I' with nothing owed: back to the pool, after
-    the cancel requests in flight for it and the reset query when it runs always."""
+def release_free(ctx: Context, server: TxServerConnection, run_reset: bool = True) -> None:
+    """A server connection with nothing owed: back to the pool, after the cancel requests in
+    flight for it, and after the reset query when it runs always (``run_reset``)."""
     if server.cancels > 0:
-        server.after_cancels = lambda: release_free(ctx, server)
+        server.after_cancels = lambda: release_free(ctx, server, run_reset)
         return
     main = ctx.config.main
-    if main.server_reset_query_always and main.server_reset_query.strip():
+    if run_reset and main.server_reset_query_always and main.server_reset_query.strip():
         asyncio.get_running_loop().create_task(
             _reset_and_release(ctx, server, main.server_reset_query))
         return
@@ -161,18 +161,10 @@ def release_free(ctx: Context, server: TxServerConnection) -> None:
 
 
 async def _reset_and_release(ctx: Context, server: TxServerConnection, query: str) -> None:
-    ok = await reset(server, query)
-    if ok:
-        release_free_now(ctx, server)
+    if await reset(server, query):
+        release_free(ctx, server, run_reset=False)
     else:
         ctx.release_server(server, clean=False)
-
-
-def release_free_now(ctx: Context, server: TxServerConnection) -> None:
-    if server.cancels > 0:
-        server.after_cancels = lambda: release_free_now(ctx, server)
-        return
-    ctx.release_server(server, clean=True)
 
 
 async def reset(server: TxServerConnection, query: str) -> bool:
@@ -501,8 +493,10 @@ class TransactionClient(ClientConnection):
         self.peer = server
         server.peer = self
         server.statements.at_sync = True
-        if self.writing_paused:
+        if self.writing_paused:  # flow control follows the link
             server.transport.pause_reading()
+        if server.writing_paused:
+            self.transport.pause_reading()
         pairs = self._settings_for(server)
         if pairs:
             server.transport.write(msg.set_config_statement(pairs))
@@ -719,7 +713,7 @@ class TransactionClient(ClientConnection):
             ok = await reset(server, main.server_reset_query
                              if main.server_reset_query_always else "")
         if ok:
-            release_free_now(ctx, server)
+            release_free(ctx, server, run_reset=False)
         else:
             ctx.release_server(server, clean=False)
 
