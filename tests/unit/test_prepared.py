@@ -258,8 +258,9 @@ def test_failed_discard_all_closes_the_statements_later() -> None:
     s.send(query(b"DISCARD ALL"))
     s.reply(msg(b"E", b"\0"), msg(b"Z", b"T"))  # cannot run inside a transaction block
     assert s.server.names() == ["pgc_1"] and not s.server.pending_close
+    assert b"a" in s.client  # as on its own connection: the statement is still there
     s.send(SYNC)
-    assert s.send(parse(b"a", b"SELECT 1")) == b""  # still on the server
+    assert s.send(bind(b"a")) == bind(b"pgc_1")  # still on the server: no re-Parse
     assert "pgc_1" in s.server
 
 
@@ -362,7 +363,9 @@ class FakePostgres:
         if kind == "P":
             name, identity = parse_parse(body)
             if name and name in self.statements:
-                return self._error()  # 42P05: the mapper must never cause this
+                return self._error()  # 42P05 (the mapper causes it for a client's second Parse)
+            if identity.startswith(b"BAD"):
+                return self._error()  # a statement PostgreSQL refuses
             self.statements[name] = identity
             return [msg(b"1")]
         if kind == "B":
@@ -433,24 +436,36 @@ def test_model_several_clients_over_simulated_servers(data: st.DataObject) -> No
             requests.append(query(sql))
             expected += [ord("C")] * (not expected) + [ord("Z")]
         else:
+            failed = False  # after an error every server skips to the Sync: no effect
             for _ in range(data.draw(st.integers(1, 5))):
                 op = data.draw(st.sampled_from(["prepare", "bind", "close"]))
                 name = data.draw(st.sampled_from(NAMES))
-                if op == "prepare" and name not in model:
-                    q = data.draw(st.sampled_from(QUERIES))
-                    model[name] = q + b"\0\0\0"
+                if op == "prepare":
+                    q = data.draw(st.sampled_from([*QUERIES, b"BAD"]))
                     requests.append(parse(name, q))
+                    if failed:
+                        continue
+                    if name in model or q == b"BAD":  # 42P05, or refused: nothing changes
+                        expected.append(ord("E"))
+                        failed = True
+                        continue
+                    model[name] = q + b"\0\0\0"
                     expected.append(ord("1"))
                 elif op == "bind":
                     requests += [bind(name), EXECUTE]
+                    if failed:
+                        continue
                     if name not in model:
                         expected.append(ord("E"))
-                        break  # the rest would be skipped by any server
+                        failed = True
+                        continue
                     expected += [ord("2"), ord("C")]
                     expected_binds.append(model[name])
                 elif op == "close":
-                    model.pop(name, None)
                     requests.append(close(b"S", name))
+                    if failed:
+                        continue
+                    model.pop(name, None)
                     expected.append(ord("3"))
             requests.append(SYNC)
             expected.append(ord("Z"))

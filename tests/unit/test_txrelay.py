@@ -163,7 +163,7 @@ def test_fabricated_parse_complete_comes_at_its_turn() -> None:
     link.send(parse(b"a", b"SELECT 1"), SYNC)
     link.router.feed(PARSE_OK + ready(b"I"))
     assert "pgc_1" in link.server
-    sent = link.send(msg(b"Q", b"SELECT 1\0"), parse(b"a", b"SELECT 1"), bind(b"a"), EXECUTE,
+    sent = link.send(msg(b"Q", b"SELECT 1\0"), parse(b"c", b"SELECT 1"), bind(b"c"), EXECUTE,
                      SYNC)
     assert b"pgc_1" in sent and sent.count(b"P\0") == 0
     query_replies = ROW + SELECT_1 + ready(b"I")

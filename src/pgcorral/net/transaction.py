@@ -410,24 +410,28 @@ class TransactionClient(ClientConnection):
                     slots = DEFAULT_SLOTS[type_]
                     if slots:
                         plan.extend(slots)
-                elif (statements.at_sync and statements.pending_close) or not (
-                        fast := self._fast(type_, data, pos, end, statements, registry)):
-                    if run < pos:
-                        parts.append(data[run:pos])
-                    rw = rewrite(type_, data[pos + 5:end], self.statements, statements,
-                                 registry)
-                    if rw.send:
-                        parts.append(rw.send)
-                    plan.extend(rw.slots)
-                    run = end
                 else:
-                    statements.at_sync = False
-                    plan.extend(DEFAULT_SLOTS[type_])
-                    if fast is not True:  # a renamed Bind
+                    if type_ == codes.QUERY:
+                        statements.tx_failed = router.status == codes.TX_FAILED
+                    fast = (not (statements.at_sync and statements.pending_close)
+                            and self._fast(type_, data, pos, end, statements, registry))
+                    if not fast:
                         if run < pos:
                             parts.append(data[run:pos])
-                        parts.append(fast)
+                        rw = rewrite(type_, data[pos + 5:end], self.statements, statements,
+                                     registry)
+                        if rw.send:
+                            parts.append(rw.send)
+                        plan.extend(rw.slots)
                         run = end
+                    else:
+                        statements.at_sync = False
+                        plan.extend(DEFAULT_SLOTS[type_])
+                        if fast is not True:  # a renamed Bind
+                            if run < pos:
+                                parts.append(data[run:pos])
+                            parts.append(fast)
+                            run = end
                 if (type_ == codes.QUERY
                         and data[pos + 5:pos + 69].lstrip()[:7].lower() == b"discard"
                         and is_discard_all(data[pos + 5:end])):

@@ -32,7 +32,9 @@ the next Sync (fabricated ones too); a failed or skipped Parse of ours leaves th
 CopyInResponse removes the slots of Syncs sent during copy-in (PostgreSQL ignores them).
 
 Translation (mapping on): named Parse -> ``Parse pgc_n`` only if the server lacks it, else a
-fabricated ParseComplete (a second Parse of a mapped name replaces it, no 42P05); Bind and
+fabricated ParseComplete; a second Parse of a name the client has makes the server refuse a
+second Parse of its pooler name (a real 42P05, which also aborts an open transaction as it
+would on the client's own connection); Bind and
 Describe 'S' of a mapped name -> renamed, preceded by ``Parse pgc_n`` (reply dropped) when the
 server lacks it; Close 'S' of a mapped name -> forgotten, nothing sent, CloseComplete
 fabricated; Query ``DEALLOCATE [PREPARE] name|ALL`` of a mapped name or ALL -> forgotten, the
@@ -42,9 +44,11 @@ EmptyQueryResponse becomes CommandComplete ``DEALLOCATE [ALL]``, server statemen
 the LRU if it fails). Everything else (unnamed statements, portals, unknown names: PostgreSQL
 answers 26000) passes unchanged.
 
-Known limits: a failed client Parse stays mapped (a Bind re-prepares and gets the Parse's error
-rather than 26000); in pipeline mode a Bind sent before the error of a skipped re-Parse came back
-gets 26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery.
+A client's Parse or Close that fails or is skipped (after an error, until Sync) is undone in the
+client's names, newest first (``Slot.client_undo``).
+
+Known limits: in pipeline mode a Bind sent before the error of a skipped re-Parse came back gets
+26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery.
 """
 
 from __future__ import annotations
@@ -174,7 +178,7 @@ class StatementRegistry:
 class ServerStatements:
     """The pooler names prepared on one server connection (LRU, most recent last)."""
 
-    __slots__ = ("_lru", "at_sync", "capacity", "pending_close")
+    __slots__ = ("_lru", "at_sync", "capacity", "pending_close", "tx_failed")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -183,6 +187,9 @@ class ServerStatements:
         self.pending_close: dict[str, None] = {}
         #: the server is at a batch start (after a Sync, or just linked): Close is safe here
         self.at_sync = True
+        #: the connection's transaction is aborted (set by the caller before a Query):
+        #: DEALLOCATE and DISCARD ALL then go to PostgreSQL, which refuses them
+        self.tx_failed = False
 
     def __contains__(self, name: object) -> bool:
         return name in self._lru
@@ -247,6 +254,11 @@ class Slot:
     closes: str | None = None  # a Close of this pooler name
     restore: tuple[str, ...] = ()  # names a DISCARD ALL forgot: back in the LRU if it fails
     copy_end: bool = False  # a CopyDone/CopyFail marker, no reply of its own
+    # a client's Parse or Close changed its names: (its statements, name, identity set or
+    # None, identity before or None), put back if the request fails or is skipped
+    client_undo: tuple[ClientStatements, bytes, bytes | None, bytes | None] | None = None
+    # a DISCARD ALL: the client's names before it, put back if it fails
+    client_names: tuple[ClientStatements, dict[bytes, bytes]] | None = None
 
 
 _ENDS = {codes.PARSE: _PARSE_ENDS, codes.BIND: _BIND_ENDS, codes.CLOSE: _CLOSE_ENDS,
@@ -356,9 +368,18 @@ class ReplyPlan:
                 if head.restore:
                     self._restore(head.restore)
                     head.restore = ()
+                if head.client_names is not None:
+                    client, saved = head.client_names
+                    client.names.update(saved)
+                    head.client_names = None
                 return DROP if head.drop else PASS
-            slots.popleft()
-            self._undo(head)
+            # The failed request and every one up to the next Sync have no effect: undone
+            # newest first (a Close after a Parse of the same name must be undone first).
+            skipped = [slots.popleft()]
+            while slots and not slots[0].sync:
+                skipped.append(slots.popleft())
+            for slot in reversed(skipped):
+                self._undo(slot)
             self._skipping = True
             self._settle()
             return PASS  # the error answers the client's request (ours only when it failed)
@@ -409,10 +430,18 @@ class ReplyPlan:
         server = self.server
         if slot.prepares is not None:
             server.discard(slot.prepares)
+            server.pending_close.pop(slot.prepares, None)  # never prepared: nothing to close
         if slot.closes is not None and slot.closes not in server:
             server.pending_close[slot.closes] = None
         if slot.restore:
             self._restore(slot.restore)
+        if slot.client_undo is not None:
+            client, name, done, before = slot.client_undo
+            if client.names.get(name) is done:  # not changed again since
+                if before is None:
+                    client.names.pop(name, None)
+                else:
+                    client.names[name] = before
 
     def _restore(self, names: tuple[str, ...]) -> None:
         """A DISCARD ALL failed or was skipped: its statements are still prepared."""
@@ -490,10 +519,25 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         name, identity = parse_parse(body)
         if not name:
             return False
+        existing = names.get(name)
+        if existing is not None:
+            # PostgreSQL refuses a second Parse of a name (42P05), and the refusal aborts an
+            # open transaction: make the server refuse it for real, by parsing the pooler
+            # name it already has (made sure of first) once more.
+            # The new query goes with it: PostgreSQL analyses it first (its error, if any,
+            # comes before 42P05, as on the client's own connection).
+            pooled = registry.name_for(existing)
+            _ensure(pooled, existing, server, parts, slots, drop=True)
+            parts.append(build_parse(pooled.encode(), identity))
+            slots.append(Slot(_PARSE_ENDS))
+            return True
         names[name] = identity
+        undo = (client, name, identity, None)
         pooled = registry.name_for(identity)
         if _ensure(pooled, identity, server, parts, slots, drop=False):
-            slots.append(Slot(frozenset(), fabricate=PARSE_COMPLETE))
+            slots.append(Slot(frozenset(), fabricate=PARSE_COMPLETE, client_undo=undo))
+        else:
+            slots[-1].client_undo = undo
         return True
     if type_ == codes.BIND:
         portal, statement, rest = parse_bind(body)
@@ -512,7 +556,8 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
             return False
         if type_ == codes.CLOSE:
             del names[name]
-            slots.append(Slot(frozenset(), fabricate=CLOSE_COMPLETE))
+            slots.append(Slot(frozenset(), fabricate=CLOSE_COMPLETE,
+                              client_undo=(client, name, None, target)))
             return True
         pooled = registry.name_for(target)
         _ensure(pooled, target, server, parts, slots, drop=True)
@@ -553,7 +598,7 @@ def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegi
     server. This keeps clients that prepare synchronously before each transaction (pgbench
     -M prepared) from waiting for a server only to be told ParseComplete."""
     name, identity = parse_parse(body)
-    if not name:
+    if not name or name in client.names:  # a second Parse of a name: the server refuses it
         return False
     pooled = registry.lookup(identity)
     if pooled is None or pooled not in registry.known:
@@ -577,6 +622,8 @@ def _translate_query(body: bytes, client: ClientStatements, server: ServerStatem
     if not body.endswith(b"\0"):
         raise ClientProtocolError("malformed Query message: unterminated string")
     head = body[:64].lstrip()[:10].lower()
+    if server.tx_failed:
+        return False  # PostgreSQL refuses both in an aborted transaction (25P02): let it
     if head.startswith(b"deallocate"):
         match = _DEALLOCATE.match(body, 0, len(body) - 1)
         if match is None:
@@ -593,8 +640,9 @@ def _translate_query(body: bytes, client: ClientStatements, server: ServerStatem
         slots.append(Slot(_READY, tag=tag))
         return True
     if head.startswith(b"discard") and _DISCARD_ALL.match(body, 0, len(body) - 1):
+        saved = dict(client.names)  # back if it fails (inside a transaction block: 25001)
         client.names.clear()
         parts.append(message(b"Q", body))
-        slots.append(Slot(_READY, restore=tuple(server.clear())))
+        slots.append(Slot(_READY, restore=tuple(server.clear()), client_names=(client, saved)))
         return True
     return False
