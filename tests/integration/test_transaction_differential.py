@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.integration.test_transaction import TEST_DB, tx_conf
@@ -119,11 +120,13 @@ def connected(host: str, port: int) -> Iterator[Conn]:
         conn.close()
 
 
-def test_statement_mapping_answers_as_postgresql_does(pgcorral: DaemonFactory,
-                                                      pg: PgCluster) -> None:
-    d: Daemon = pgcorral(tx_conf(2, max_prepared_statements="2"))
+@pytest.mark.parametrize("capacity", ["1", "3"])
+def test_statement_mapping_answers_as_postgresql_does(pgcorral: DaemonFactory, pg: PgCluster,
+                                                      capacity: str) -> None:
+    """max_prepared_statements 1 (every other statement evicted and prepared again) and 3."""
+    d: Daemon = pgcorral(tx_conf(2, max_prepared_statements=capacity))
 
-    @settings(max_examples=60, deadline=None,
+    @settings(max_examples=50, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(batch, min_size=1, max_size=6))
     def check(batches: list[bytes]) -> None:
