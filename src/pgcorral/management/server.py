@@ -62,10 +62,19 @@ class ManagementServer:
     # --- connections -----------------------------------------------------------------------
 
     async def _local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._run(reader, writer, remote=False)
+        await self._handle(reader, writer, remote=False)
 
     async def _remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._run(reader, writer, remote=True)
+        await self._handle(reader, writer, remote=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      remote: bool) -> None:
+        """A connection's task. Cancelled at shutdown, it ends quietly: asyncio's streams
+        (Python 3.11) log a traceback for a handler task that ends cancelled."""
+        try:
+            await self._run(reader, writer, remote)
+        except asyncio.CancelledError:
+            writer.close()
 
     async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    remote: bool) -> None:

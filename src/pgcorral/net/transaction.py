@@ -411,8 +411,7 @@ class TransactionClient(ClientConnection):
                     if slots:
                         plan.extend(slots)
                 else:
-                    if type_ == codes.QUERY:
-                        statements.tx_failed = router.status == codes.TX_FAILED
+                    statements.tx_failed = router.status == codes.TX_FAILED
                     fast = (not (statements.at_sync and statements.pending_close)
                             and self._fast(type_, data, pos, end, statements, registry))
                     if not fast:

@@ -187,8 +187,8 @@ class ServerStatements:
         self.pending_close: dict[str, None] = {}
         #: the server is at a batch start (after a Sync, or just linked): Close is safe here
         self.at_sync = True
-        #: the connection's transaction is aborted (set by the caller before a Query):
-        #: DEALLOCATE and DISCARD ALL then go to PostgreSQL, which refuses them
+        #: the connection's transaction is aborted (set by the caller before each request):
+        #: Parse, DEALLOCATE and DISCARD ALL then go to PostgreSQL, which refuses them
         self.tx_failed = False
 
     def __contains__(self, name: object) -> bool:
@@ -534,10 +534,13 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         names[name] = identity
         undo = (client, name, identity, None)
         pooled = registry.name_for(identity)
-        if _ensure(pooled, identity, server, parts, slots, drop=False):
-            slots.append(Slot(frozenset(), fabricate=PARSE_COMPLETE, client_undo=undo))
-        else:
+        if not _ensure(pooled, identity, server, parts, slots, drop=False):
             slots[-1].client_undo = undo
+        elif server.tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
+            parts.append(build_parse(pooled.encode(), identity))
+            slots.append(Slot(_PARSE_ENDS, client_undo=undo))
+        else:
+            slots.append(Slot(frozenset(), fabricate=PARSE_COMPLETE, client_undo=undo))
         return True
     if type_ == codes.BIND:
         portal, statement, rest = parse_bind(body)

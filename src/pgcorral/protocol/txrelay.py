@@ -27,8 +27,10 @@ from pgcorral.protocol.prepared import DROP, ReplyPlan
 _header = struct.Struct("!BI").unpack_from
 #: ParameterStatus bodies are small; a larger one is forwarded but not collected.
 _MAX_COLLECTED = 64 * 1024
+_length = struct.Struct("!I").unpack_from
 _READY = codes.READY_FOR_QUERY
 _PARAM = codes.PARAMETER_STATUS
+_STREAMED = frozenset([codes.DATA_ROW, codes.COPY_DATA])
 
 
 class ReplyRouter:
@@ -128,6 +130,14 @@ class ReplyRouter:
                 if on_reply(type_) == DROP:
                     out.append(data[run:pos])
                     run = end
+                elif type_ in _STREAMED:
+                    # rows and COPY data end no request and are no error: the ones that
+                    # follow get the same answer, so they are skipped by their headers only
+                    while end + 5 <= n and data[end] == type_:
+                        (length,) = _length(data, end + 1)
+                        if length < 4 or length - 4 > max_length or end + 1 + length > n:
+                            break
+                        end += 1 + length
                 ready = type_ == _READY
                 if ready:
                     if length != 5:
