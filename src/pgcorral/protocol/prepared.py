@@ -48,7 +48,10 @@ A client's Parse or Close that fails or is skipped (after an error, until Sync) 
 client's names, newest first (``Slot.client_undo``).
 
 Known limits: in pipeline mode a Bind sent before the error of a skipped re-Parse came back gets
-26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery.
+26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery; inside an
+aborted transaction a statement evicted from the connection cannot be prepared again, so a Bind
+of it gets 25P02 even where PostgreSQL would first report another error (a wrong parameter
+count).
 """
 
 from __future__ import annotations
