@@ -162,3 +162,4 @@ def test_statement_mapping_answers_as_postgresql_does(pgcorral: DaemonFactory, p
             pooled.run(query(b"ROLLBACK"))
 
     check()
+
