@@ -327,14 +327,13 @@ class DirectTarget(Target):
         pass
 
 
-class PgBouncerTarget(Target):
-    name = "pgbouncer"
+class PoolerTarget(Target):
+    """A pooler in front of the cluster (what the PgBouncer and pgcorral targets share)."""
 
     def __init__(
-        self, binary: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
+        self, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
         psql: str, start_timeout: float,
     ) -> None:  # fmt: skip
-        self.binary = binary
         self.workdir = workdir
         self.cluster = cluster
         self.pool_size = pool_size
@@ -342,8 +341,19 @@ class PgBouncerTarget(Target):
         self.psql = psql
         self.start_timeout = start_timeout
         self.port = find_free_port()
-        self.log_path = workdir / "pgbouncer.log"
+        self.log_path = workdir / f"{self.name}.log"
         self.logfile = self.log_path
+
+
+class PgBouncerTarget(PoolerTarget):
+    name = "pgbouncer"
+
+    def __init__(
+        self, binary: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
+        psql: str, start_timeout: float,
+    ) -> None:  # fmt: skip
+        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout)
+        self.binary = binary
 
     def ini(self) -> str:
         w = self.workdir
@@ -405,23 +415,15 @@ log_pooler_errors = 1
         return first_line([self.binary, "--version"])
 
 
-class PgCorralTarget(Target):
+class PgCorralTarget(PoolerTarget):
     name = "pgcorral"
 
     def __init__(
         self, python: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
         psql: str, start_timeout: float,
     ) -> None:  # fmt: skip
+        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout)
         self.python = python
-        self.workdir = workdir
-        self.cluster = cluster
-        self.pool_size = pool_size
-        self.mode = mode
-        self.psql = psql
-        self.start_timeout = start_timeout
-        self.port = find_free_port()
-        self.log_path = workdir / "pgcorral.log"
-        self.logfile = self.log_path
 
     def conf(self) -> str:
         return f"""\

@@ -440,22 +440,27 @@ class ClientConnection(Endpoint):
         if not server.check_memento(answer):
             raise PasswordFailed(f'password authentication failed for user "{self.user}"')
 
+    def _greet(self, params: bytes, pid: int, secret: int, status: int) -> bytes:
+        """The login succeeded: log it, send AuthenticationOk, the ParameterStatus messages
+        ``params``, BackendKeyData and ReadyForQuery. Returns what the client pipelined."""
+        self.linked_once = True
+        self.seen_activity = (self.activity, time.monotonic())
+        if self.ctx.config.main.log_connections:
+            log.info("connection authorized: user=%s database=%s host=%s", self.user,
+                     self.database, self.address or "[local]")
+        pipelined = self.take_buffered()
+        self.write(_AUTH_OK + params + msg.backend_key_data(pid, secret)
+                   + msg.ready_for_query(bytes([status])))
+        return pipelined
+
     async def _link_and_serve(self, server: ServerConnection) -> None:
         ctx = self.ctx
         secret = ctx.issue_cancel_key(self, server.pid)
         status = server.status if server.status > 0 else codes.TX_IDLE
-        greeting = (_AUTH_OK + server.greeting_params() + msg.backend_key_data(server.pid, secret)
-                    + msg.ready_for_query(bytes([status])))
-        pipelined = self.take_buffered()
-        self.linked_once = True
-        self.seen_activity = (self.activity, time.monotonic())
-        if ctx.config.main.log_connections:
-            log.info("connection authorized: user=%s database=%s host=%s", self.user,
-                     self.database, self.address or "[local]")
+        pipelined = self._greet(server.greeting_params(), server.pid, secret, status)
         self.server = server
         self.peer = server
         server.peer = self
-        self.write(greeting)
         if pipelined:
             self.data_received(pipelined)
         assert self._ended is not None

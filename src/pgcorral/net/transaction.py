@@ -40,7 +40,7 @@ from pgcorral.errors import (
     PgCorralError,
     PoolExhausted,
 )
-from pgcorral.net.client import _AUTH_OK, ClientConnection
+from pgcorral.net.client import ClientConnection
 from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
 from pgcorral.pipelines.session import RESET_TIMEOUT
@@ -173,7 +173,7 @@ async def reset(server: TxServerConnection, query: str) -> bool:
     server.requests = []  # nothing to re-apply after DISCARD ALL: the next client brings its own
     ok = await server.reset(query, RESET_TIMEOUT)
     if ok and query and any(r in query.upper() for r in _STATEMENT_RESETS):
-        server.forget_statements()
+        server.statements.clear()  # the server has none left
         if "DISCARD ALL" in query.upper():
             server.extra.clear()
     return ok
@@ -397,6 +397,10 @@ class TransactionClient(ClientConnection):
                     router.batch_open = True
                 elif type_ == codes.SYNC:
                     router.batch_open = False
+                special = False  # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets
+                if type_ == codes.QUERY:
+                    head = data[pos + 5:pos + 69].lstrip()[:10].lower()
+                    special = head.startswith(b"deallocate") or head.startswith(b"discard")
                 if not mapping:
                     if type_ == codes.PARSE and data[pos + 5] != 0:
                         self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
@@ -413,7 +417,8 @@ class TransactionClient(ClientConnection):
                 else:
                     statements.tx_failed = router.status == codes.TX_FAILED
                     fast = (not (statements.at_sync and statements.pending_close)
-                            and self._fast(type_, data, pos, end, statements, registry))
+                            and (not special if type_ == codes.QUERY else
+                                 self._fast(type_, data, pos, end, statements, registry)))
                     if not fast:
                         if run < pos:
                             parts.append(data[run:pos])
@@ -431,9 +436,8 @@ class TransactionClient(ClientConnection):
                                 parts.append(data[run:pos])
                             parts.append(fast)
                             run = end
-                if (type_ == codes.QUERY
-                        and data[pos + 5:pos + 69].lstrip()[:7].lower() == b"discard"
-                        and is_discard_all(data[pos + 5:end])):
+                if special and head.startswith(b"discard") and is_discard_all(
+                        data[pos + 5:end]):
                     self.extra = {}  # RESET ALL: non-reported settings back to defaults
                     server.extra.clear()
                     if not mapping:
@@ -460,20 +464,17 @@ class TransactionClient(ClientConnection):
 
     def _fast(self, type_: int, data: bytes, pos: int, end: int,
               statements: ServerStatements, registry: StatementRegistry) -> bytes | bool:
-        """A mapped-mode message that needs no ``rewrite``: True to pass it as is, the renamed
-        Bind, or False for ``rewrite``."""
+        """A mapped-mode message other than Query that needs no ``rewrite``: True to pass it as
+        is, the renamed Bind, or False for ``rewrite``."""
         if type_ == codes.BIND:
             body = data[pos + 5:end]
-            portal_end = body.find(b"\0")
-            if 0 <= portal_end < len(body) - 1 and body[portal_end + 1] == 0:
-                return True  # the unnamed statement is not mapped
             renamed = bind_fast(body, self.statements, statements, registry)
-            return False if renamed is None else renamed
+            if renamed is not None:
+                return renamed
+            portal_end = body.find(b"\0")  # the unnamed statement is not mapped
+            return 0 <= portal_end < len(body) - 1 and body[portal_end + 1] == 0
         if type_ in (codes.EXECUTE, codes.FUNCTION_CALL):
             return True
-        if type_ == codes.QUERY:  # DEALLOCATE and DISCARD are translated
-            head = data[pos + 5:pos + 69].lstrip()[:10].lower()
-            return not (head.startswith(b"deallocate") or head.startswith(b"discard"))
         if type_ == codes.PARSE:  # the unnamed statement is not mapped
             return end > pos + 5 and data[pos + 5] == 0
         # Describe or Close: a portal, or the unnamed statement, is not mapped
@@ -619,20 +620,11 @@ class TransactionClient(ClientConnection):
         await self._greet_and_serve(params, extra)
 
     async def _greet_and_serve(self, params: dict[str, str], extra: dict[str, str]) -> None:
-        ctx = self.ctx
-        self.cancel_pid, secret = ctx.issue_virtual_key(self)
-        greeting = (_AUTH_OK + b"".join(msg.parameter_status(k, v) for k, v in params.items())
-                    + msg.backend_key_data(self.cancel_pid, secret)
-                    + msg.ready_for_query(b"I"))
+        self.cancel_pid, secret = self.ctx.issue_virtual_key(self)
         self.params = params
         self.extra = extra
-        self.linked_once = True
-        self.seen_activity = (self.activity, time.monotonic())
-        if ctx.config.main.log_connections:
-            log.info("connection authorized: user=%s database=%s host=%s", self.user,
-                     self.database, self.address or "[local]")
-        pipelined = self.take_buffered()
-        self.write(greeting)
+        pipelined = self._greet(b"".join(msg.parameter_status(k, v) for k, v in params.items()),
+                                self.cancel_pid, secret, codes.TX_IDLE)
         self.in_session = True
         try:
             if pipelined:

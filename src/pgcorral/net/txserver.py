@@ -70,10 +70,6 @@ class TxServerConnection(ServerConnection):
         elif client.terminating and router.plan.idle and router.at_boundary:
             client.end("terminate")  # Terminate came in a transaction: its replies are out
 
-    def forget_statements(self) -> None:
-        """Every statement is gone from the server (DISCARD ALL / DEALLOCATE ALL ran)."""
-        self.statements.clear()
-
     def cancel_done(self) -> None:
         """A forwarded cancel request finished; a release held for it may go on."""
         self.cancels -= 1

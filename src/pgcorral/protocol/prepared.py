@@ -289,10 +289,6 @@ def _make_default_slots(type_: int) -> tuple[Slot, ...]:
 DEFAULT_SLOTS: dict[int, tuple[Slot, ...]] = {t: _make_default_slots(t) for t in range(256)}
 
 
-def _default_slots(type_: int) -> tuple[Slot, ...]:
-    return DEFAULT_SLOTS[type_]
-
-
 def own_query_slot() -> Slot:
     """The slot of a Query or Sync-ended batch pgcorral sends itself before a client's requests
     (settings, reset): every reply up to its ReadyForQuery is dropped, errors included."""
@@ -498,7 +494,7 @@ def rewrite(type_: int, body: bytes, client: ClientStatements, server: ServerSta
             registry: StatementRegistry) -> Rewrite:
     """Translate one client message (``type_``, ``body`` without the header)."""
     if server.capacity <= 0:
-        return Rewrite(_header.pack(type_, len(body) + 4) + body, _default_slots(type_))
+        return Rewrite(_header.pack(type_, len(body) + 4) + body, DEFAULT_SLOTS[type_])
     parts: list[bytes] = []
     slots: list[Slot] = []  # built in request order
     if server.at_sync and type_ in _REQUESTS and server.pending_close:
@@ -514,8 +510,8 @@ def rewrite(type_: int, body: bytes, client: ClientStatements, server: ServerSta
     if not handled:
         parts.append(_header.pack(type_, len(body) + 4) + body)
         if not slots:
-            return Rewrite(parts[0], _default_slots(type_))
-        slots.extend(_default_slots(type_))
+            return Rewrite(parts[0], DEFAULT_SLOTS[type_])
+        slots.extend(DEFAULT_SLOTS[type_])
     return Rewrite(b"".join(parts), slots)
 
 
