@@ -55,7 +55,8 @@ def test_daemon_mode_pidfile_and_second_instance(tmp_path: Path, pg: PgCluster) 
     _wait(pidfile.exists, "the pidfile")
     pid = int(pidfile.read_text())
     try:
-        _wait(lambda: "started on" in (tmp_path / "pgcorral.log").read_text(), "the start line")
+        log = tmp_path / "pgcorral.log"  # written after the pidfile: wait for it to exist
+        _wait(lambda: log.exists() and "started on" in log.read_text(), "the start line")
         dsn = f"host=127.0.0.1 port={port} user=trustuser dbname=pgcorral_test"
         with psycopg.connect(dsn) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
