@@ -277,6 +277,8 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
             "log_type": "console",
             "log_level": "info",
             "max_connections": "20",
+            # `make test` runs the integration suite with 1 and then with 2 workers
+            "workers": os.environ.get("PGCORRAL_TEST_WORKERS", "1"),
         }
         main.update(conf_extra or {})
         if servers is None:

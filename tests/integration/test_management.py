@@ -80,15 +80,17 @@ def test_status_counts_and_output_shapes(pgcorral: DaemonFactory) -> None:
         details = cli_json(d, "details")  # the 0.5.0 name of status details
         assert details["connections"][0]["pid"] == pid
         assert details["connections"][0]["state"] == "active"
-        assert details["sessions"] == [{"user": "trustuser", "database": "pgcorral_test",
-                                        "address": "127.0.0.1", "pid": pid}]
+        sessions = [{k: v for k, v in s.items() if k != "worker"} for s in details["sessions"]]
+        assert sessions == [{"user": "trustuser", "database": "pgcorral_test",
+                             "address": "127.0.0.1", "pid": pid}]
+        assert details["sessions"][0]["worker"] == details["connections"][0]["worker"]
         text = cli(d, "status", "details").stdout.splitlines()
         assert ["active_connections", "1"] in [line.split() for line in text]
         assert len({line.index(" 1") for line in text if line.endswith(" 1")
                     and not line.startswith(" ")}) == 1  # values aligned in one column
         header = next(line for line in text if line.strip().startswith("ID"))
         assert header.split() == ["ID", "STATE", "DATABASE", "USER", "PID", "STARTED",
-                                  "LAST_USED"]
+                                  "LAST_USED", "WORKER"]
     poll(lambda: cli_json(d, "status")["idle_connections"] == 1, "the connection to be idle")
     assert cli_json(d, "status")["counters"]["client_connections"] >= 1
 

@@ -108,7 +108,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert main.pidfile == "/tmp/pgcorral.2345.pid"
     assert main.max_packet_size == 1073741822
     assert main.max_prepared_statements == 200
-    assert main.workers == 1
+    assert main.workers == 0  # auto
     assert main.server_connect_timeout == 10.0
     assert main.connection_retry_delay == pytest.approx(0.25)
     assert main.allow_unknown_users is True

@@ -442,8 +442,9 @@ def test_set_limits_applies_to_new_requests() -> None:
     pool, _ = make_pool(10, (limit("db1", "all", 1),))
     slot = new_active(pool, A)
     pool.set_limits((limit("db1", "all", 2),))
-    assert pool.rule_for(A) is not slot.rule
+    assert pool.rule_for(A) is slot.rule  # held slots count under the rule that matches now
     assert grant(pool, A).new
+    assert isinstance(pool.request(A, None, never), Waiter)  # 2 of 2 under the new rule
 
 
 # --- stateful model check -------------------------------------------------------------------
@@ -664,15 +665,15 @@ def test_expired_idle_by_idle_timeout_and_by_age() -> None:
 
 def test_reserve_new_for_prefill_respects_limits_and_waiters() -> None:
     pool, _ = make_pool(2, (limit("db1", "alice", 1),))
-    first = pool.reserve_new(A)
+    first = pool.reserve_new(A, 99)
     assert first is not None and pool.count_key(A) == 1
-    assert pool.reserve_new(A) is None  # alice's rule is full
-    assert pool.reserve_new(B) is not None  # bob has no rule of his own
-    assert pool.reserve_new(("db2", "carol")) is None  # max_connections reached, no eviction
+    assert pool.reserve_new(A, 99) is None  # alice's rule is full
+    assert pool.reserve_new(B, 99) is not None  # bob has no rule of his own
+    assert pool.reserve_new(("db2", "carol"), 99) is None  # max_connections reached, no eviction
 
 
 def test_reserve_new_leaves_room_to_waiters() -> None:
     pool, _ = make_pool(3, (limit("db1", "alice", 1),))
-    assert pool.reserve_new(A) is not None
+    assert pool.reserve_new(A, 99) is not None
     wait(pool, A, never)  # alice's rule is full: a second alice waits
-    assert pool.reserve_new(B) is None  # capacity is free, but a waiter comes first
+    assert pool.reserve_new(B, 99) is None  # capacity is free, but a waiter comes first

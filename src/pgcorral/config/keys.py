@@ -10,14 +10,15 @@ Types:
 (on/off, yes/no, true/false, 1/0); ``duration`` (plain number = seconds, or a suffix ms/s/m/h/d/w;
 stored as float seconds); ``duration_ms`` (same, but a plain number means milliseconds);
 ``size`` (plain number = bytes, or a suffix B, K/KB, M/MB, G/GB; stored as int bytes);
-``enum`` (one of ``choices``, case-insensitive, stored lower-case).
+``enum`` (one of ``choices``, case-insensitive, stored lower-case); ``int_auto`` (an int, or
+``auto`` stored as 0: the program decides).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TYPES = ("string", "path", "int", "bool", "duration", "duration_ms", "size", "enum")
+TYPES = ("string", "path", "int", "int_auto", "bool", "duration", "duration_ms", "size", "enum")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +61,10 @@ KEYS: tuple[Key, ...] = (
     Key("hugepage", "enum", "try", _NOT_LIVE,
         "pgagroal's huge pages for shared memory; accepted for compatibility.",
         choices=("off", "try", "on")),
-    Key("workers", "int", 1, _NOT_LIVE,
-        _OURS + "Number of worker processes that accept clients.", minimum=1, maximum=1024),
+    Key("workers", "int_auto", 0, _NOT_LIVE,
+        _OURS + "Number of worker processes that accept clients and share one pool; `auto`: "
+        "the CPUs this process may use. `1` is one process with no supervisor. See "
+        "docs/ARCHITECTURE.md (Processes).", minimum=1, maximum=1024),
     # -- pool ----------------------------------------------------------------------------------
     Key("pipeline", "enum", "auto", _NOT_LIVE, "Pooling pipeline.",
         choices=("auto", "performance", "session", "transaction")),
@@ -206,6 +209,8 @@ def _default_text(key: Key) -> str:
         return f"{value:g}s"
     if value == "":
         return "—"
+    if key.type == "int_auto" and value == 0:
+        return "`auto`"
     return f"`{value}`"
 
 

@@ -59,7 +59,7 @@ class MainConfig:
     nodelay: bool = True
     ev_backend: str = "auto"
     hugepage: str = "try"
-    workers: int = 1
+    workers: int = 0  # 0: auto
     # pool
     pipeline: str = "auto"
     max_connections: int = 100

@@ -90,7 +90,9 @@ def convert(key: Key, text: str) -> object:
         return expand_path(text)
     if key.type == "bool":
         return parse_bool(text)
-    if key.type == "int":
+    if key.type == "int_auto" and text.strip().lower() == "auto":
+        return 0
+    if key.type in ("int", "int_auto"):
         value: object = parse_int(text)
     elif key.type == "duration":
         value = parse_duration(text)

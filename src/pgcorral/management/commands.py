@@ -1,23 +1,25 @@
 """The command dispatch table of the management layer: one handler per command.
 
-A handler takes the controller (the running daemon: its ``Context`` plus stop, cancel-shutdown
-and reload) and the command's arguments, and returns the fields of the answer; a
-``CommandError`` becomes ``{"outcome": "error", "reason": ...}``. Handlers act on the pool only
-through ``Context``'s query/command API. Aliases (pgagroal 0.5.0 names) are resolved first by
-``protocol.resolve``.
+A handler takes the controller (the running daemon, one process or a supervisor with workers)
+and the command's arguments, and returns the fields of the answer; a ``CommandError`` becomes
+``{"outcome": "error", "reason": ...}``. Handlers act on the pool only through the workers'
+control API (``net.control``), by name through ``Controller.call``, which with several workers
+asks every worker and merges their answers. Aliases (pgagroal 0.5.0 names) are resolved first
+by ``protocol.resolve``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from pgcorral import __version__
+from pgcorral.config import Config
 from pgcorral.config.keys import MAIN_KEYS, MAIN_SECTIONS, SERVER_KEYS, Key
 from pgcorral.config.parse import convert
 from pgcorral.management import protocol
-from pgcorral.net.context import Context
+from pgcorral.security.secrets import Secrets
 
 log = logging.getLogger("pgcorral.management")
 
@@ -29,7 +31,20 @@ FLUSH_MODES = ("gracefully", "idle", "all")
 class Controller(Protocol):
     """What the management layer may ask of the running daemon."""
 
-    ctx: Context
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def secrets(self) -> Secrets: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    async def call(self, operation: str, *args: Any) -> Any:
+        """Run ``net.control.<operation>`` in every worker; the merged answer."""
+        ...
+
+    def note_command(self) -> None: ...
 
     def stop(self, mode: str) -> None: ...
 
@@ -48,7 +63,7 @@ class CommandError(Exception):
 
 
 Fields = dict[str, Any]
-Handler = Callable[[Controller, list[str]], Fields]
+Handler = Callable[[Controller, list[str]], Awaitable[Fields]]
 
 
 def _max_args(args: list[str], n: int, usage: str) -> None:
@@ -56,22 +71,22 @@ def _max_args(args: list[str], n: int, usage: str) -> None:
         raise CommandError(f"too many arguments; usage: {usage}")
 
 
-def ping(c: Controller, args: list[str]) -> Fields:
+async def ping(c: Controller, args: list[str]) -> Fields:
     _max_args(args, 0, "ping")
-    return {"status": "graceful shutdown" if c.ctx.shutting_down else "running",
+    return {"status": "graceful shutdown" if c.shutting_down else "running",
             "version": __version__}
 
 
-def status(c: Controller, args: list[str]) -> Fields:
+async def status(c: Controller, args: list[str]) -> Fields:
     _max_args(args, 1, "status [details]")
     if not args:
-        return c.ctx.status()
+        return dict(await c.call("status"))
     if args[0] != "details":
         raise CommandError(f"unknown status argument {args[0]!r}; usage: status [details]")
-    return c.ctx.details()
+    return dict(await c.call("details"))
 
 
-def flush(c: Controller, args: list[str]) -> Fields:
+async def flush(c: Controller, args: list[str]) -> Fields:
     _max_args(args, 2, "flush [gracefully|idle|all] [database]")
     mode = "gracefully"
     if args and args[0] in FLUSH_MODES:
@@ -79,20 +94,20 @@ def flush(c: Controller, args: list[str]) -> Fields:
     elif len(args) == 2:
         raise CommandError(f"unknown flush mode {args[0]!r}; use gracefully, idle or all")
     database = args[0] if args else "all"
-    return {"mode": mode, "database": database, **c.ctx.flush(mode, database)}
+    return {"mode": mode, "database": database, **(await c.call("flush", mode, database))}
 
 
 def _toggle(enable: bool) -> Handler:
-    def handler(c: Controller, args: list[str]) -> Fields:
+    async def handler(c: Controller, args: list[str]) -> Fields:
         _max_args(args, 1, f"{'enable' if enable else 'disable'} [database]")
         database = args[0] if args else "all"
-        disabled = c.ctx.enable(database) if enable else c.ctx.disable(database)
+        disabled = await c.call("enable" if enable else "disable", database)
         log.info("%s database %s", "enabled" if enable else "disabled", database)
         return {"database": database, "disabled": disabled}
     return handler
 
 
-def shutdown(c: Controller, args: list[str]) -> Fields:
+async def shutdown(c: Controller, args: list[str]) -> Fields:
     _max_args(args, 1, "shutdown [gracefully|immediate|cancel]")
     mode = args[0] if args else "gracefully"
     if mode == "cancel":
@@ -106,26 +121,26 @@ def shutdown(c: Controller, args: list[str]) -> Fields:
     return {"mode": mode}
 
 
-def switch_to(c: Controller, args: list[str]) -> Fields:
+async def switch_to(c: Controller, args: list[str]) -> Fields:
     if len(args) != 1:
         raise CommandError("usage: switch-to <server>")
     try:
-        previous = c.ctx.switch_to(args[0])
+        previous = await c.call("switch_to", args[0])
     except KeyError:
         raise CommandError(f"no server named {args[0]!r}") from None
     return {"server": args[0], "previous": previous}
 
 
-def clear(c: Controller, args: list[str]) -> Fields:
+async def clear(c: Controller, args: list[str]) -> Fields:
     if args in (["prometheus"], ["prometheus", "all"]):
-        c.ctx.clear_counters()
+        await c.call("clear_counters")
         return {"cleared": "prometheus"}
     name = args[1] if len(args) == 2 and args[0] == "server" else (
         args[0] if len(args) == 1 else None)
     if name is None:
         raise CommandError("usage: clear prometheus | clear [server] <name>")
     try:
-        c.ctx.clear_server(name)
+        await c.call("clear_server", name)
     except KeyError:
         raise CommandError(f"no server named {name!r}") from None
     return {"cleared": "server", "server": name}
@@ -143,14 +158,14 @@ def _lookup(c: Controller, name: str) -> tuple[Key, str | None, str]:
         if bare in MAIN_KEYS:
             return MAIN_KEYS[bare], None, bare
     elif len(parts) == 3 and parts[0] == "server" and parts[2] in SERVER_KEYS:
-        if parts[1] in [s.name for s in c.ctx.config.servers]:
+        if parts[1] in [s.name for s in c.config.servers]:
             return SERVER_KEYS[parts[2]], parts[1], parts[2]
         raise CommandError(f"no server named {parts[1]!r}")
     raise CommandError(f"unknown configuration key {name!r}")
 
 
 def _values(c: Controller) -> dict[str, Any]:
-    config = c.ctx.config
+    config = c.config
     values: dict[str, Any] = {name: getattr(config.main, name) for name in MAIN_KEYS}
     for server in config.servers:
         for name in SERVER_KEYS:
@@ -158,7 +173,7 @@ def _values(c: Controller) -> dict[str, Any]:
     return values
 
 
-def conf(c: Controller, args: list[str]) -> Fields:
+async def conf(c: Controller, args: list[str]) -> Fields:
     sub, rest = (args[0], args[1:]) if args else ("", [])
     if sub == "reload":
         _max_args(rest, 0, "conf reload")
@@ -168,7 +183,7 @@ def conf(c: Controller, args: list[str]) -> Fields:
                                + "; ".join(problems))
         return {"reloaded": True}
     if sub == "ls":
-        config = c.ctx.config
+        config = c.config
         return {"files": {"main": config.config_path, "hba": config.hba_path,
                           "limit": config.limits_path}, "values": _values(c)}
     if sub == "get":
@@ -176,22 +191,22 @@ def conf(c: Controller, args: list[str]) -> Fields:
         if not rest:
             return {"values": _values(c)}
         _, server, bare = _lookup(c, rest[0])
-        entry = c.ctx.config.main if server is None else next(
-            s for s in c.ctx.config.servers if s.name == server)
+        entry = c.config.main if server is None else next(
+            s for s in c.config.servers if s.name == server)
         return {"key": rest[0], "value": getattr(entry, bare)}
     if sub == "set":
         if len(rest) != 2:
             raise CommandError("usage: conf set <key> <value>")
-        return _conf_set(c, rest[0], rest[1])
+        return await _conf_set(c, rest[0], rest[1])
     if sub == "alias":
         return {"databases": [
             {"database": r.database, "aliases": list(r.aliases), "user": r.user,
              "max_size": r.max_size, "initial_size": r.initial_size, "min_size": r.min_size}
-            for r in c.ctx.config.limits]}
+            for r in c.config.limits]}
     raise CommandError("usage: conf reload | ls | get [key] | set <key> <value> | alias")
 
 
-def _conf_set(c: Controller, name: str, text: str) -> Fields:
+async def _conf_set(c: Controller, name: str, text: str) -> Fields:
     key, server, bare = _lookup(c, name)
     try:
         value = convert(key, text)
@@ -200,13 +215,13 @@ def _conf_set(c: Controller, name: str, text: str) -> Fields:
     if not key.reloadable:
         raise CommandError("restart required", key=name, restart_required=True)
     if server is None:
-        old = c.ctx.set_main_key(bare, value)
+        old = await c.call("set_main_key", bare, value)
         if bare == "log_level":
             level = _LEVELS.get(str(value), logging.DEBUG if str(value).startswith("debug")
                                 else logging.INFO)
             logging.getLogger().setLevel(level)
     else:
-        old = c.ctx.set_server_key(server, bare, value)
+        old = await c.call("set_server_key", server, bare, value)
     log.info("conf set %s = %r (was %r)", name, value, old)
     return {"key": name, "value": value, "previous": old}
 
@@ -225,7 +240,7 @@ HANDLERS: dict[str, Handler] = {
 assert set(HANDLERS) == set(protocol.COMMANDS)
 
 
-def dispatch(controller: Controller, request: dict[str, Any]) -> dict[str, Any]:
+async def dispatch(controller: Controller, request: dict[str, Any]) -> dict[str, Any]:
     """Run one request; the answer object."""
     name, args = request.get("command"), request.get("args", [])
     if not isinstance(name, str) or not isinstance(args, list) or not all(
@@ -235,8 +250,8 @@ def dispatch(controller: Controller, request: dict[str, Any]) -> dict[str, Any]:
     handler = HANDLERS.get(command)
     if handler is None:
         return protocol.error(name, f"unknown command {name!r}")
-    controller.ctx.counters["management_commands"] += 1
+    controller.note_command()
     try:
-        return protocol.ok(command, **handler(controller, args))
+        return protocol.ok(command, **(await handler(controller, args)))
     except CommandError as exc:
         return protocol.error(command, exc.reason, **exc.fields)

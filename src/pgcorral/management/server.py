@@ -36,7 +36,7 @@ class ManagementServer:
         self._mock_secret = secrets.token_bytes(32)
 
     async def start(self) -> None:
-        main = self.controller.ctx.config.main
+        main = self.controller.config.main
         self.unix_path = protocol.socket_path(main.unix_socket_dir, main.port)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.unix_path)  # the client socket check already ran: no live owner
@@ -80,7 +80,7 @@ class ManagementServer:
                    remote: bool) -> None:
         try:
             if remote:
-                timeout = self.controller.ctx.config.main.authentication_timeout or None
+                timeout = self.controller.config.main.authentication_timeout or None
                 async with asyncio.timeout(timeout):
                     if not await self._authenticate(reader, writer):
                         return
@@ -88,7 +88,7 @@ class ManagementServer:
                 request = await _read_frame(reader)
                 if request is None:
                     return
-                writer.write(protocol.encode(dispatch(self.controller, request)))
+                writer.write(protocol.encode(await dispatch(self.controller, request)))
                 await writer.drain()
         except protocol.FrameError as exc:
             log.info("management: bad frame: %s", exc)
@@ -108,7 +108,7 @@ class ManagementServer:
         user = first.get("user")
         if not isinstance(user, str):
             raise protocol.FrameError("the first frame must name the user")
-        admins = self.controller.ctx.secrets.admins
+        admins = self.controller.secrets.admins
         password = admins.get(user) if admins is not None else None
         if password is None:  # the same exchange as a real one, ending in the same error
             scram = ScramServer.mock(user, self._mock_secret)

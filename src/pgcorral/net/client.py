@@ -33,8 +33,8 @@ from pgcorral.errors import (
     StartupRejected,
 )
 from pgcorral.net.auth import VaultLogin, authenticate_client, authenticate_with_verifier
-from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
+from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
 from pgcorral.pipelines.settings import plan as settings_plan
@@ -263,7 +263,7 @@ class ClientConnection(Endpoint):
             # re-applied after the reset for the next client (ServerConnection.reset)
             server.requests = reported_requests(settings, server.names)
         except BaseException:
-            await session.release(ctx, server, self, clean=not server.closed)
+            await self.release(server, clean=not server.closed)
             raise
         await self._link_and_serve(server)
 
@@ -281,8 +281,8 @@ class ClientConnection(Endpoint):
         elif (self.ctx.config.main.auth_query and secrets.superuser_login() is not None
               and method != "trust"):
             try:
-                secret = await self.ctx.fetch_secret(
-                    self.ctx.config.real_database(self.database), self.user)
+                secret = await self.ctx.auth_query.fetch_secret(
+                    self.ctx, self.ctx.config.real_database(self.database), self.user)
             except (ServerError, ServerUnavailable, ServerProtocolError, ConnectionLost,
                     TimeoutError, AuthenticationError) as exc:
                 # the superuser's own trouble is for the log, not for the client
@@ -319,7 +319,9 @@ class ClientConnection(Endpoint):
         while True:
             grant = await self._acquire(key)
             if grant.victim is not None and grant.victim.conn is not None:
-                grant.victim.conn.terminate()
+                victim = grant.victim.conn
+                victim.terminate()
+                await victim.wait_gone()  # PostgreSQL never holds both at once
             slot = grant.slot
             if grant.new:
                 return await self._open(slot, key)
@@ -468,7 +470,21 @@ class ClientConnection(Endpoint):
         ctx.drop_cancel_key(self, server.pid)
         if reason == "server lost":
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
-        await session.release(ctx, server, self, clean=True)
+        await self.release(server, clean=True)
+
+    async def release(self, server: ServerConnection, clean: bool) -> None:
+        """Unlink ``server`` and return it to the pool (reset first), or close it."""
+        self.server = None
+        self.peer = None
+        server.peer = None
+        if session.reusable(clean, self.dirty, self.tracker.at_boundary, server.status,
+                            server.poolable, server.closed):
+            server.transport.resume_reading()  # the client may have left it paused
+            clean = await server.reset(self.ctx.config.main.server_reset_query,
+                                       session.RESET_TIMEOUT)
+        else:
+            clean = False
+        self.ctx.release_server(server, clean)
 
     # --- errors ------------------------------------------------------------------------------
 

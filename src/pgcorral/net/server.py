@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from pgcorral.errors import AuthenticationError, ServerError, ServerProtocolError
-from pgcorral.net.endpoint import Endpoint
+from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines.settings import Pairs, canonical_names
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgcorral.server")
 
 _READY_TAIL = b"\0\0\0\x05"
+#: Seconds a terminated connection may wait for PostgreSQL to close it before it is aborted.
+DRAIN_TIMEOUT = 2.0
 
 #: Called with an Authentication request body from the server; returns the client's answer.
 AuthRelay = Callable[[bytes], Awaitable[bytes]]
@@ -59,6 +61,10 @@ class ServerConnection(Endpoint):
         # the parameters as they were: the same request in the same state gets the same bytes.
         self._known_replies: tuple[bytes, dict[str, str], bytes] | None = None
         self._rx = MessageReader(codes.LARGE_MESSAGE_LIMIT)
+        self.draining = False  # terminated; waiting for PostgreSQL to close its end
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._gone: asyncio.Future[None] | None = None
+        self._lost = False
 
     def data_received(self, data: bytes) -> None:
         client = self.peer
@@ -74,6 +80,8 @@ class ServerConnection(Endpoint):
             else:
                 self.status = -1
             return
+        if self.draining:
+            return  # a FATAL or notice after our Terminate
         if self.idle:
             # An idle server speaks only to say goodbye (FATAL on shutdown or termination).
             log.info("server connection %d (pid %d) sent data while idle; closing it",
@@ -86,7 +94,20 @@ class ServerConnection(Endpoint):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.poolable = False
+        self._lost = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
         self._on_lost(self)
+
+    async def wait_gone(self) -> None:
+        """Until the connection is closed (after ``terminate``: PostgreSQL closed it)."""
+        if self._lost:
+            return
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+        await self._gone
 
     # --- login -------------------------------------------------------------------------------
 
@@ -289,9 +310,22 @@ class ServerConnection(Endpoint):
         return False
 
     def terminate(self) -> None:
+        """Say Terminate and close. The connection stays *draining* until PostgreSQL closes
+        its end (its backend is gone by then): the pool's budget counts it until then
+        (``Pool.discard`` / ``Pool.gone``), so PostgreSQL never sees more connections than
+        the limits allow, not even for the moment a replacement is opening."""
         if not self.closed:
-            self.transport.write(msg.terminate())
-        self.close()
+            self.draining = True
+            self.closed = True
+            transport = self.transport
+            transport.write(msg.terminate())
+            if transport.can_write_eof():
+                transport.write_eof()
+                self._drain_timer = asyncio.get_running_loop().call_later(
+                    DRAIN_TIMEOUT, transport.abort)
+            else:  # pragma: no cover - TCP and unix sockets both can
+                transport.close()
+        self._wake(ConnectionLost("connection closed"))
 
 
 def _parse(parser: Callable[[bytes], T], body: bytes) -> T:

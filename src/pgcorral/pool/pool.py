@@ -13,6 +13,11 @@ database/user (pgagroal's order). When the global limit is reached and another d
 has an idle connection, that connection is closed to make room (pgagroal does the same).
 Waiters are served in FIFO order per database/user; a waiter that cannot be served yet does not
 hold up waiters of other pairs that can.
+
+What may be opened is asked of a ``Budget`` (``pool.budget``): the counts of one process, or of
+every worker process in shared memory. When the budget is spent and no idle slot of this
+process can make room, ``on_starved`` tells the network layer, which asks the other workers to
+close an idle connection; ``retry`` serves waiters once capacity came back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgcorral.config import LimitRule, best_limit_rule
+from pgcorral.pool.budget import NO_RULE, OK, RULE_FULL, Budget, LocalBudget
 
 Key = tuple[str, str]  # (real database, user)
 
@@ -36,12 +42,14 @@ CLOSED = "closed"
 class Slot:
     """One server connection, as the pool sees it."""
 
-    __slots__ = ("conn", "created_at", "id", "key", "last_used", "rule", "state")
+    __slots__ = ("conn", "created_at", "id", "key", "last_used", "rule", "rule_no", "state")
 
-    def __init__(self, slot_id: int, key: Key, rule: LimitRule | None, now: float) -> None:
+    def __init__(self, slot_id: int, key: Key, rule: LimitRule | None, now: float,
+                 rule_no: int = NO_RULE) -> None:
         self.id = slot_id
         self.key = key
         self.rule = rule
+        self.rule_no = rule_no  # the rule's number in the budget (0: none)
         self.state = OPENING
         self.created_at = now
         self.last_used = now
@@ -63,30 +71,38 @@ class Grant:
 class Waiter:
     """A client waiting for a slot. ``notify`` is called once, with the grant."""
 
-    __slots__ = ("deadline", "key", "notify", "seq")
+    __slots__ = ("deadline", "expire", "key", "notify", "rule_no", "seq")
 
     def __init__(self, key: Key, seq: int, deadline: float | None,
-                 notify: Callable[[Grant], None]) -> None:
+                 notify: Callable[[Grant], None], expire: Callable[[], None] | None = None,
+                 rule_no: int = NO_RULE) -> None:
         self.key = key
         self.seq = seq
         self.deadline = deadline
         self.notify = notify
+        self.expire = expire  # called by the network layer once the deadline passed
+        self.rule_no = rule_no
 
 
 class Pool:
     def __init__(self, max_connections: int, limits: Sequence[LimitRule],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], budget: Budget | None = None) -> None:
         self.max_connections = max_connections
         self.limits = tuple(limits)
         self.clock = clock
+        self.budget: Budget = budget if budget is not None else LocalBudget()
+        #: called with (key, rule number, FULL or RULE_FULL) when a client must wait because
+        #: the budget is spent and this process has no idle slot to close for it
+        self.on_starved: Callable[[Key, int, int], None] | None = None
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._slots: dict[int, Slot] = {}
+        self._draining: dict[int, Slot] = {}  # discarded, budget held until gone()
         self._idle: dict[Key, list[Slot]] = {}  # LIFO: the most recently used is reused first
-        self._per_rule: dict[int, int] = {}  # id(rule) -> slots held under it
         self._waiters: dict[Key, deque[Waiter]] = {}
         self._waiting = 0
         self._rules: dict[Key, LimitRule | None] = {}
+        self._rule_numbers = {id(rule): i + 1 for i, rule in enumerate(self.limits)}
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -112,25 +128,44 @@ class Pool:
             self._rules[key] = rule
             return rule
 
+    def rule_number(self, rule: LimitRule | None) -> int:
+        return NO_RULE if rule is None else self._rule_numbers[id(rule)]
+
     def set_limits(self, limits: Sequence[LimitRule]) -> None:
-        """New limit rules (reload). Slots already held keep counting against their old rule."""
+        """New limit rules (reload). Slots already held count against the rule that matches
+        them now (the budget's counts are rebuilt)."""
         self.limits = tuple(limits)
         self._rules.clear()
+        self._rule_numbers = {id(rule): i + 1 for i, rule in enumerate(self.limits)}
+        counts: dict[int, int] = {}
+        for slot in self._slots.values():
+            slot.rule = self.rule_for(slot.key)
+            slot.rule_no = self.rule_number(slot.rule)
+            counts[slot.rule_no] = counts.get(slot.rule_no, 0) + 1
+        self.budget.rebuild(counts)
+        for queue in self._waiters.values():
+            for waiter in queue:
+                self.budget.waiting(waiter.rule_no, -1)
+                waiter.rule_no = self.rule_number(self.rule_for(waiter.key))
+                self.budget.waiting(waiter.rule_no, 1)
 
     # --- the transitions ---------------------------------------------------------------------
 
-    def request(self, key: Key, timeout: float | None,
-                notify: Callable[[Grant], None]) -> Grant | Waiter:
-        """A slot for ``key`` now, or a Waiter registered until ``timeout`` seconds pass."""
+    def request(self, key: Key, timeout: float | None, notify: Callable[[Grant], None],
+                expire: Callable[[], None] | None = None) -> Grant | Waiter:
+        """A slot for ``key`` now, or a Waiter registered until ``timeout`` seconds pass
+        (``expire`` is what the network layer calls then, see ``expired_waiters``)."""
         queue = self._waiters.get(key)
         if not queue:  # nobody of this pair is ahead in line
             grant = self._try_grant(key)
             if grant is not None:
                 return grant
         deadline = None if timeout is None else self.clock() + timeout
-        waiter = Waiter(key, next(self._seq), deadline, notify)
+        rule_no = self.rule_number(self.rule_for(key))
+        waiter = Waiter(key, next(self._seq), deadline, notify, expire, rule_no)
         self._waiters.setdefault(key, deque()).append(waiter)
         self._waiting += 1
+        self.budget.waiting(rule_no, 1)
         return waiter
 
     def take_idle(self, key: Key) -> Slot | None:
@@ -155,6 +190,7 @@ class Pool:
             return False
         queue.remove(waiter)
         self._waiting -= 1
+        self.budget.waiting(waiter.rule_no, -1)
         if not queue:
             del self._waiters[waiter.key]
         return True
@@ -164,20 +200,26 @@ class Pool:
         slot.state = ACTIVE
         slot.last_used = self.clock()
 
-    def release(self, slot: Slot) -> None:
-        """A clean slot comes back: hand it to a waiter of the same pair or keep it idle."""
+    def release(self, slot: Slot) -> bool:
+        """A clean slot comes back: hand it to a waiter of the same pair or keep it idle.
+        False when a client of another worker waits for what this slot holds: the caller
+        then closes the connection and discards the slot."""
         if slot.state == CLOSED:
-            return
+            return True
         slot.last_used = self.clock()
         queue = self._waiters.get(slot.key)
         if queue:
             slot.state = ACTIVE
             self._notify(queue.popleft(), Grant(slot, new=False))
-            return
+            return True
+        if self.budget.wanted_elsewhere(slot.rule_no, self.max_connections):
+            slot.state = ACTIVE
+            return False
         slot.state = IDLE
         self._idle.setdefault(slot.key, []).append(slot)
         if self._waiting:
             self._dispatch()
+        return True
 
     def checkout_idle(self, slot: Slot) -> None:
         """Take a specific idle slot out of the pool (for maintenance such as validation)."""
@@ -185,17 +227,57 @@ class Pool:
         slot.state = ACTIVE
 
     def discard(self, slot: Slot) -> None:
-        """A slot is gone (closed, failed to open, broken). Its capacity serves waiters."""
+        """A slot is gone (closed, failed to open, broken). Its capacity serves waiters, at
+        once, or, while its connection is still draining (``conn.draining``: told to
+        terminate, PostgreSQL has not closed it yet), when the network layer calls ``gone``."""
         if slot.state == CLOSED:
             return
         if slot.state == IDLE:
             self._remove_idle(slot)
         slot.state = CLOSED
         del self._slots[slot.id]
-        if slot.rule is not None:
-            self._per_rule[id(slot.rule)] -= 1
+        if getattr(slot.conn, "draining", False):
+            self._draining[slot.id] = slot
+            return
+        self.budget.release(slot.rule_no)
         if self._waiting:
             self._dispatch()
+
+    def gone(self, slot: Slot) -> None:
+        """A draining connection is closed: its capacity is free now."""
+        if self._draining.pop(slot.id, None) is not None:
+            self.budget.release(slot.rule_no)
+            if self._waiting:
+                self._dispatch()
+
+    @property
+    def draining(self) -> int:
+        return len(self._draining)
+
+    def retry(self) -> None:
+        """Capacity may have come back elsewhere (another worker closed a connection)."""
+        if self._waiting:
+            self._dispatch()
+
+    def evict_idle(self, rule_no: int | None) -> Slot | None:
+        """Another worker needs room: the least recently used idle slot (under ``rule_no``
+        when given), taken out of the pool (ACTIVE); the caller terminates its connection
+        and discards it. None if there is none."""
+        best: Slot | None = None
+        for stack in self._idle.values():
+            slot = stack[0]
+            if rule_no is not None and slot.rule_no != rule_no:
+                continue
+            if best is None or slot.last_used < best.last_used:
+                best = slot
+        if best is not None:
+            self.checkout_idle(best)
+        return best
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a waiter (the heads of the queues)."""
+        deadlines = [q[0].deadline for q in self._waiters.values() if q[0].deadline is not None]
+        return min(deadlines) if deadlines else None
 
     def expired_waiters(self, now: float) -> list[Waiter]:
         return [w for q in self._waiters.values() for w in q
@@ -208,18 +290,19 @@ class Pool:
         """Slots held for ``key`` (opening, in use or idle)."""
         return sum(1 for s in self._slots.values() if s.key == key)
 
-    def reserve_new(self, key: Key) -> Slot | None:
-        """A new slot for prefill, only if the limits allow it without evicting anything and
-        nobody is waiting (waiters come first)."""
+    def reserve_new(self, key: Key, target: int) -> Slot | None:
+        """A new slot for prefill while the rule of ``key`` holds fewer than ``target``
+        connections (in every worker), only if the limits allow it without evicting anything
+        and nobody is waiting (waiters come first)."""
         rule = self.rule_for(key)
-        if self._waiting or len(self._slots) >= self.max_connections:
+        if self._waiting or self.budget.waiting_elsewhere():
             return None
-        if rule is not None and self._per_rule.get(id(rule), 0) >= rule.max_size:
+        rule_no = self.rule_number(rule)
+        cap = target if rule is None else min(target, rule.max_size)
+        if self.budget.claim(rule_no, cap, self.max_connections) != OK:
             return None
-        slot = Slot(next(self._ids), key, rule, self.clock())
+        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no)
         self._slots[slot.id] = slot
-        if rule is not None:
-            self._per_rule[id(rule)] = self._per_rule.get(id(rule), 0) + 1
         return slot
 
     def expired_idle(self, now: float, idle_timeout: float, max_age: float) -> list[Slot]:
@@ -243,23 +326,25 @@ class Pool:
             slot.state = ACTIVE
             return Grant(slot, new=False)
         rule = self.rule_for(key)
-        rule_full = rule is not None and self._per_rule.get(id(rule), 0) >= rule.max_size
+        rule_no = self.rule_number(rule)
+        rule_max = rule.max_size if rule is not None else 0
+        budget = self.budget
+        outcome = budget.claim(rule_no, rule_max, self.max_connections)
         victim = None
-        if rule_full or len(self._slots) >= self.max_connections:
+        if outcome != OK:
             # Make room by closing the least recently used idle slot of another pair: under
             # the same rule when the rule is what is full, else anywhere.
-            victim = self._oldest_idle_elsewhere(key, rule if rule_full else None)
-            if victim is None:
+            victim = self._oldest_idle_elsewhere(key, rule if outcome == RULE_FULL else None)
+            if victim is None or budget.claim(rule_no, rule_max, self.max_connections,
+                                              victim.rule_no) != OK:
+                if self.on_starved is not None:
+                    self.on_starved(key, rule_no, outcome)
                 return None
             self._remove_idle(victim)
             victim.state = CLOSED
             del self._slots[victim.id]
-            if victim.rule is not None:
-                self._per_rule[id(victim.rule)] -= 1
-        slot = Slot(next(self._ids), key, rule, self.clock())
+        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no)
         self._slots[slot.id] = slot
-        if rule is not None:
-            self._per_rule[id(rule)] = self._per_rule.get(id(rule), 0) + 1
         return Grant(slot, new=True, victim=victim)
 
     def _oldest_idle_elsewhere(self, key: Key, rule: LimitRule | None) -> Slot | None:
@@ -293,6 +378,7 @@ class Pool:
 
     def _notify(self, waiter: Waiter, grant: Grant) -> None:
         self._waiting -= 1
+        self.budget.waiting(waiter.rule_no, -1)
         queue = self._waiters.get(waiter.key)
         if queue is not None and not queue:
             del self._waiters[waiter.key]
