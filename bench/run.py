@@ -3,14 +3,15 @@
 
 One command (see bench/README.md)::
 
-    .venv/bin/python bench/run.py            # full run, about 17 minutes
+    .venv/bin/python bench/run.py            # full run, about 25 minutes
     .venv/bin/python bench/run.py --quick    # 2-second smoke of every cell
 
 It starts a throwaway PostgreSQL cluster (devtools/pgcluster.py), one PgBouncer and one
-pgcorral of its own, runs every pgbench workload x client count against every target for
-several interleaved rounds, prints a table of median TPS and ratios, writes the full
-results to bench/results/<timestamp>.json and stops everything it started, by PID, even on
-Ctrl-C.  The code is the package bench/corralbench/; this file is only its entry point.
+pgcorral per --workers value (pgcorral-w1, pgcorral-w2) of its own, runs every pgbench
+workload x client count against every target for several interleaved rounds, prints tables of
+median TPS, pooler CPU per transaction and ratios, writes the full results to
+bench/results/<timestamp>.json and stops everything it started, by PID, even on Ctrl-C.
+The code is the package bench/corralbench/; this file is only its entry point.
 """
 
 from __future__ import annotations

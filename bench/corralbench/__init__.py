@@ -1,8 +1,9 @@
 """pgcorral benchmark harness: pgbench at PostgreSQL, PgBouncer and pgcorral (see bench/README.md).
 
-Modules: common (names, workloads, modes, log), procs (child processes, environment), pgbench
-(command, run, parse), targets (what pgbench connects to), machine (machine facts), profile
-(py-spy/cProfile and the files they produce), cli (options), grid (the runs), report (tables).
+Modules: common (names, workloads, modes, log), procs (child processes, environment), proctree
+(a pooler's processes: CPU, leftovers), pgbench (command, run, parse), targets (what pgbench
+connects to), machine (machine facts), profile (py-spy/cProfile and the files they produce), cli
+(options), grid (the runs), report (tables).
 Importing the package puts the repository on sys.path, for devtools/pgcluster.py.
 """
 

@@ -24,6 +24,7 @@ class Config:
     clients: list[int]
     workloads: list[str]
     targets: list[str]
+    workers: list[int]  # one pgcorral target per value
     scale: int
     pool_size: int
     mode: str
@@ -68,6 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )  # fmt: skip
     p.add_argument("--scale", type=int, default=None, help="pgbench -i -s (default 10; quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke: 1 round of 2 s runs, scale 1")
+    p.add_argument(
+        "--workers", type=csv(int), default=[1, 2],
+        help="pgcorral `workers` values, one pgcorral target each (pgcorral-w1, ...; default 1,2)",
+    )  # fmt: skip
     p.add_argument("--pool-size", type=int, default=100, help="pooler server connections (100)")
     p.add_argument("--mode", choices=list(MODES), default="session", help="pooling mode")
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j threads (default 2)")
@@ -90,13 +95,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
     scale = a.scale if a.scale is not None else (1 if a.quick else 10)
     warmup = a.warmup if a.warmup is not None else 3  # 100 clients need ~1 s just to connect
-    if rounds < 0 or duration < 1 or scale < 1 or a.pool_size < 1 or min(a.clients) < 1:
-        p.error("--rounds >= 0, --duration, --scale, --pool-size and --clients must be >= 1")
+    if (rounds < 0 or duration < 1 or scale < 1 or a.pool_size < 1 or min(a.clients) < 1
+            or min(a.workers) < 1):  # fmt: skip
+        p.error(
+            "--rounds >= 0, --duration, --scale, --pool-size, --clients and --workers must be >= 1"
+        )
     if rounds == 0 and not a.profile:
         p.error("--rounds 0 only makes sense with --profile")
     return Config(
         rounds=rounds, duration=duration, clients=a.clients, workloads=a.workloads,
-        targets=a.targets, scale=scale, pool_size=a.pool_size, mode=a.mode, jobs=a.jobs,
+        targets=a.targets, workers=list(dict.fromkeys(a.workers)), scale=scale,
+        pool_size=a.pool_size, mode=a.mode, jobs=a.jobs,
         profile=a.profile, py_spy=a.py_spy, pgcorral_python=a.pgcorral_python,
         start_timeout=a.start_timeout,
         warmup=warmup, keep=a.keep, results_dir=a.results_dir,

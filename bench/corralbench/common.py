@@ -11,6 +11,7 @@ from . import REPO
 DBNAME = "pgbench"
 DBUSER = "postgres"
 RESULTS_DIR = REPO / "bench" / "results"
+# What --targets accepts; "pgcorral" becomes one target per --workers value (pgcorral-w1, ...).
 ALL_TARGETS = ("direct", "pgbouncer", "pgcorral")
 
 # name -> (label, pgbench arguments).  tpcb-like is pgbench's default builtin script.
@@ -21,6 +22,8 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "select-prepared": ("select -M prepared", ("-S", "-M", "prepared")),
     "select-connect": ("select -C", ("-S", "-C")),
 }
+
+
 PROFILE_WORKLOAD = os.environ.get("PGCORRAL_PROFILE_WORKLOAD", "select-prepared")
 PROFILE_CLIENTS = 100
 
@@ -44,3 +47,20 @@ MODES: dict[str, ModeSpec] = {
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def connects_per_transaction(workload: str) -> bool:
+    """pgbench -C: a new connection per transaction, so per transaction = per connection."""
+    return "-C" in WORKLOADS[workload][1]
+
+
+def pgcorral_name(workers: int) -> str:
+    return f"pgcorral-w{workers}"
+
+
+def target_names(targets: list[str], workers: list[int]) -> list[str]:
+    """The targets of a run, in --targets order, "pgcorral" expanded per workers value."""
+    names: list[str] = []
+    for t in targets:
+        names += [pgcorral_name(w) for w in workers] if t == "pgcorral" else [t]
+    return names

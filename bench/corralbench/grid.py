@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 from devtools.pgcluster import PgCluster
 
 from . import REPO
-from .common import DBNAME, MODES, WORKLOADS, log
+from .common import DBNAME, MODES, WORKLOADS, log, pgcorral_name, target_names
 from .machine import machine_info
 from .pgbench import RunResult, pgbench_cmd, run_pgbench
 from .procs import PROCS
 from .profile import run_profile
-from .report import describe_problem, fmt_tps, report, summary
+from .report import describe_problem, fmt_cpu, fmt_tps, report, summary
 from .targets import DirectTarget, PgBouncerTarget, PgCorralTarget, Target, TargetError
 
 if TYPE_CHECKING:
@@ -71,39 +71,45 @@ class Bench:
         self.cluster.psql("VACUUM ANALYZE; CHECKPOINT;", dbname=DBNAME)
 
     def setup_targets(self) -> None:
-        for name in self.cfg.targets:
-            target: Target
-            if name == "direct":
-                target = DirectTarget(self.cluster)
-            elif name == "pgbouncer":
+        for kind in self.cfg.targets:
+            if kind == "direct":
+                self.start_target(DirectTarget(self.cluster))
+            elif kind == "pgbouncer":
                 if self.pgbouncer_bin is None:
                     self.skip(
-                        name,
+                        kind,
                         "pgbouncer not found on PATH (nor /usr/sbin); install it with "
                         "`apt-get update && apt-get install -y pgbouncer`",
                     )
                     continue
-                target = PgBouncerTarget(
+                self.start_target(PgBouncerTarget(
                     self.pgbouncer_bin, self.tmp / "pgbouncer", self.cluster,
                     self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
-                )  # fmt: skip
+                ))  # fmt: skip
             else:
-                target = PgCorralTarget(
-                    self.cfg.pgcorral_python, self.tmp / "pgcorral", self.cluster,
-                    self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
-                )  # fmt: skip
-            log(f"starting {name} on 127.0.0.1:{target.port}")
-            try:
-                target.start()
-            except (TargetError, OSError) as e:
-                target.stop()
-                self.skip(name, f"failed to start: {e}")
-                self.start_failures.append(name)
-                continue
-            if target.proc is not None:
-                target.pid = target.proc.pid
-                log(f"{name} is up (pid {target.proc.pid})")
-            self.targets[name] = target
+                for workers in self.cfg.workers:
+                    self.start_target(PgCorralTarget(
+                        self.cfg.pgcorral_python, self.tmp / pgcorral_name(workers), self.cluster,
+                        self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
+                        workers=workers,
+                    ))  # fmt: skip
+
+    def start_target(self, target: Target) -> None:
+        name = target.name
+        log(f"starting {name} on 127.0.0.1:{target.port}")
+        try:
+            target.start()
+        except (TargetError, OSError) as e:
+            target.stop()
+            self.skip(name, f"failed to start: {e}")
+            self.start_failures.append(name)
+            return
+        if target.proc is not None:
+            target.pid = target.proc.pid
+            cpu = target.cpu()
+            procs = f", {cpu.procs} process(es) now" if cpu is not None else ""
+            log(f"{name} is up (pid {target.proc.pid}{procs})")
+        self.targets[name] = target
 
     def skip(self, name: str, why: str) -> None:
         self.skipped[name] = why
@@ -132,7 +138,15 @@ class Bench:
         cmd = pgbench_cmd(
             self.pgbench, target.host, target.port, workload, clients, duration, self.cfg.jobs
         )
-        return run_pgbench(cmd, result, timeout=duration + 120)
+        before = target.cpu()
+        run_pgbench(cmd, result, timeout=duration + 120)
+        after = target.cpu()
+        if before is not None and after is not None:
+            used = after - before
+            result.cpu_user_s = round(used.user, 3)
+            result.cpu_sys_s = round(used.sys, 3)
+            result.pooler_procs = used.procs
+        return result
 
     def warmup(self) -> None:
         if self.cfg.warmup <= 0:
@@ -147,7 +161,7 @@ class Bench:
 
     def run_rounds(self) -> None:
         cells = [(w, c) for w in self.cfg.workloads for c in self.cfg.clients]
-        order = [t for t in self.cfg.targets if t in self.targets]
+        order = [t for t in target_names(self.cfg.targets, self.cfg.workers) if t in self.targets]
         total = self.cfg.rounds * len(cells) * len(order)
         est = total * (self.cfg.duration + 1.5)
         log(f"{total} pgbench runs of {self.cfg.duration}s: about {est / 60:.1f} minutes")
@@ -167,7 +181,7 @@ class Bench:
                     flag = "" if not r.bad else f"  <-- {describe_problem(r)}"
                     log(
                         f"[{n}/{total}] round {rnd + 1} {WORKLOADS[workload][0]:<18} "
-                        f"c={clients:<4} {name:<9} {fmt_tps(r.tps)} tps{flag}"
+                        f"c={clients:<4} {name:<11} {fmt_tps(r.tps)} tps{fmt_cpu(r)}{flag}"
                     )
 
     # -- results -------------------------------------------------------------
@@ -184,7 +198,12 @@ class Bench:
             "machine": self.machine,
             "loadavg_at_end": os.getloadavg(),
             "targets": {
-                name: {"port": t.port, "version": t.version(), "pid": t.pid}
+                name: {
+                    "port": t.port,
+                    "version": t.version(),
+                    "pid": t.pid,
+                    "workers": getattr(t, "workers", None),
+                }
                 for name, t in self.targets.items()
             },
             "skipped": self.skipped,

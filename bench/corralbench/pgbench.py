@@ -30,6 +30,11 @@ class RunResult:
     returncode: int = 0
     elapsed_s: float = 0.0
     error: str | None = None
+    # The pooler's CPU seconds (all its processes) from just before pgbench started until it
+    # exited, and how many processes it had at the end; None for direct or when unreadable.
+    cpu_user_s: float | None = None
+    cpu_sys_s: float | None = None
+    pooler_procs: int | None = None
     output: str = ""
 
     @property
@@ -37,6 +42,16 @@ class RunResult:
         """Counted in the median: pgbench finished normally (failed transactions are only
         marked: pgbench's TPS already excludes them)."""
         return self.tps is not None and not self.aborted and not self.returncode and not self.error
+
+    def cpu_us(self) -> tuple[float, float] | None:
+        """Pooler CPU per transaction in microseconds, (user, sys); failed ones count too.
+
+        With -C every transaction is a new connection, so this is also the CPU per connection.
+        """
+        n = (self.transactions or 0) + (self.failed_tx or 0)
+        if self.cpu_user_s is None or self.cpu_sys_s is None or not n:
+            return None
+        return 1e6 * self.cpu_user_s / n, 1e6 * self.cpu_sys_s / n
 
     @property
     def bad(self) -> bool:

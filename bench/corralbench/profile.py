@@ -159,17 +159,19 @@ def write_flamegraph_svg(stacks: list[tuple[list[str], int]], path: Path, title:
 def run_profile(bench: Bench) -> dict[str, Any]:
     """Profile pgcorral during one pgbench run (py-spy, else cProfile); what goes in the JSON."""
     cfg = bench.cfg
-    target = bench.targets.get("pgcorral")
-    if target is None or not isinstance(target, PgCorralTarget):
+    # The first pgcorral target (the first --workers value); py-spy follows its children.
+    target = next((t for t in bench.targets.values() if isinstance(t, PgCorralTarget)), None)
+    if target is None:
         log("--profile: pgcorral is not running; no profile taken")
         return {"error": "pgcorral not running"}
     outdir = Path(cfg.results_dir) / f"{bench.stamp}-profile"
     outdir.mkdir(parents=True, exist_ok=True)
     spy = find_py_spy(cfg.pgcorral_python, cfg.py_spy)
     dur = max(cfg.duration, 5)
-    result = RunResult(-1, PROFILE_WORKLOAD, PROFILE_CLIENTS, "pgcorral", 0)
-    info: dict[str, Any] = {"dir": str(outdir), "workload": PROFILE_WORKLOAD,
-                            "clients": PROFILE_CLIENTS, "duration": dur}  # fmt: skip
+    result = RunResult(-1, PROFILE_WORKLOAD, PROFILE_CLIENTS, target.name, 0)
+    info: dict[str, Any] = {"dir": str(outdir), "target": target.name,
+                            "workload": PROFILE_WORKLOAD, "clients": PROFILE_CLIENTS,
+                            "duration": dur}  # fmt: skip
     if spy is not None:
         assert target.proc is not None
         info["tool"] = first_line([spy, "--version"]) or "py-spy"
@@ -186,7 +188,7 @@ def run_profile(bench: Bench) -> dict[str, Any]:
                    "--function", "--nonblocking", "--rate", "200",
                    "--duration", str(max(1, dur - 2)), "--format", "raw",
                    "-o", str(raw)]  # fmt: skip
-        log(f"profiling pgcorral pid {target.proc.pid}: {' '.join(spy_cmd)}")
+        log(f"profiling {target.name} pid {target.proc.pid}: {' '.join(spy_cmd)}")
         spy_res = subprocess.run(spy_cmd, capture_output=True, text=True, check=False,
                                  timeout=dur + 60)  # fmt: skip
         out, _ = bench_proc.communicate(timeout=dur + 120)
@@ -199,7 +201,7 @@ def run_profile(bench: Bench) -> dict[str, Any]:
             log(info["error"])
         else:
             stacks = read_collapsed(raw)
-            title = f"pgcorral, pgbench {WORKLOADS[PROFILE_WORKLOAD][0]} c={PROFILE_CLIENTS}"
+            title = f"{target.name}, pgbench {WORKLOADS[PROFILE_WORKLOAD][0]} c={PROFILE_CLIENTS}"
             write_flamegraph_svg(stacks, outdir / "flamegraph.svg", title)
             write_speedscope(stacks, outdir / "speedscope.json", title)
             (outdir / "top.txt").write_text(profile_summary(stacks))
@@ -210,10 +212,12 @@ def run_profile(bench: Bench) -> dict[str, Any]:
             "dedicated pgcorral process")  # fmt: skip
         info["tool"] = "cProfile"
         prof_path = outdir / "pgcorral.prof"
+        # workers = 1: cProfile sees only the process it starts (with more, the supervisor).
         prof_target = PgCorralTarget(
             cfg.pgcorral_python, bench.tmp / "pgcorral-cprofile", bench.cluster,
-            cfg.pool_size, bench.mode, bench.psql, cfg.start_timeout,
+            cfg.pool_size, bench.mode, bench.psql, cfg.start_timeout, workers=1,
         )  # fmt: skip
+        info["target"] = prof_target.name
         try:
             prof_target.start(wrapper=("-m", "cProfile", "-o", str(prof_path)))
         except (TargetError, OSError) as e:

@@ -13,8 +13,9 @@ from pathlib import Path
 from devtools.pgcluster import PgCluster, find_free_port, unprivileged_user
 
 from . import REPO
-from .common import DBNAME, DBUSER, ModeSpec, log
+from .common import DBNAME, DBUSER, ModeSpec, log, pgcorral_name
 from .procs import PROCS, clean_env, first_line, tail
+from .proctree import CpuSample, descendants, stop_leftovers, tree_cpu
 
 
 class TargetError(RuntimeError):
@@ -74,10 +75,18 @@ class Target:
 
     def stop(self) -> None:
         if self.proc is not None:
+            # Its children (pgcorral's workers) should go with it; stop any that do not.
+            children = descendants(self.proc.pid) if self.proc.poll() is None else []
             if self.proc.poll() is None:
                 log(f"stopping {self.name} (pid {self.proc.pid})")
             PROCS.stop(self.proc)
             self.proc = None
+            if left := stop_leftovers(children):
+                log(f"{self.name}: stopped leftover child process(es) {left}")
+
+    def cpu(self) -> CpuSample | None:
+        """CPU time so far of the target's process and all its descendants (None: direct)."""
+        return tree_cpu(self.proc.pid) if self.proc is not None else None
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -193,14 +202,14 @@ log_pooler_errors = 1
 
 
 class PgCorralTarget(PoolerTarget):
-    """pgcorral from this checkout's src/, run as `python -m pgcorral`."""
-
-    name = "pgcorral"
+    """pgcorral from this checkout's src/, run as `python -m pgcorral`, with `workers = N`."""
 
     def __init__(
         self, python: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
-        psql: str, start_timeout: float,
+        psql: str, start_timeout: float, workers: int = 1,
     ) -> None:  # fmt: skip
+        self.name = pgcorral_name(workers)
+        self.workers = workers
         super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout)
         self.python = python
 
@@ -215,6 +224,7 @@ log_level = warn
 max_connections = {self.pool_size}
 pipeline = {self.mode.pgcorral_pipeline}
 blocking_timeout = 30
+workers = {self.workers}
 
 [primary]
 host = {self.cluster.host}
