@@ -38,8 +38,12 @@ lint: venv
 	$(VENV)/bin/ruff check src tests bench devtools
 	$(VENV)/bin/mypy
 
+# The whole suite with one worker process, then the integration suite again with two
+# (tests marked single_worker assert reuse within one process's pool; see pyproject.toml).
 test: lint
 	$(VENV)/bin/pytest -q
+	PGCORRAL_TEST_WORKERS=2 $(VENV)/bin/pytest -q -m "integration and not single_worker" \
+	    tests/integration
 
 run: venv
 	$(VPY) devtools/run_dev.py

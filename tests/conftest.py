@@ -136,6 +136,8 @@ class Daemon:
         self._log_file = log_file
         # Set to True in a test that deliberately makes the daemon log a traceback.
         self.allow_traceback = False
+        self.args: list[str] = []
+        self.log_type = "console"
 
     @property
     def pid(self) -> int:
@@ -237,7 +239,9 @@ def _wait_for_port(daemon: Daemon, timeout: float) -> None:
             )
         try:
             with socket.create_connection((daemon.host, daemon.port), timeout=0.5):
-                return
+                if "-d" in daemon.args or daemon.log_type != "console" or (
+                        "pgcorral: started" in daemon.log()):
+                    return  # (with workers the port accepts before they are all ready)
         except OSError:
             pass
         if time.monotonic() > deadline:
@@ -321,6 +325,8 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
             log_path=log_path,
             log_file=log_file,
         )
+        daemon.args = args or []
+        daemon.log_type = main.get("log_type", "console")
         daemons.append(daemon)
         _wait_for_port(daemon, DAEMON_START_TIMEOUT)
         return daemon

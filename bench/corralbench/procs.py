@@ -16,7 +16,8 @@ from .common import log
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without libpq variables (PGHOST, PGPORT...) that could redirect us."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PG") or k.startswith("PGCORRAL_")}
     env.update(extra)
     return env
 

@@ -65,6 +65,7 @@ def test_pgbench_initialises_through_pgcorral(pgcorral: DaemonFactory, pg: PgClu
     assert pg.psql("select count(*) from pgbench_branches", dbname="db2").strip() == "1"
 
 
+@pytest.mark.single_worker
 def test_plain_asyncio_event_loop_works_too(pgcorral: DaemonFactory) -> None:
     d = pgcorral(env={"PGCORRAL_EVENT_LOOP": "asyncio"})
     with psycopg.connect(d.dsn()) as conn:

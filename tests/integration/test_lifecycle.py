@@ -62,6 +62,7 @@ def test_foreground_validation_keeps_healthy_connections(pgcorral: DaemonFactory
     assert _backend_pid(d.dsn()) == pid
 
 
+@pytest.mark.single_worker
 def test_background_validation_checks_idle_connections(pgcorral: DaemonFactory,
                                                        pg: PgCluster) -> None:
     d = pgcorral({"validation": "background", "background_interval": "1"})
@@ -71,6 +72,7 @@ def test_background_validation_checks_idle_connections(pgcorral: DaemonFactory,
     assert _backend_pid(d.dsn()) == pid
 
 
+@pytest.mark.single_worker
 def test_disconnect_client_ends_idle_sessions_only(pgcorral: DaemonFactory,
                                                    pg: PgCluster) -> None:
     d = pgcorral({"disconnect_client": "1", "max_connections": "2"})

@@ -25,6 +25,7 @@ def test_password_methods_pass_through(pgcorral: DaemonFactory, user: str,
         assert conn.execute("select current_user").fetchone() == (user,)
 
 
+@pytest.mark.single_worker
 @pytest.mark.parametrize(("user", "password"), [("md5user", "md5pass"), ("pwuser", "pwpass")])
 def test_reused_connection_checks_the_password_again(pgcorral: DaemonFactory, user: str,
                                                      password: str) -> None:

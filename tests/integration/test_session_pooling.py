@@ -156,6 +156,7 @@ def test_full_pool_gives_53300_after_blocking_timeout(pgcorral: DaemonFactory) -
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+@pytest.mark.single_worker
 def test_waiter_gets_the_released_connection(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"max_connections": "1", "blocking_timeout": "20", "log_level": "debug"})
     holder = psycopg.connect(d.dsn())
@@ -282,6 +283,7 @@ def test_backend_killed_mid_session_gives_client_an_error(pgcorral: DaemonFactor
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+@pytest.mark.single_worker
 def test_settings_follow_each_client_on_a_reused_connection(pgcorral: DaemonFactory) -> None:
     """Each client sees what a fresh connection with its own startup parameters would show,
     whatever the previous client of the same backend asked for."""
@@ -351,6 +353,7 @@ def test_large_messages_split_across_chunks(pgcorral: DaemonFactory) -> None:
         assert conn.info.backend_pid == pid
 
 
+@pytest.mark.single_worker
 def test_refused_setting_does_not_cost_the_backend(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"max_connections": "1"})
     with psycopg.connect(d.dsn()) as conn:

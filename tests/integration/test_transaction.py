@@ -644,6 +644,7 @@ def test_abandoned_transaction_never_reaches_the_next_client(pgcorral: DaemonFac
 # --------------------------------------------------------------------------- prepared statements
 
 
+@pytest.mark.single_worker
 def test_prepared_statements_follow_the_client_across_backends(pgcorral: DaemonFactory) -> None:
     """Protocol-level named statements (libpq PQprepare/PQexecPrepared/PQdescribePrepared) of
     two clients that use the same name for different statements, run alternately on both
@@ -677,6 +678,7 @@ def test_prepared_statements_follow_the_client_across_backends(pgcorral: DaemonF
         q.finish()
 
 
+@pytest.mark.single_worker
 def test_deallocate_discard_and_close_act_per_client(pgcorral: DaemonFactory) -> None:
     """DEALLOCATE name, DEALLOCATE PREPARE name, DEALLOCATE ALL, DISCARD ALL and a protocol
     Close behave as on a private connection, on either backend: the statement is gone (26000

@@ -189,6 +189,7 @@ def test_cancel_stops_only_the_cancelled_clients_query(pgcorral: DaemonFactory,
             c.close()
 
 
+@pytest.mark.single_worker
 def test_cancel_between_transactions_does_nothing(pgcorral: DaemonFactory,
                                                   pg: PgCluster) -> None:
     """max_connections = 1: client X ran its queries on the only backend and is now idle;

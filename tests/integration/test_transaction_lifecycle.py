@@ -39,6 +39,7 @@ def in_transaction(pg: PgCluster, count: int) -> Callable[[], bool]:
     return check
 
 
+@pytest.mark.single_worker
 def test_login_needs_no_server_connection_once_known(pgcorral: DaemonFactory,
                                                      pg: PgCluster) -> None:
     """max_connections = 2, both in open transactions: a third client of the same user still
@@ -92,6 +93,7 @@ def test_graceful_shutdown_closes_idle_clients_and_lets_transactions_finish(
         busy.close()
 
 
+@pytest.mark.single_worker
 @pytest.mark.parametrize("track", ["on", "off"])
 def test_track_prepared_statements_with_the_mapping_off(pgcorral: DaemonFactory,
                                                         track: str) -> None:

@@ -57,6 +57,7 @@ def _client_password(user: str) -> str:
     return FRONTEND.get(user, ROLES[user])
 
 
+@pytest.mark.single_worker
 @pytest.mark.parametrize("method", ["password", "md5", "scram-sha-256", "all"])
 def test_every_client_method_against_every_server_method(
         pgcorral: DaemonFactory, tmp_path: Path, method: str) -> None:
@@ -134,6 +135,7 @@ def test_wrong_password_sqlstate_is_28p01(pgcorral: DaemonFactory, tmp_path: Pat
         assert b"C28P01" in message[1]
 
 
+@pytest.mark.single_worker
 def test_auth_query_pools_scram_users_without_any_password_in_pgcorral(
         pgcorral: DaemonFactory, tmp_path: Path) -> None:
     """auth_query: pgcorral reads the verifier with the -S user, checks the client itself,
