@@ -10,16 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.prepared import (
-    PARSE_COMPLETE,
-    ClientStatements,
-    ReplyPlan,
-    ServerStatements,
-    StatementRegistry,
-    own_query_slot,
-    parse_locally,
-    rewrite,
-)
+from pgcorral.protocol.replyplan import ReplyPlan, own_query_step
+from pgcorral.protocol.rewrite import PARSE_COMPLETE, parse_locally, rewrite
+from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 from pgcorral.protocol.txrelay import ReplyRouter
 
 
@@ -72,7 +65,7 @@ class Link:
                 self.router.batch_open = False
             rw = rewrite(m[0], m[5:], self.client, self.server, self.registry)
             out += rw.send
-            self.router.plan.extend(rw.slots)
+            self.router.plan.extend(rw.steps)
         return out
 
 
@@ -137,7 +130,7 @@ def test_open_batch_is_not_free_until_sync() -> None:
 
 def test_own_query_replies_are_dropped_errors_included() -> None:
     link = Link()
-    link.router.plan.extend((own_query_slot(),))
+    link.router.plan.extend((own_query_step(),))
     link.send(msg(b"Q", b"SELECT 1\0"))
     ours = PARSE_OK + BIND_OK + ERROR + ready(b"I")
     theirs = ROW + SELECT_1 + ready(b"I")
@@ -147,7 +140,7 @@ def test_own_query_replies_are_dropped_errors_included() -> None:
 
 def test_parameter_status_passes_and_is_collected() -> None:
     link = Link()
-    link.router.plan.extend((own_query_slot(),))
+    link.router.plan.extend((own_query_step(),))
     link.send(msg(b"Q", b"SET x\0"))
     stream = (PARSE_OK + param(b"TimeZone", b"UTC") + ready(b"I")
               + msg(b"C", b"SET\0") + param(b"DateStyle", b"ISO, DMY") + ready(b"I"))
@@ -212,7 +205,7 @@ def _scenario() -> tuple[Link, bytes]:
     link.send(parse(b"a", b"SELECT 1"), SYNC)
     link.router.feed(PARSE_OK + ready(b"I"))
     link.server.discard("pgc_1")  # as if evicted: the next Bind re-Parses (reply dropped)
-    link.router.plan.extend((own_query_slot(),))
+    link.router.plan.extend((own_query_step(),))
     link.send(parse(b"b", b"SELECT 2"), bind(b"a"), EXECUTE, SYNC, msg(b"Q", b"SELECT 1\0"))
     stream = (PARSE_OK + BIND_OK + param(b"application_name", b"x") + ready(b"I")  # ours
               + PARSE_OK  # client's Parse b

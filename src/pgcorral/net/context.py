@@ -25,7 +25,7 @@ from pgcorral.net.txserver import TxServerConnection
 from pgcorral.pool.pool import ACTIVE, IDLE, OPENING, Pool, Slot
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
-from pgcorral.protocol.prepared import StatementRegistry
+from pgcorral.protocol.statements import StatementRegistry
 from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ Then, per transaction:
 2. ``_link``: the client's settings are brought over when the connection differs (reported
    parameters the client saw last, plus non-reported startup settings: one ``set_config``
    batch whose replies are dropped), then the client's messages are forwarded.
-3. ``_forward``: whole client messages, each through ``protocol.prepared.rewrite`` when
+3. ``_forward``: whole client messages, each through ``protocol.rewrite.rewrite`` when
    prepared-statement mapping is on (Parse/Bind/Describe/Close renamed, re-Parse where the
-   statement is missing, local answers planned) and its reply slots into the ``ReplyPlan``.
+   statement is missing, local answers planned) and its reply steps into the ``ReplyPlan``.
 4. Replies go through the server's ``ReplyRouter`` (``net.txserver``); at a ReadyForQuery 'I'
    with nothing owed and no batch open the client is unlinked (``server_free``) and the server
    connection goes back to the pool, after ``server_reset_query`` with
@@ -47,20 +47,17 @@ from pgcorral.pipelines.session import RESET_TIMEOUT
 from pgcorral.pool.pool import Grant, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
-from pgcorral.protocol.prepared import (
+from pgcorral.protocol.replyplan import DEFAULT_STEPS, own_query_step
+from pgcorral.protocol.rewrite import (
     CLOSE_COMPLETE,
-    DEFAULT_SLOTS,
     PARSE_COMPLETE,
-    ClientStatements,
-    ServerStatements,
-    StatementRegistry,
     bind_fast,
     close_locally,
     is_discard_all,
-    own_query_slot,
     parse_locally,
     rewrite,
 )
+from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 
 if TYPE_CHECKING:
     from pgcorral.config import HbaRule
@@ -78,7 +75,7 @@ READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_date
                               "is_superuser", "session_authorization", "in_hot_standby"])
 #: Messages that open an extended-protocol batch (closed by Sync).
 _BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
-#: Messages that go through ``prepared.rewrite`` when the mapping is on.
+#: Messages that go through ``rewrite`` when the mapping is on.
 _REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
 _STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
 _KIND_PORTAL = ord("P")
@@ -383,9 +380,9 @@ class TransactionClient(ClientConnection):
                     if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
                         break  # kept until it is whole
                     # large CopyData and the like stream through as they come
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
+                    steps = DEFAULT_STEPS[type_]
+                    if steps:
+                        plan.extend(steps)
                     self._pass = end - n
                     router.mid_message = True
                     pos = n
@@ -404,16 +401,16 @@ class TransactionClient(ClientConnection):
                 if not mapping:
                     if type_ == codes.PARSE and data[pos + 5] != 0:
                         self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
+                    steps = DEFAULT_STEPS[type_]
+                    if steps:
+                        plan.extend(steps)
                 elif type_ == codes.SYNC:
                     statements.at_sync = True
-                    plan.extend(DEFAULT_SLOTS[type_])
+                    plan.extend(DEFAULT_STEPS[type_])
                 elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
+                    steps = DEFAULT_STEPS[type_]
+                    if steps:
+                        plan.extend(steps)
                 else:
                     statements.tx_failed = router.status == codes.TX_FAILED
                     fast = (not (statements.at_sync and statements.pending_close)
@@ -426,11 +423,11 @@ class TransactionClient(ClientConnection):
                                      registry)
                         if rw.send:
                             parts.append(rw.send)
-                        plan.extend(rw.slots)
+                        plan.extend(rw.steps)
                         run = end
                     else:
                         statements.at_sync = False
-                        plan.extend(DEFAULT_SLOTS[type_])
+                        plan.extend(DEFAULT_STEPS[type_])
                         if fast is not True:  # a renamed Bind
                             if run < pos:
                                 parts.append(data[run:pos])
@@ -504,7 +501,7 @@ class TransactionClient(ClientConnection):
         pairs = self._settings_for(server)
         if pairs:
             server.transport.write(msg.set_config_statement(pairs))
-            server.router.plan.extend((own_query_slot(),))
+            server.router.plan.extend((own_query_step(),))
         data, self._rest = self._rest, b""
         if self._rest_paused:
             self._rest_paused = False

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from pgcorral.net.server import ServerConnection
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.prepared import ReplyPlan, ServerStatements
+from pgcorral.protocol.replyplan import ReplyPlan
+from pgcorral.protocol.statements import ServerStatements
 from pgcorral.protocol.txrelay import ReplyRouter
 
 if TYPE_CHECKING:

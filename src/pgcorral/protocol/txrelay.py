@@ -1,7 +1,7 @@
 """Server -> client routing in transaction mode: one ``ReplyRouter`` per server connection.
 
 The router walks the headers of what PostgreSQL sends while a client is linked, asks the
-connection's ``ReplyPlan`` (``protocol.prepared``) whether each message passes to the client or
+connection's ``ReplyPlan`` (``protocol.replyplan``) whether each message passes to the client or
 is dropped (the replies to pgcorral's own requests: settings, re-Parse, deferred Close), splices
 in the replies pgcorral fabricates (ParseComplete, CloseComplete, CommandComplete of a local
 DEALLOCATE) at their turn, and says where the server connection became free: the end of a
@@ -22,7 +22,7 @@ import struct
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import parse_parameter_status
-from pgcorral.protocol.prepared import DROP, ReplyPlan
+from pgcorral.protocol.replyplan import DROP, ReplyPlan
 
 _header = struct.Struct("!BI").unpack_from
 #: ParameterStatus bodies are small; a larger one is forwarded but not collected.
