@@ -50,7 +50,7 @@ class TxServerConnection(ServerConnection):
             return
         router = self.router
         try:
-            out, free_at = router.feed(data)
+            out, free_at = router.feed(data, client.forwarder.at_rest)
         except FramingError as exc:
             log.warning("server connection %d (pid %d): %s", self.slot.id, self.pid, exc)
             self.poolable = False
