@@ -1,6 +1,7 @@
 """The reply plan of transaction mode (protocol/replyplan.py): what reaches the client, in what
-order, after errors and during COPY; and a model test of the mapper and the plan together over
-simulated servers (a fake PostgreSQL that keeps its statements and skips after errors)."""
+order, after errors and during COPY; and a model test of the client side (forwarder, mapper and
+plan together) over simulated servers (a fake PostgreSQL that keeps its statements and skips
+after errors)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.unit.txhelpers import EXECUTE, SYNC, Side, bind, close, msg, parse, query, split
 
+from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import PASS, ReplyPlan
 from pgcorral.protocol.rewrite import (
     CLOSE_COMPLETE,
@@ -15,9 +17,9 @@ from pgcorral.protocol.rewrite import (
     parse_bind,
     parse_parse,
     parse_target,
-    rewrite,
 )
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
+from pgcorral.protocol.txforward import DISCARD_ALL, ClientForwarder
 
 
 def test_fabricated_replies_keep_request_order() -> None:
@@ -170,14 +172,16 @@ def test_model_several_clients_over_simulated_servers(data: st.DataObject) -> No
     plans = [ReplyPlan(s) for _, s in servers]
     nclients = data.draw(st.integers(1, 3))
     clients = [ClientStatements() for _ in range(nclients)]
+    forwarders = [ClientForwarder(client, registry) for client in clients]
     models: list[dict[bytes, bytes]] = [{} for _ in range(nclients)]
 
     for _ in range(data.draw(st.integers(1, 12))):
         c = data.draw(st.integers(0, nclients - 1))
         k = data.draw(st.integers(0, nservers - 1))
-        fake, server = servers[k]
+        fake, _ = servers[k]
         plan, model, client = plans[k], models[c], clients[c]
-        server.at_sync = True  # linked
+        forwarder = forwarders[c]
+        forwarder.link()
         requests: list[bytes] = []
         expected: list[int] = []
         expected_binds: list[bytes] = []
@@ -232,10 +236,10 @@ def test_model_several_clients_over_simulated_servers(data: st.DataObject) -> No
         pending: list[bytes] = []
         fake.bound.clear()
         for m in requests:
-            rw = rewrite(m[0], m[5:], client, server, registry)
-            plan.extend(rw.steps)
+            send, rest, flags = forwarder.feed(m, plan, codes.TX_IDLE)
+            assert rest == b"" and flags & ~DISCARD_ALL == 0
             seen += plan.fabricated_before_next()
-            pending += fake.feed(rw.send)
+            pending += fake.feed(send)
             take = data.draw(st.integers(0, len(pending)))  # replies arrive whenever
             for reply in pending[:take]:
                 if plan.on_server_reply(reply[0]) == PASS:

@@ -180,8 +180,28 @@ def test_malformed_bodies_raise_client_protocol_error(type_: bytes, body: bytes)
     s = Side()
     s.client.names[b"n"] = b"q\0\0\0"
     with pytest.raises(ClientProtocolError) as info:
-        rewrite(type_[0], body, s.client, s.server, s.registry)
+        rewrite(type_[0], body, s.client, s.server, s.registry, at_sync=True, tx_failed=False)
     assert info.value.sqlstate == "08P01"
+
+
+def test_in_an_aborted_transaction_parse_and_deallocate_go_to_postgresql() -> None:
+    s = Side()
+    s.send(parse(b"a", b"SELECT 1"), SYNC)
+    s.tx_failed = True
+    assert s.send(parse(b"b", b"SELECT 1")) == parse(b"pgc_1", b"SELECT 1")  # 25P02 there
+    for sql in (b"DEALLOCATE a", b"DEALLOCATE ALL", b"DISCARD ALL"):
+        assert s.send(query(sql)) == query(sql)
+    assert set(s.client.names) == {b"a", b"b"}  # until PostgreSQL refuses the Parse
+
+
+def test_evicted_names_are_closed_only_at_a_batch_start() -> None:
+    s = Side(capacity=1)
+    s.send(parse(b"a", b"SELECT 1"), parse(b"b", b"SELECT 2"))
+    assert s.server.pending_close
+    s.at_sync = False
+    assert s.send(EXECUTE) == EXECUTE
+    s.at_sync = True  # as when linked
+    assert s.send(EXECUTE) == close(b"S", b"pgc_1") + EXECUTE
 
 
 def test_body_helpers() -> None:

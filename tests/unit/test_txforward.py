@@ -51,7 +51,7 @@ class Pipe:
         self.server = ServerStatements(capacity)
         self.plan = ReplyPlan(self.server, self.registry.known)
         self.forwarder = ClientForwarder(self.client, self.registry, LIMIT)
-        self.forwarder.link(self.server)
+        self.forwarder.link()
         self.status = status
         self.rest = b""
         self.sent: list[bytes] = []
@@ -83,7 +83,7 @@ class Pipe:
                 "batch_open": fwd.batch_open, "pending": fwd.pending, "at_rest": fwd.at_rest,
                 "client names": dict(self.client.names), "server names": self.server.names(),
                 "pending close": list(self.server.pending_close),
-                "at_sync": self.server.at_sync, "steps": len(self.plan)}
+                "at_sync": fwd.at_sync, "steps": len(self.plan)}
 
     def answer(self) -> tuple[list[str], bytes]:
         """PostgreSQL's replies to what reached the server: the plan's verdicts, and the bytes

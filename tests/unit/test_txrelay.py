@@ -41,7 +41,7 @@ class Link:
         self.server = ServerStatements(capacity)
         self.router = ReplyRouter(ReplyPlan(self.server, self.registry.known))
         self.forwarder = ClientForwarder(self.client, self.registry)
-        self.forwarder.link(self.server)
+        self.forwarder.link()
 
     def send(self, *messages: bytes) -> bytes:
         out, rest, seen = self.forwarder.feed(b"".join(messages), self.router.plan,

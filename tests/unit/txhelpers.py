@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import struct
 
+from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import PASS, ReplyPlan
-from pgcorral.protocol.rewrite import rewrite
+from pgcorral.protocol.rewrite import REQUESTS, rewrite
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 
 
@@ -59,7 +60,8 @@ def split(data: bytes) -> list[tuple[int, bytes]]:
 
 
 class Side:
-    """One client on one server connection: feeds messages, collects what each side gets."""
+    """One client on one server connection: feeds messages to the mapper (keeping its batch
+    start as ``ClientForwarder`` does), collects what each side gets."""
 
     def __init__(self, capacity: int = 10) -> None:
         self.registry = StatementRegistry()
@@ -67,11 +69,18 @@ class Side:
         self.server = ServerStatements(capacity)
         self.plan = ReplyPlan(self.server)
         self.to_client = b""
+        self.at_sync = True  # just linked
+        self.tx_failed = False
 
     def send(self, *messages: bytes) -> bytes:
         out = b""
         for m in messages:
-            rw = rewrite(m[0], m[5:], self.client, self.server, self.registry)
+            rw = rewrite(m[0], m[5:], self.client, self.server, self.registry,
+                         at_sync=self.at_sync, tx_failed=self.tx_failed)
+            if m[0] == codes.SYNC:
+                self.at_sync = True
+            elif m[0] in REQUESTS:
+                self.at_sync = False
             out += rw.send
             self.plan.extend(rw.steps)
             self.to_client += self.plan.fabricated_before_next()

@@ -383,7 +383,7 @@ class TransactionClient(ClientConnection):
         self.server = server
         self.peer = server
         server.peer = self
-        self.forwarder.link(server.statements)
+        self.forwarder.link()
         if self.writing_paused:  # flow control follows the link
             server.transport.pause_reading()
         if server.writing_paused:

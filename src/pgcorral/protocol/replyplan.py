@@ -7,17 +7,17 @@ passed unchanged), ``own_query_step`` (pgcorral's own request before a client's)
 Ordering contract. Every client request puts its reply steps in the plan in request order,
 whether it is sent, answered locally, or preceded by pgcorral's own Parse/Close, so:
 
-1. Per complete client message: ``rw = rewrite(type, body, client, server, registry)``
+1. Per complete client message: ``rw = rewrite(type, body, client, server, registry, ...)``
    (``protocol.rewrite``); write ``rw.send`` (maybe empty) to the server;
-   ``plan.extend(rw.steps)``.
+   ``plan.extend(rw.steps)``. (``protocol.txforward.ClientForwarder`` does this, and passes
+   the messages that need no rewrite with their ``DEFAULT_STEPS``.)
 2. Per complete server message: ``plan.on_server_reply(type)`` -> ``"pass"`` (forward it) or
    ``"drop"`` (skip its bytes).
 3. After step 1 (per chunk at least) and after every step 2, write
    ``plan.fabricated_before_next()`` to the client after what was forwarded so far: the replies
    pgcorral makes whose turn has come (ParseComplete for a Parse of a statement the server has,
    CloseComplete for a client's Close 'S', CommandComplete for a local DEALLOCATE).
-4. Release the server when ``plan.idle`` and the last ReadyForQuery passed said 'I'. Set
-   ``server.at_sync = True`` when linking a server connection to a client.
+4. Release the server when ``plan.idle`` and the last ReadyForQuery passed said 'I'.
 
 A step ends at a known reply type (ParseComplete, BindComplete, CloseComplete, RowDescription or
 NoData, CommandComplete/EmptyQueryResponse/PortalSuspended, ReadyForQuery) and passes, drops or

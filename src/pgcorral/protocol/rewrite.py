@@ -18,7 +18,8 @@ EmptyQueryResponse becomes CommandComplete ``DEALLOCATE [ALL]``, server statemen
 ``DISCARD ALL`` passes, the client forgets all and ``server.clear()`` is done at once (back into
 the LRU if it fails). Everything else (unnamed statements, portals, unknown names: PostgreSQL
 answers 26000) passes unchanged. Evicted names are closed at the start of the next batch
-(``server.at_sync``: after a Sync, or just linked).
+(``at_sync``: after a Sync, or just linked, as the caller knows). In an aborted transaction
+(``tx_failed``) Parse, DEALLOCATE and DISCARD ALL go to PostgreSQL, which refuses them (25P02).
 
 A client's Parse or Close that fails or is skipped (after an error, until Sync) is undone in the
 client's names, newest first (``ReplyStep.client_undo``).
@@ -62,8 +63,9 @@ PARSE_COMPLETE = message(b"1")
 CLOSE_COMPLETE = message(b"3")
 EMPTY_QUERY = message(b"Q", b"\0")
 
-#: requests that may open a batch (Close messages of evicted names go before them)
-_REQUESTS = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE,
+#: requests that may open a batch (Close messages of evicted names go before them); after one,
+#: the server connection is no longer at a batch start, until the next Sync
+REQUESTS = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE,
                        codes.QUERY, codes.FUNCTION_CALL])
 _KIND_STATEMENT = ord("S")
 _KIND_PORTAL = ord("P")
@@ -167,22 +169,20 @@ def _ensure(name: str, identity: bytes, server: ServerStatements, parts: list[by
 
 
 def rewrite(type_: int, body: bytes, client: ClientStatements, server: ServerStatements,
-            registry: StatementRegistry) -> Rewrite:
-    """Translate one client message (``type_``, ``body`` without the header)."""
+            registry: StatementRegistry, *, at_sync: bool, tx_failed: bool) -> Rewrite:
+    """Translate one client message (``type_``, ``body`` without the header). ``at_sync``:
+    the server connection is at a batch start (after a Sync, or just linked), where the Closes
+    of evicted names go first; ``tx_failed``: its transaction is aborted."""
     if server.capacity <= 0:
         return Rewrite(_header.pack(type_, len(body) + 4) + body, DEFAULT_STEPS[type_])
     parts: list[bytes] = []
     steps: list[ReplyStep] = []  # built in request order
-    if server.at_sync and type_ in _REQUESTS and server.pending_close:
+    if at_sync and type_ in REQUESTS and server.pending_close:
         for name in server.pending_close:
             parts.append(build_target(b"C", _KIND_STATEMENT, name.encode()))
             steps.append(ReplyStep(CLOSE_ENDS, drop=True, closes=name))
         server.pending_close.clear()
-    if type_ == codes.SYNC:
-        server.at_sync = True
-    elif type_ in _REQUESTS:
-        server.at_sync = False
-    handled = _translate(type_, body, client, server, registry, parts, steps)
+    handled = _translate(type_, body, client, server, registry, tx_failed, parts, steps)
     if not handled:
         parts.append(_header.pack(type_, len(body) + 4) + body)
         if not steps:
@@ -192,7 +192,8 @@ def rewrite(type_: int, body: bytes, client: ClientStatements, server: ServerSta
 
 
 def _translate(type_: int, body: bytes, client: ClientStatements, server: ServerStatements,
-               registry: StatementRegistry, parts: list[bytes], steps: list[ReplyStep]) -> bool:
+               registry: StatementRegistry, tx_failed: bool, parts: list[bytes],
+               steps: list[ReplyStep]) -> bool:
     """Append the translation of a mapped message; False if it passes unchanged."""
     names = client.names
     if type_ == codes.PARSE:
@@ -216,7 +217,7 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         pooled = registry.name_for(identity)
         if not _ensure(pooled, identity, server, parts, steps, drop=False):
             steps[-1].client_undo = undo
-        elif server.tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
+        elif tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
             parts.append(build_parse(pooled.encode(), identity))
             steps.append(ReplyStep(PARSE_ENDS, client_undo=undo))
         else:
@@ -248,7 +249,7 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         steps.append(ReplyStep(DESCRIBE_ENDS))
         return True
     if type_ == codes.QUERY:
-        return _translate_query(body, client, server, parts, steps)
+        return _translate_query(body, client, server, tx_failed, parts, steps)
     return False
 
 
@@ -301,11 +302,11 @@ def close_locally(body: bytes, client: ClientStatements) -> bool:
 
 
 def _translate_query(body: bytes, client: ClientStatements, server: ServerStatements,
-                     parts: list[bytes], steps: list[ReplyStep]) -> bool:
+                     tx_failed: bool, parts: list[bytes], steps: list[ReplyStep]) -> bool:
     if not body.endswith(b"\0"):
         raise ClientProtocolError("malformed Query message: unterminated string")
     head = body[:64].lstrip()[:10].lower()
-    if server.tx_failed:
+    if tx_failed:
         return False  # PostgreSQL refuses both in an aborted transaction (25P02): let it
     if head.startswith(b"deallocate"):
         match = _DEALLOCATE.match(body, 0, len(body) - 1)

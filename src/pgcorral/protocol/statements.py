@@ -45,18 +45,13 @@ class StatementRegistry:
 class ServerStatements:
     """The pooler names prepared on one server connection (LRU, most recent last)."""
 
-    __slots__ = ("_lru", "at_sync", "capacity", "pending_close", "tx_failed")
+    __slots__ = ("_lru", "capacity", "pending_close")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lru: OrderedDict[str, None] = OrderedDict()
         #: evicted names still prepared on the server, closed at the start of the next batch
         self.pending_close: dict[str, None] = {}
-        #: the server is at a batch start (after a Sync, or just linked): Close is safe here
-        self.at_sync = True
-        #: the connection's transaction is aborted (set by the caller before each request):
-        #: Parse, DEALLOCATE and DISCARD ALL then go to PostgreSQL, which refuses them
-        self.tx_failed = False
 
     def __contains__(self, name: object) -> bool:
         return name in self._lru

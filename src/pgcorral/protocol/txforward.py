@@ -28,7 +28,7 @@ import struct
 from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan
-from pgcorral.protocol.rewrite import bind_fast, is_discard_all, rewrite
+from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 
 _header = struct.Struct("!BI").unpack_from
@@ -40,8 +40,8 @@ STREAM_FROM = 64 * 1024
 SESSION_TYPES = codes.FRONTEND_TYPES - {codes.PASSWORD}
 #: Messages that open an extended-protocol batch (closed by Sync).
 _BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
-#: Messages that go through ``rewrite`` when the mapping is on.
-_REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
+#: Messages that go through ``rewrite`` when the mapping is on (unless a fast path takes them).
+_REWRITTEN = REQUESTS | frozenset([codes.SYNC])
 _KIND_PORTAL = ord("P")
 
 # What ``ClientForwarder.feed`` saw besides requests to forward: bits of its third result.
@@ -64,8 +64,8 @@ class ClientForwarder:
     status of its last ReadyForQuery.
     """
 
-    __slots__ = ("at_rest", "batch_open", "client", "max_length", "pending", "registry",
-                 "violation")
+    __slots__ = ("at_rest", "at_sync", "batch_open", "client", "max_length", "pending",
+                 "registry", "violation")
 
     def __init__(self, client: ClientStatements, registry: StatementRegistry,
                  max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
@@ -77,11 +77,14 @@ class ClientForwarder:
         #: no batch is open and no message is half forwarded: the client side lets the server
         #: connection go (kept with the two above; read once per chunk each way)
         self.at_rest = True
+        #: the linked server connection is at a batch start (after a Sync, or just linked):
+        #: the Closes of statements evicted there may go first (mapping on)
+        self.at_sync = True
         self.violation = ""  # what the last VIOLATION was
 
-    def link(self, server: ServerStatements) -> None:
+    def link(self) -> None:
         """A server connection is linked to the client: its stream is at a batch start."""
-        server.at_sync = True
+        self.at_sync = True
         self.batch_open = False
         self.at_rest = not self.pending
 
@@ -137,34 +140,34 @@ class ClientForwarder:
                     if steps:
                         plan.extend(steps)
                 elif type_ == codes.SYNC:
-                    statements.at_sync = True
+                    self.at_sync = True
                     plan.extend(DEFAULT_STEPS[type_])
                 elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
                     steps = DEFAULT_STEPS[type_]
                     if steps:
                         plan.extend(steps)
-                else:
-                    statements.tx_failed = status == codes.TX_FAILED
-                    fast = (not (statements.at_sync and statements.pending_close)
+                else:  # one of the REQUESTS
+                    fast = (not (self.at_sync and statements.pending_close)
                             and (not special if type_ == codes.QUERY else
                                  self._fast(type_, data, pos, end, statements)))
                     if not fast:
                         if run < pos:
                             parts.append(data[run:pos])
                         rw = rewrite(type_, data[pos + 5:end], self.client, statements,
-                                     self.registry)
+                                     self.registry, at_sync=self.at_sync,
+                                     tx_failed=status == codes.TX_FAILED)
                         if rw.send:
                             parts.append(rw.send)
                         plan.extend(rw.steps)
                         run = end
                     else:
-                        statements.at_sync = False
                         plan.extend(DEFAULT_STEPS[type_])
                         if fast is not True:  # a renamed Bind
                             if run < pos:
                                 parts.append(data[run:pos])
                             parts.append(fast)
                             run = end
+                    self.at_sync = False
                 if special and head.startswith(b"discard") and is_discard_all(
                         data[pos + 5:end]):
                     seen |= DISCARD_ALL
