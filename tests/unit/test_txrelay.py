@@ -1,5 +1,6 @@
 """The transaction pipeline's server -> client router (protocol/txrelay.py): exact bytes per
-case, and the same answer whatever the chunking (every split point, byte by byte)."""
+case, and the same answer whatever the chunking (every split point, byte by byte). Requests
+reach the plan through a ``ClientForwarder``, as in the pipeline."""
 
 from __future__ import annotations
 
@@ -8,35 +9,15 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.unit.txhelpers import EXECUTE, SYNC, bind, msg, parse, ready
 
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.prepared import (
-    PARSE_COMPLETE,
-    ClientStatements,
-    ReplyPlan,
-    ServerStatements,
-    StatementRegistry,
-    own_query_slot,
-    parse_locally,
-    rewrite,
-)
+from pgcorral.protocol.replyplan import ReplyPlan, own_query_step
+from pgcorral.protocol.rewrite import PARSE_COMPLETE, parse_locally
+from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
+from pgcorral.protocol.txforward import STREAM_FROM, ClientForwarder
 from pgcorral.protocol.txrelay import ReplyRouter
 
-
-def msg(type_: bytes, body: bytes = b"") -> bytes:
-    return type_ + struct.pack("!I", len(body) + 4) + body
-
-
-def parse(name: bytes, query: bytes) -> bytes:
-    return msg(b"P", name + b"\0" + query + b"\0" + b"\0\0")
-
-
-def bind(stmt: bytes) -> bytes:
-    return msg(b"B", b"\0" + stmt + b"\0" + b"\0\0\0\0\0\0")
-
-
-EXECUTE = msg(b"E", b"\0\0\0\0\0")
-SYNC = msg(b"S")
 PARSE_OK = msg(b"1")
 BIND_OK = msg(b"2")
 NO_DATA = msg(b"n")
@@ -46,44 +27,44 @@ ERROR = msg(b"E", b"SERROR\0C42P01\0Mno\0\0")
 NOTICE = msg(b"N", b"SNOTICE\0Mhi\0\0")
 
 
-def ready(status: bytes) -> bytes:
-    return msg(b"Z", status)
-
-
 def param(name: bytes, value: bytes) -> bytes:
     return msg(b"S", name + b"\0" + value + b"\0")
 
 
 class Link:
-    """A client linked to one server connection: requests go through rewrite into the plan."""
+    """A client linked to one server connection: requests go through the client's forwarder
+    into the plan, replies through the router."""
 
     def __init__(self, capacity: int = 10) -> None:
         self.registry = StatementRegistry()
         self.client = ClientStatements()
         self.server = ServerStatements(capacity)
         self.router = ReplyRouter(ReplyPlan(self.server, self.registry.known))
+        self.forwarder = ClientForwarder(self.client, self.registry)
+        self.forwarder.link()
 
     def send(self, *messages: bytes) -> bytes:
-        out = b""
-        for m in messages:
-            if m[0] in b"PBDCE":
-                self.router.batch_open = True
-            elif m[0] == ord("S"):
-                self.router.batch_open = False
-            rw = rewrite(m[0], m[5:], self.client, self.server, self.registry)
-            out += rw.send
-            self.router.plan.extend(rw.slots)
+        out, rest, seen = self.forwarder.feed(b"".join(messages), self.router.plan,
+                                              self.router.status)
+        assert rest == b"" and seen == 0
         return out
 
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        return self.router.feed(data, self.forwarder.at_rest)
 
-def feed_chunks(router: ReplyRouter, stream: bytes, cuts: list[int]) -> tuple[bytes, int]:
+    @property
+    def free(self) -> bool:
+        return self.forwarder.at_rest and self.router.free
+
+
+def feed_chunks(link: Link, stream: bytes, cuts: list[int]) -> tuple[bytes, int]:
     """Feed ``stream`` cut at ``cuts``; (bytes for the client, free offset in the stream)."""
     out = b""
     start = 0
     for end in [*sorted(set(cuts)), len(stream)]:
         if end <= start:
             continue
-        got, free_at = router.feed(stream[start:end])
+        got, free_at = link.feed(stream[start:end])
         out += got
         if free_at >= 0:
             return out, start + free_at
@@ -95,23 +76,23 @@ def test_everything_passes_untouched_and_frees_at_ready_idle() -> None:
     link = Link()
     link.send(msg(b"Q", b"SELECT 1\0"))
     stream = ROW + SELECT_1 + ready(b"I")
-    out, free_at = link.router.feed(stream)
+    out, free_at = link.feed(stream)
     assert out == stream and free_at == len(stream)
-    assert link.router.free
+    assert link.free
 
 
 def test_in_transaction_keeps_the_link() -> None:
     link = Link()
     link.send(msg(b"Q", b"BEGIN\0"))
-    _, free_at = link.router.feed(msg(b"C", b"BEGIN\0") + ready(b"T"))
+    _, free_at = link.feed(msg(b"C", b"BEGIN\0") + ready(b"T"))
     assert free_at == -1 and link.router.status == ord("T")
-    assert not link.router.free
+    assert not link.free
 
 
 def test_failed_transaction_keeps_the_link() -> None:
     link = Link()
     link.send(msg(b"Q", b"SELECT x\0"))
-    _, free_at = link.router.feed(ERROR + ready(b"E"))
+    _, free_at = link.feed(ERROR + ready(b"E"))
     assert free_at == -1
 
 
@@ -119,39 +100,39 @@ def test_pipelined_queries_free_only_after_the_last_ready() -> None:
     link = Link()
     link.send(msg(b"Q", b"SELECT 1\0"), msg(b"Q", b"SELECT 1\0"))
     first = ROW + SELECT_1 + ready(b"I")
-    out, free_at = link.router.feed(first)
+    out, free_at = link.feed(first)
     assert (out, free_at) == (first, -1)
-    out, free_at = link.router.feed(first)
+    out, free_at = link.feed(first)
     assert free_at == len(first)
 
 
 def test_open_batch_is_not_free_until_sync() -> None:
     link = Link(capacity=0)
     link.send(parse(b"", b"SELECT 1"), bind(b""), EXECUTE, msg(b"H"))
-    _, free_at = link.router.feed(PARSE_OK + BIND_OK + ROW + SELECT_1)
-    assert free_at == -1 and link.router.plan.idle and not link.router.free
+    _, free_at = link.feed(PARSE_OK + BIND_OK + ROW + SELECT_1)
+    assert free_at == -1 and link.router.plan.idle and not link.free
     link.send(SYNC)
-    _, free_at = link.router.feed(ready(b"I"))
+    _, free_at = link.feed(ready(b"I"))
     assert free_at == 5 + 1
 
 
 def test_own_query_replies_are_dropped_errors_included() -> None:
     link = Link()
-    link.router.plan.extend((own_query_slot(),))
+    link.router.plan.extend((own_query_step(),))
     link.send(msg(b"Q", b"SELECT 1\0"))
     ours = PARSE_OK + BIND_OK + ERROR + ready(b"I")
     theirs = ROW + SELECT_1 + ready(b"I")
-    out, free_at = link.router.feed(ours + theirs)
+    out, free_at = link.feed(ours + theirs)
     assert out == theirs and free_at == len(ours + theirs)
 
 
 def test_parameter_status_passes_and_is_collected() -> None:
     link = Link()
-    link.router.plan.extend((own_query_slot(),))
+    link.router.plan.extend((own_query_step(),))
     link.send(msg(b"Q", b"SET x\0"))
     stream = (PARSE_OK + param(b"TimeZone", b"UTC") + ready(b"I")
               + msg(b"C", b"SET\0") + param(b"DateStyle", b"ISO, DMY") + ready(b"I"))
-    out, _ = link.router.feed(stream)
+    out, _ = link.feed(stream)
     assert out == (param(b"TimeZone", b"UTC") + msg(b"C", b"SET\0")
                    + param(b"DateStyle", b"ISO, DMY") + ready(b"I"))
     assert link.router.changes == {"TimeZone": "UTC", "DateStyle": "ISO, DMY"}
@@ -161,14 +142,14 @@ def test_fabricated_parse_complete_comes_at_its_turn() -> None:
     link = Link()
     # the statement is on the server already: the client's Parse is answered by pgcorral
     link.send(parse(b"a", b"SELECT 1"), SYNC)
-    link.router.feed(PARSE_OK + ready(b"I"))
+    link.feed(PARSE_OK + ready(b"I"))
     assert "pgc_1" in link.server
     sent = link.send(msg(b"Q", b"SELECT 1\0"), parse(b"c", b"SELECT 1"), bind(b"c"), EXECUTE,
                      SYNC)
     assert b"pgc_1" in sent and sent.count(b"P\0") == 0
     query_replies = ROW + SELECT_1 + ready(b"I")
     rest = BIND_OK + ROW + SELECT_1 + ready(b"I")
-    out, free_at = link.router.feed(query_replies + rest)
+    out, free_at = link.feed(query_replies + rest)
     assert out == query_replies + PARSE_COMPLETE + rest
     assert free_at == len(query_replies + rest)
 
@@ -177,7 +158,7 @@ def test_a_server_accepting_our_parse_makes_it_known() -> None:
     link = Link()
     link.send(parse(b"a", b"SELECT 1"), SYNC)
     assert not parse_locally(parse(b"b", b"SELECT 1")[5:], ClientStatements(), link.registry)
-    link.router.feed(PARSE_OK + ready(b"I"))
+    link.feed(PARSE_OK + ready(b"I"))
     other = ClientStatements()
     assert parse_locally(parse(b"b", b"SELECT 1")[5:], other, link.registry)
     assert b"b" in other
@@ -187,7 +168,7 @@ def test_bytes_after_the_free_point_are_reported() -> None:
     link = Link()
     link.send(msg(b"Q", b"SELECT 1\0"))
     stream = SELECT_1 + ready(b"I") + NOTICE
-    out, free_at = link.router.feed(stream)
+    out, free_at = link.feed(stream)
     assert free_at == len(SELECT_1) + 6 and out == SELECT_1 + ready(b"I")
 
 
@@ -196,23 +177,23 @@ def test_bad_server_lengths_raise(length: int) -> None:
     link = Link()
     link.send(msg(b"Q", b"SELECT 1\0"))
     with pytest.raises(FramingError):
-        link.router.feed(b"D" + struct.pack("!I", length) + b"\0" * 8)
+        link.feed(b"D" + struct.pack("!I", length) + b"\0" * 8)
 
 
 def test_malformed_ready_for_query_raises() -> None:
     link = Link()
     link.send(SYNC)
     with pytest.raises(FramingError):
-        link.router.feed(msg(b"Z", b"II"))
+        link.feed(msg(b"Z", b"II"))
 
 
 def _scenario() -> tuple[Link, bytes]:
     """A batch mixing own replies (re-Parse dropped), passes, fabrications and a notice."""
     link = Link()
     link.send(parse(b"a", b"SELECT 1"), SYNC)
-    link.router.feed(PARSE_OK + ready(b"I"))
+    link.feed(PARSE_OK + ready(b"I"))
     link.server.discard("pgc_1")  # as if evicted: the next Bind re-Parses (reply dropped)
-    link.router.plan.extend((own_query_slot(),))
+    link.router.plan.extend((own_query_step(),))
     link.send(parse(b"b", b"SELECT 2"), bind(b"a"), EXECUTE, SYNC, msg(b"Q", b"SELECT 1\0"))
     stream = (PARSE_OK + BIND_OK + param(b"application_name", b"x") + ready(b"I")  # ours
               + PARSE_OK  # client's Parse b
@@ -224,7 +205,7 @@ def _scenario() -> tuple[Link, bytes]:
 
 def test_scenario_whole() -> None:
     link, stream = _scenario()
-    out, free_at = link.router.feed(stream)
+    out, free_at = link.feed(stream)
     assert free_at == len(stream)
     assert out == (param(b"application_name", b"x") + PARSE_OK + NOTICE + BIND_OK + ROW * 3
                    + SELECT_1 + ready(b"I") + ROW + SELECT_1 + ready(b"I"))
@@ -232,25 +213,26 @@ def test_scenario_whole() -> None:
 
 def test_scenario_byte_by_byte_and_every_split() -> None:
     _, stream = _scenario()
-    whole = feed_chunks(_scenario()[0].router, stream, [])
-    assert feed_chunks(_scenario()[0].router, stream, list(range(1, len(stream)))) == whole
+    whole = feed_chunks(_scenario()[0], stream, [])
+    assert feed_chunks(_scenario()[0], stream, list(range(1, len(stream)))) == whole
     for cut in range(1, len(stream)):
-        assert feed_chunks(_scenario()[0].router, stream, [cut]) == whole, cut
+        assert feed_chunks(_scenario()[0], stream, [cut]) == whole, cut
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=400), max_size=12))
 def test_scenario_any_chunking(cuts: list[int]) -> None:
     _, stream = _scenario()
-    whole = feed_chunks(_scenario()[0].router, stream, [])
-    assert feed_chunks(_scenario()[0].router, stream, cuts) == whole
+    whole = feed_chunks(_scenario()[0], stream, [])
+    assert feed_chunks(_scenario()[0], stream, cuts) == whole
 
 
 def test_a_half_forwarded_client_message_keeps_the_link() -> None:
     link = Link()
     link.send(msg(b"Q", b"SELECT 1\0"))
-    link.router.mid_message = True  # the client side is streaming a large CopyData
-    _, free_at = link.router.feed(SELECT_1 + ready(b"I"))
-    assert free_at == -1 and not link.router.free
-    link.router.mid_message = False
-    assert link.router.free
+    copy = msg(b"d", b"x" * STREAM_FROM)
+    assert link.send(copy[:100]) == copy[:100]  # streaming: the rest is still to come
+    _, free_at = link.feed(SELECT_1 + ready(b"I"))
+    assert free_at == -1 and link.router.free and not link.free
+    assert link.send(copy[100:]) == copy[100:]
+    assert link.free

@@ -27,7 +27,7 @@ from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.net.server import ServerConnection
 from pgcorral.pool.budget import Budget
 from pgcorral.pool.pool import Pool, Slot
-from pgcorral.protocol.prepared import StatementRegistry
+from pgcorral.protocol.statements import StatementRegistry
 from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:

@@ -14,9 +14,10 @@ Then, per transaction:
 2. ``_link``: the client's settings are brought over when the connection differs (reported
    parameters the client saw last, plus non-reported startup settings: one ``set_config``
    batch whose replies are dropped), then the client's messages are forwarded.
-3. ``_forward``: whole client messages, each through ``protocol.prepared.rewrite`` when
-   prepared-statement mapping is on (Parse/Bind/Describe/Close renamed, re-Parse where the
-   statement is missing, local answers planned) and its reply slots into the ``ReplyPlan``.
+3. ``_forward``: the client's ``ClientForwarder`` (``protocol.txforward``) frames the bytes,
+   maps prepared statements when that is on (Parse/Bind/Describe/Close renamed, re-Parse where
+   the statement is missing, local answers planned) and puts each request's reply steps into
+   the ``ReplyPlan``; ``_forward`` writes what it returns and acts on what it saw.
 4. Replies go through the server's ``ReplyRouter`` (``net.txserver``); at a ReadyForQuery 'I'
    with nothing owed and no batch open the client is unlinked (``server_free``) and the server
    connection goes back to the pool, after ``server_reset_query`` with
@@ -47,19 +48,16 @@ from pgcorral.pipelines.session import RESET_TIMEOUT
 from pgcorral.pool.pool import Grant, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
-from pgcorral.protocol.prepared import (
-    CLOSE_COMPLETE,
-    DEFAULT_SLOTS,
-    PARSE_COMPLETE,
-    ClientStatements,
-    ServerStatements,
-    StatementRegistry,
-    bind_fast,
-    close_locally,
-    is_discard_all,
-    own_query_slot,
-    parse_locally,
-    rewrite,
+from pgcorral.protocol.replyplan import own_query_step
+from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE, close_locally, parse_locally
+from pgcorral.protocol.statements import ClientStatements
+from pgcorral.protocol.txforward import (
+    DISCARD_ALL,
+    NAMED_PARSE,
+    SESSION_TYPES,
+    TERMINATE,
+    VIOLATION,
+    ClientForwarder,
 )
 
 if TYPE_CHECKING:
@@ -71,20 +69,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgcorral.transaction")
 _header_unpack_from = struct.Struct("!BI").unpack_from
 
-#: A message at least this long that passes unchanged is forwarded as its bytes arrive.
-STREAM_FROM = 64 * 1024
 #: Reported parameters a client cannot set (set_config would fail).
 READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_datetimes",
                               "is_superuser", "session_authorization", "in_hot_standby"])
-#: Messages that open an extended-protocol batch (closed by Sync).
-_BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
-#: Messages that go through ``prepared.rewrite`` when the mapping is on.
-_REWRITTEN = _BATCH | frozenset([codes.QUERY, codes.FUNCTION_CALL, codes.SYNC])
 _STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
-_KIND_PORTAL = ord("P")
-#: What PostgreSQL accepts after login (a password message, or anything else, is refused with
-#: 08P01 "invalid frontend message type"; pgcorral answers it without a server connection).
-_SESSION_TYPES = codes.FRONTEND_TYPES - {codes.PASSWORD}
 _READY_IDLE = msg.ready_for_query(b"I")
 
 
@@ -198,7 +186,7 @@ class TransactionClient(ClientConnection):
         self._wait_timeout = 0.0
         self._grant_pending: Grant | None = None  # for _serve: open or validate it
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
-        self._pass = 0  # bytes of a large message still to forward as they come
+        self.forwarder = ClientForwarder(self.statements, ctx.registry, self.tracker.max_length)
         self.named_parse = False  # a named Parse went through unmapped in this transaction
 
     # --- bytes from the client ---------------------------------------------------------------
@@ -237,7 +225,7 @@ class TransactionClient(ClientConnection):
         if type_ == codes.TERMINATE:
             self.end("terminate")
             return
-        if type_ not in _SESSION_TYPES:
+        if type_ not in SESSION_TYPES:
             self._protocol_violation(f"invalid frontend message type {type_}")
             return
         if len(data) < 1 + length:
@@ -359,133 +347,32 @@ class TransactionClient(ClientConnection):
         assert server is not None
         router = server.router
         plan = router.plan
-        statements = server.statements
-        mapping = statements.capacity > 0
-        registry = self.ctx.registry
-        limit = self.tracker.max_length
-        parts: list[bytes] = []
-        pos = run = 0
-        n = len(data)
-        terminate = False
-        if self._pass:  # the rest of a large message already on its way
-            pos = min(self._pass, n)
-            self._pass -= pos
-            router.mid_message = self._pass > 0
-        try:
-            while pos + 5 <= n:
-                type_, length = _header_unpack_from(data, pos)
-                if length < 4 or length - 4 > limit:
-                    raise ClientProtocolError(f"invalid message length {length}")
-                end = pos + 1 + length
-                if type_ not in _SESSION_TYPES:
-                    raise ClientProtocolError(f"invalid frontend message type {type_}")
-                if end > n:
-                    if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
-                        break  # kept until it is whole
-                    # large CopyData and the like stream through as they come
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
-                    self._pass = end - n
-                    router.mid_message = True
-                    pos = n
-                    break
-                if type_ == codes.TERMINATE:
-                    terminate = True
-                    break
-                if type_ in _BATCH:
-                    router.batch_open = True
-                elif type_ == codes.SYNC:
-                    router.batch_open = False
-                special = False  # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets
-                if type_ == codes.QUERY:
-                    head = data[pos + 5:pos + 69].lstrip()[:10].lower()
-                    special = head.startswith(b"deallocate") or head.startswith(b"discard")
-                if not mapping:
-                    if type_ == codes.PARSE and data[pos + 5] != 0:
-                        self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
-                elif type_ == codes.SYNC:
-                    statements.at_sync = True
-                    plan.extend(DEFAULT_SLOTS[type_])
-                elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
-                    slots = DEFAULT_SLOTS[type_]
-                    if slots:
-                        plan.extend(slots)
-                else:
-                    statements.tx_failed = router.status == codes.TX_FAILED
-                    fast = (not (statements.at_sync and statements.pending_close)
-                            and (not special if type_ == codes.QUERY else
-                                 self._fast(type_, data, pos, end, statements, registry)))
-                    if not fast:
-                        if run < pos:
-                            parts.append(data[run:pos])
-                        rw = rewrite(type_, data[pos + 5:end], self.statements, statements,
-                                     registry)
-                        if rw.send:
-                            parts.append(rw.send)
-                        plan.extend(rw.slots)
-                        run = end
-                    else:
-                        statements.at_sync = False
-                        plan.extend(DEFAULT_SLOTS[type_])
-                        if fast is not True:  # a renamed Bind
-                            if run < pos:
-                                parts.append(data[run:pos])
-                            parts.append(fast)
-                            run = end
-                if special and head.startswith(b"discard") and is_discard_all(
-                        data[pos + 5:end]):
-                    self.extra = {}  # RESET ALL: non-reported settings back to defaults
-                    server.extra.clear()
-                    if not mapping:
-                        statements.clear()
-                pos = end
-        except ClientProtocolError as exc:
-            if run < pos:
-                parts.append(data[run:pos])
-            self._send(server, parts)
-            self._protocol_violation(exc.message)
-            return
-        if run < pos:
-            parts.append(data[run:pos])
-        self._rest = data[pos:] if pos < n and not terminate else b""
-        self._send(server, parts)
+        forwarder = self.forwarder
+        send, self._rest, seen = forwarder.feed(data, plan, router.status)
+        if send:
+            self._send(server, send)
+        if seen:
+            if seen & NAMED_PARSE:
+                self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
+            if seen & DISCARD_ALL:
+                self.extra = {}  # RESET ALL: non-reported settings back to defaults
+                server.extra.clear()
+            if seen & VIOLATION:
+                self._protocol_violation(forwarder.violation)
+                return
         if plan.has_fabricated and router.at_boundary:
             self.write(plan.fabricated_before_next())
-        if terminate:
+        if seen & TERMINATE:
             self.terminating = True
             if plan.idle and router.at_boundary:
                 self.end("terminate")
-        elif router.free and self.server is server:
+        elif forwarder.at_rest and router.free and self.server is server:
             self.server_free(server, b"")
 
-    def _fast(self, type_: int, data: bytes, pos: int, end: int,
-              statements: ServerStatements, registry: StatementRegistry) -> bytes | bool:
-        """A mapped-mode message other than Query that needs no ``rewrite``: True to pass it as
-        is, the renamed Bind, or False for ``rewrite``."""
-        if type_ == codes.BIND:
-            body = data[pos + 5:end]
-            renamed = bind_fast(body, self.statements, statements, registry)
-            if renamed is not None:
-                return renamed
-            portal_end = body.find(b"\0")  # the unnamed statement is not mapped
-            return 0 <= portal_end < len(body) - 1 and body[portal_end + 1] == 0
-        if type_ in (codes.EXECUTE, codes.FUNCTION_CALL):
-            return True
-        if type_ == codes.PARSE:  # the unnamed statement is not mapped
-            return end > pos + 5 and data[pos + 5] == 0
-        # Describe or Close: a portal, or the unnamed statement, is not mapped
-        return end > pos + 6 and (data[pos + 5] == _KIND_PORTAL or data[pos + 6] == 0)
-
-    def _send(self, server: TxServerConnection, parts: list[bytes]) -> None:
-        if not parts:
-            return
+    def _send(self, server: TxServerConnection, data: bytes) -> None:
         server.status = -1
         try:
-            server.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            server.transport.write(data)
         except RuntimeError:  # the server's transport closed under us (uvloop raises)
             self.end("server lost")
 
@@ -496,7 +383,7 @@ class TransactionClient(ClientConnection):
         self.server = server
         self.peer = server
         server.peer = self
-        server.statements.at_sync = True
+        self.forwarder.link()
         if self.writing_paused:  # flow control follows the link
             server.transport.pause_reading()
         if server.writing_paused:
@@ -504,7 +391,7 @@ class TransactionClient(ClientConnection):
         pairs = self._settings_for(server)
         if pairs:
             server.transport.write(msg.set_config_statement(pairs))
-            server.router.plan.extend((own_query_slot(),))
+            server.router.plan.extend((own_query_step(),))
         data, self._rest = self._rest, b""
         if self._rest_paused:
             self._rest_paused = False
@@ -698,8 +585,8 @@ class TransactionClient(ClientConnection):
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
         self._unlink(server)
         router = server.router
-        ok = (not self.dirty and not self._pass and router.at_boundary and router.plan.idle
-              and not router.batch_open and server.poolable and not server.closed
+        ok = (not self.dirty and self.forwarder.at_rest and router.at_boundary
+              and router.plan.idle and server.poolable and not server.closed
               and router.status in (codes.TX_IDLE, codes.TX_IN_BLOCK, codes.TX_FAILED))
         if ok:
             server.status = router.status

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from pgcorral.net.server import ServerConnection
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.prepared import ReplyPlan, ServerStatements
+from pgcorral.protocol.replyplan import ReplyPlan
+from pgcorral.protocol.statements import ServerStatements
 from pgcorral.protocol.txrelay import ReplyRouter
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class TxServerConnection(ServerConnection):
             return
         router = self.router
         try:
-            out, free_at = router.feed(data)
+            out, free_at = router.feed(data, client.forwarder.at_rest)
         except FramingError as exc:
             log.warning("server connection %d (pid %d): %s", self.slot.id, self.pid, exc)
             self.poolable = False

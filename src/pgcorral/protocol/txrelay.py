@@ -1,13 +1,13 @@
 """Server -> client routing in transaction mode: one ``ReplyRouter`` per server connection.
 
 The router walks the headers of what PostgreSQL sends while a client is linked, asks the
-connection's ``ReplyPlan`` (``protocol.prepared``) whether each message passes to the client or
+connection's ``ReplyPlan`` (``protocol.replyplan``) whether each message passes to the client or
 is dropped (the replies to pgcorral's own requests: settings, re-Parse, deferred Close), splices
 in the replies pgcorral fabricates (ParseComplete, CloseComplete, CommandComplete of a local
 DEALLOCATE) at their turn, and says where the server connection became free: the end of a
-ReadyForQuery with status 'I' after which no reply is expected and no extended-protocol batch
-is open (``batch_open``, kept by the client side: Parse/Bind/Describe/Close/Execute open a
-batch, Sync closes it).
+ReadyForQuery with status 'I' after which no reply is expected, when the client side is at rest
+too (``client_at_rest``: no extended-protocol batch open and no client message half forwarded,
+``ClientForwarder.at_rest`` in ``protocol.txforward``; it cannot change during one ``feed``).
 
 Bodies are not kept, except the one byte of a ReadyForQuery and ParameterStatus bodies (the
 settings a client changed, to follow it to its next server connection: ``changes``). A message
@@ -22,7 +22,7 @@ import struct
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import parse_parameter_status
-from pgcorral.protocol.prepared import DROP, ReplyPlan
+from pgcorral.protocol.replyplan import DROP, ReplyPlan
 
 _header = struct.Struct("!BI").unpack_from
 #: ParameterStatus bodies are small; a larger one is forwarded but not collected.
@@ -34,22 +34,20 @@ _STREAMED = frozenset([codes.DATA_ROW, codes.COPY_DATA])
 
 
 class ReplyRouter:
-    """``feed(data) -> (bytes for the client, free offset or -1)``.
+    """``feed(data, client_at_rest) -> (bytes for the client, free offset or -1)``.
 
     The free offset is where, in ``data``, the connection became free: the caller writes the
     returned bytes to the client and unlinks the server connection; bytes of ``data`` after the
     offset were not routed (PostgreSQL sent something nobody asked for).
     """
 
-    __slots__ = ("_body", "_drop", "_header", "_in_body", "_skip", "_type", "batch_open",
-                 "changes", "max_length", "mid_message", "plan", "status")
+    __slots__ = ("_body", "_drop", "_header", "_in_body", "_skip", "_type", "changes",
+                 "max_length", "plan", "status")
 
     def __init__(self, plan: ReplyPlan, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
         self.plan = plan
         self.max_length = max_length
         self.status = codes.TX_IDLE  # of the last ReadyForQuery
-        self.batch_open = False  # an extended-protocol batch was sent and not yet Synced
-        self.mid_message = False  # the client's side: a message is half forwarded
         self.changes: dict[str, str] = {}  # ParameterStatus values since the caller last looked
         self._header = b""  # a header split across chunks
         self._in_body = False
@@ -64,9 +62,11 @@ class ReplyRouter:
 
     @property
     def free(self) -> bool:
-        """Nothing is owed to the client, no batch is open, and the last status was 'I'."""
-        return (self.status == codes.TX_IDLE and not self.batch_open and self.plan.idle
-                and not self._in_body and not self._header and not self.mid_message)
+        """The server's side is done: nothing is owed to the client, no server message is half
+        read, and the last status was 'I'. The connection is free when the client's side is at
+        rest too (``ClientForwarder.at_rest``)."""
+        return (self.status == codes.TX_IDLE and self.plan.idle and not self._in_body
+                and not self._header)
 
     def reset(self) -> None:
         """Forget any message in progress (the connection is reused after pgcorral's own
@@ -75,11 +75,9 @@ class ReplyRouter:
         self._in_body = False
         self._skip = 0
         self._body = None
-        self.batch_open = False
-        self.mid_message = False
         self.plan.reset()
 
-    def feed(self, data: bytes) -> tuple[bytes, int]:
+    def feed(self, data: bytes, client_at_rest: bool) -> tuple[bytes, int]:
         out: list[bytes] = []
         n = len(data)
         pos = run = 0  # run: start of the bytes to pass not yet appended to out
@@ -148,7 +146,7 @@ class ReplyRouter:
                 out.append(data[run:pos])
                 out.append(plan.fabricated_before_next())
                 run = pos
-            if ready and self.free:
+            if ready and client_at_rest and self.free:
                 out.append(data[run:pos])
                 return b"".join(out), pos
         if run == 0 and pos == n and not out:

@@ -1,0 +1,101 @@
+"""Names of protocol-level prepared statements in transaction mode: who has which statement.
+
+It owns: ``StatementRegistry`` (per worker: identity -> pooler name ``pgc_<n>``; the identity is
+the Parse body after the name, i.e. query + parameter type OIDs, so the same statement shares one
+name across clients, for the process's life); ``ServerStatements`` (per server connection: an
+LRU of the pooler names prepared there, bounded by ``max_prepared_statements``, 0 = mapping off,
+plus ``pending_close``: evicted names still prepared there, whose Close is sent at the start of
+the next batch, where PostgreSQL is never skipping messages after an error, so a Close is never
+lost and a re-Parse never meets 42P05); ``ClientStatements`` (per client: ``{client name:
+identity}``). Changed by ``protocol.rewrite`` (requests) and ``protocol.replyplan`` (replies).
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+NAME_PREFIX = "pgc_"
+
+
+class StatementRegistry:
+    """Identity -> pooler name, shared by every client and server connection of a worker."""
+
+    __slots__ = ("_names", "known")
+
+    def __init__(self) -> None:
+        self._names: dict[bytes, str] = {}
+        #: pooler names some server has accepted (ParseComplete): a later Parse of the same
+        #: statement outside a transaction may be answered without a server (``parse_locally``)
+        self.known: set[str] = set()
+
+    def lookup(self, identity: bytes) -> str | None:
+        return self._names.get(identity)
+
+    def name_for(self, identity: bytes) -> str:
+        name = self._names.get(identity)
+        if name is None:
+            name = self._names[identity] = f"{NAME_PREFIX}{len(self._names) + 1}"
+        return name
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class ServerStatements:
+    """The pooler names prepared on one server connection (LRU, most recent last)."""
+
+    __slots__ = ("_lru", "capacity", "pending_close")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        #: evicted names still prepared on the server, closed at the start of the next batch
+        self.pending_close: dict[str, None] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def names(self) -> list[str]:
+        """Least recently used first."""
+        return list(self._lru)
+
+    def touch(self, name: str) -> None:
+        self._lru.move_to_end(name)
+
+    def add(self, name: str) -> list[str]:
+        """Record ``name`` as prepared; the names evicted beyond the bound, oldest first."""
+        self._lru[name] = None
+        self._lru.move_to_end(name)
+        evicted: list[str] = []
+        while len(self._lru) > self.capacity:
+            evicted.append(self._lru.popitem(last=False)[0])
+        return evicted
+
+    def discard(self, name: str) -> None:
+        self._lru.pop(name, None)
+
+    def clear(self) -> list[str]:
+        """Forget every statement (DISCARD ALL, DEALLOCATE ALL, a reset); the names forgotten."""
+        gone = list(self._lru) + list(self.pending_close)
+        self._lru.clear()
+        self.pending_close.clear()
+        return gone
+
+
+class ClientStatements:
+    """A client's protocol-level statements: ``{client name: identity}``."""
+
+    __slots__ = ("names",)
+
+    def __init__(self) -> None:
+        self.names: dict[bytes, bytes] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __len__(self) -> int:
+        return len(self.names)

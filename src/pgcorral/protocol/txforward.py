@@ -1,0 +1,205 @@
+"""Client -> server forwarding in transaction mode: one ``ClientForwarder`` per client.
+
+The mirror of ``protocol.txrelay.ReplyRouter``. While a server connection is linked, the
+forwarder walks the headers of what the client sends and returns what goes to the server:
+whole messages only (a partial one is handed back, to be kept until the rest arrives), each
+with its reply steps put into the connection's ``ReplyPlan``; with prepared-statement mapping
+on (the connection's ``ServerStatements.capacity`` > 0), the messages that name statements go
+through the mapper (``protocol.rewrite``), a Bind of a statement the connection has is renamed
+in place (``bind_fast``), and the rest passes as is. A message of ``STREAM_FROM`` bytes or more
+that passes unchanged (CopyData, mostly) is forwarded as its bytes arrive (``pending``: how
+many are still to come).
+
+It keeps the client's half of the question "may the server connection go back to the pool":
+an extended-protocol batch is open (``batch_open``: Parse, Bind, Describe, Close or Execute
+sent, no Sync yet) or a message is half forwarded (``pending``). ``at_rest`` says neither; the
+network layer gives it to ``ReplyRouter.feed``, which finds the ReadyForQuery 'I' that frees
+the connection.
+
+Messages that pass are forwarded as slices of the chunk, bodies unread, except the few bytes a
+decision needs (the head of a Query, for DEALLOCATE and DISCARD; the names of a Parse, Bind,
+Describe or Close when mapping is on). Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pgcorral.errors import ClientProtocolError
+from pgcorral.protocol import codes
+from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan
+from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
+from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
+
+_header = struct.Struct("!BI").unpack_from
+
+#: A message at least this long that passes unchanged is forwarded as its bytes arrive.
+STREAM_FROM = 64 * 1024
+#: What PostgreSQL accepts after login (a password message, or anything else, is refused with
+#: 08P01 "invalid frontend message type"; pgcorral answers it without a server connection).
+SESSION_TYPES = codes.FRONTEND_TYPES - {codes.PASSWORD}
+#: Messages that open an extended-protocol batch (closed by Sync).
+_BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
+#: Messages that go through ``rewrite`` when the mapping is on (unless a fast path takes them).
+_REWRITTEN = REQUESTS | frozenset([codes.SYNC])
+_KIND_PORTAL = ord("P")
+
+# What ``ClientForwarder.feed`` saw besides requests to forward: bits of its third result.
+#: A Terminate: neither it nor anything after it was taken.
+TERMINATE = 1
+#: A DISCARD ALL went to the server: it resets the session's settings too (RESET ALL).
+DISCARD_ALL = 2
+#: A named Parse went through unmapped (for ``track_prepared_statements``).
+NAMED_PARSE = 4
+#: A protocol violation (``ClientForwarder.violation`` says which): nothing from the bad
+#: message on was taken, and the client must be refused (08P01).
+VIOLATION = 8
+
+
+class ClientForwarder:
+    """``feed(data, plan, status) -> (bytes for the server, bytes to keep, what was seen)``.
+
+    ``data`` starts where the last call's kept bytes started (the caller puts them in front of
+    the new chunk); ``plan`` is the linked server connection's, ``status`` the transaction
+    status of its last ReadyForQuery.
+    """
+
+    __slots__ = ("at_rest", "at_sync", "batch_open", "client", "max_length", "pending",
+                 "registry", "violation")
+
+    def __init__(self, client: ClientStatements, registry: StatementRegistry,
+                 max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
+        self.client = client
+        self.registry = registry
+        self.max_length = max_length
+        self.batch_open = False  # an extended-protocol batch was sent and not yet Synced
+        self.pending = 0  # bytes of a large message still to forward as they come
+        #: no batch is open and no message is half forwarded: the client side lets the server
+        #: connection go (kept with the two above; read once per chunk each way)
+        self.at_rest = True
+        #: the linked server connection is at a batch start (after a Sync, or just linked):
+        #: the Closes of statements evicted there may go first (mapping on)
+        self.at_sync = True
+        self.violation = ""  # what the last VIOLATION was
+
+    def link(self) -> None:
+        """A server connection is linked to the client: its stream is at a batch start."""
+        self.at_sync = True
+        self.batch_open = False
+        self.at_rest = not self.pending
+
+    def feed(self, data: bytes, plan: ReplyPlan, status: int) -> tuple[bytes, bytes, int]:
+        """Forward the whole messages of ``data`` (and the streaming one's bytes): what to
+        write to the server (maybe empty), the partial message to keep (empty after a
+        Terminate or a violation), and the ``TERMINATE``/``DISCARD_ALL``/``NAMED_PARSE``/
+        ``VIOLATION`` bits of what was seen. Every request's reply steps are in ``plan`` when
+        this returns; fabricated replies may be due (``plan.has_fabricated``)."""
+        statements = plan.server
+        mapping = statements.capacity > 0
+        limit = self.max_length
+        parts: list[bytes] = []
+        pos = run = 0  # run: start of the bytes to pass not yet appended to parts
+        n = len(data)
+        seen = 0
+        if self.pending:  # the rest of a large message already on its way
+            pos = min(self.pending, n)
+            self.pending -= pos
+        try:
+            while pos + 5 <= n:
+                type_, length = _header(data, pos)
+                if length < 4 or length - 4 > limit:
+                    raise ClientProtocolError(f"invalid message length {length}")
+                end = pos + 1 + length
+                if type_ not in SESSION_TYPES:
+                    raise ClientProtocolError(f"invalid frontend message type {type_}")
+                if end > n:
+                    if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
+                        break  # kept until it is whole
+                    # large CopyData and the like stream through as they come
+                    steps = DEFAULT_STEPS[type_]
+                    if steps:
+                        plan.extend(steps)
+                    self.pending = end - n
+                    pos = n
+                    break
+                if type_ == codes.TERMINATE:
+                    seen |= TERMINATE
+                    break
+                if type_ in _BATCH:
+                    self.batch_open = True
+                elif type_ == codes.SYNC:
+                    self.batch_open = False
+                special = False  # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets
+                if type_ == codes.QUERY:
+                    head = data[pos + 5:pos + 69].lstrip()[:10].lower()
+                    special = head.startswith(b"deallocate") or head.startswith(b"discard")
+                if not mapping:
+                    if type_ == codes.PARSE and data[pos + 5] != 0:
+                        seen |= NAMED_PARSE  # track_prepared_statements: DEALLOCATE ALL
+                    steps = DEFAULT_STEPS[type_]
+                    if steps:
+                        plan.extend(steps)
+                elif type_ == codes.SYNC:
+                    self.at_sync = True
+                    plan.extend(DEFAULT_STEPS[type_])
+                elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
+                    steps = DEFAULT_STEPS[type_]
+                    if steps:
+                        plan.extend(steps)
+                else:  # one of the REQUESTS
+                    fast = (not (self.at_sync and statements.pending_close)
+                            and (not special if type_ == codes.QUERY else
+                                 self._fast(type_, data, pos, end, statements)))
+                    if not fast:
+                        if run < pos:
+                            parts.append(data[run:pos])
+                        rw = rewrite(type_, data[pos + 5:end], self.client, statements,
+                                     self.registry, at_sync=self.at_sync,
+                                     tx_failed=status == codes.TX_FAILED)
+                        if rw.send:
+                            parts.append(rw.send)
+                        plan.extend(rw.steps)
+                        run = end
+                    else:
+                        plan.extend(DEFAULT_STEPS[type_])
+                        if fast is not True:  # a renamed Bind
+                            if run < pos:
+                                parts.append(data[run:pos])
+                            parts.append(fast)
+                            run = end
+                    self.at_sync = False
+                if special and head.startswith(b"discard") and is_discard_all(
+                        data[pos + 5:end]):
+                    seen |= DISCARD_ALL
+                    if not mapping:
+                        statements.clear()
+                pos = end
+        except ClientProtocolError as exc:
+            self.violation = exc.message
+            self.at_rest = not self.batch_open and not self.pending
+            if run < pos:
+                parts.append(data[run:pos])
+            return b"".join(parts), b"", seen | VIOLATION  # nothing from the bad message on
+        self.at_rest = not self.batch_open and not self.pending
+        if run < pos:
+            parts.append(data[run:pos])
+        send = parts[0] if len(parts) == 1 else b"".join(parts)
+        return send, data[pos:] if pos < n and not seen & TERMINATE else b"", seen
+
+    def _fast(self, type_: int, data: bytes, pos: int, end: int,
+              statements: ServerStatements) -> bytes | bool:
+        """A mapped-mode message other than Query that needs no ``rewrite``: True to pass it as
+        is, the renamed Bind, or False for ``rewrite``."""
+        if type_ == codes.BIND:
+            body = data[pos + 5:end]
+            renamed = bind_fast(body, self.client, statements, self.registry)
+            if renamed is not None:
+                return renamed
+            portal_end = body.find(b"\0")  # the unnamed statement is not mapped
+            return 0 <= portal_end < len(body) - 1 and body[portal_end + 1] == 0
+        if type_ in (codes.EXECUTE, codes.FUNCTION_CALL):
+            return True
+        if type_ == codes.PARSE:  # the unnamed statement is not mapped
+            return end > pos + 5 and data[pos + 5] == 0
+        # Describe or Close: a portal, or the unnamed statement, is not mapped
+        return end > pos + 6 and (data[pos + 5] == _KIND_PORTAL or data[pos + 6] == 0)

@@ -1,0 +1,97 @@
+"""Helpers of the transaction pipeline's unit tests: client and server messages as bytes, and
+``Side``, one client on one server connection through the statement mapper and a reply plan."""
+
+from __future__ import annotations
+
+import struct
+
+from pgcorral.protocol import codes
+from pgcorral.protocol.replyplan import PASS, ReplyPlan
+from pgcorral.protocol.rewrite import REQUESTS, rewrite
+from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
+
+
+def msg(type_: bytes, body: bytes = b"") -> bytes:
+    return type_ + struct.pack("!I", len(body) + 4) + body
+
+
+def parse(name: bytes, query: bytes, oids: tuple[int, ...] = ()) -> bytes:
+    types = struct.pack("!h", len(oids)) + b"".join(struct.pack("!I", o) for o in oids)
+    return msg(b"P", name + b"\0" + query + b"\0" + types)
+
+
+BIND_REST = b"\0\0\0\0\0\0"  # no formats, no parameters, no result formats
+
+
+def bind(stmt: bytes, portal: bytes = b"") -> bytes:
+    return msg(b"B", portal + b"\0" + stmt + b"\0" + BIND_REST)
+
+
+def describe(kind: bytes, name: bytes) -> bytes:
+    return msg(b"D", kind + name + b"\0")
+
+
+def close(kind: bytes, name: bytes) -> bytes:
+    return msg(b"C", kind + name + b"\0")
+
+
+def query(sql: bytes) -> bytes:
+    return msg(b"Q", sql + b"\0")
+
+
+def ready(status: bytes) -> bytes:
+    return msg(b"Z", status)
+
+
+EXECUTE = msg(b"E", b"\0\0\0\0\0")
+SYNC = msg(b"S")
+FLUSH = msg(b"H")
+TERMINATE = msg(b"X")
+
+
+def split(data: bytes) -> list[tuple[int, bytes]]:
+    """``(type, body)`` of each whole message in ``data``."""
+    out, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("!I", data, pos + 1)
+        out.append((data[pos], data[pos + 5:pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+class Side:
+    """One client on one server connection: feeds messages to the mapper (keeping its batch
+    start as ``ClientForwarder`` does), collects what each side gets."""
+
+    def __init__(self, capacity: int = 10) -> None:
+        self.registry = StatementRegistry()
+        self.client = ClientStatements()
+        self.server = ServerStatements(capacity)
+        self.plan = ReplyPlan(self.server)
+        self.to_client = b""
+        self.at_sync = True  # just linked
+        self.tx_failed = False
+
+    def send(self, *messages: bytes) -> bytes:
+        out = b""
+        for m in messages:
+            rw = rewrite(m[0], m[5:], self.client, self.server, self.registry,
+                         at_sync=self.at_sync, tx_failed=self.tx_failed)
+            if m[0] == codes.SYNC:
+                self.at_sync = True
+            elif m[0] in REQUESTS:
+                self.at_sync = False
+            out += rw.send
+            self.plan.extend(rw.steps)
+            self.to_client += self.plan.fabricated_before_next()
+        return out
+
+    def reply(self, *messages: bytes) -> list[str]:
+        verdicts = []
+        for m in messages:
+            verdict = self.plan.on_server_reply(m[0])
+            verdicts.append(verdict)
+            if verdict == PASS:
+                self.to_client += m
+            self.to_client += self.plan.fabricated_before_next()
+        return verdicts
