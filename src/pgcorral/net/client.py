@@ -38,7 +38,7 @@ from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
 from pgcorral.pipelines.settings import plan as settings_plan
-from pgcorral.pool.pool import Grant, Slot
+from pgcorral.pool.pool import Grant, Slot, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.auth_md5 import MAX_AUTH_TOKEN_LENGTH, auth_message_length_error
@@ -347,23 +347,32 @@ class ClientConnection(Endpoint):
         timeout = main.blocking_timeout
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
-        result = ctx.pool.request(key, timeout, self._granted)
+        granted: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        self._grant = granted
+
+        def exhausted() -> PoolExhausted:
+            return PoolExhausted(
+                f'connection pool is full: no server connection for user "{key[1]}", '
+                f'database "{key[0]}" became free within {timeout:g} s')
+
+        def expire() -> None:  # called by the worker's WaitTimer (net.waits)
+            if isinstance(result, Waiter) and ctx.pool.cancel(result) and not granted.done():
+                granted.set_exception(exhausted())
+
+        result = ctx.pool.request(key, timeout, self._granted, expire)
         if isinstance(result, Grant):
             return result
         assert self._ended is not None
-        granted: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        self._grant = granted
         log.debug("client %s waits for a server connection for %s@%s (%d waiting)",
                   self.address or "[local]", key[1], key[0], ctx.pool.waiting)
         if timeout > 0:
+            ctx.waits.watch()
             waits: list[asyncio.Future[Any]] = [granted, self._ended]
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if not granted.done() and ctx.pool.cancel(result):
             if self._ended.done():
                 raise ConnectionLost("client left while waiting")
-            raise PoolExhausted(
-                f'connection pool is full: no server connection for user "{key[1]}", '
-                f'database "{key[0]}" became free within {timeout:g} s')
+            raise exhausted()
         grant = granted.result()
         if self._ended.done():  # served just as the client left: give it back untouched
             if grant.new:
@@ -457,7 +466,7 @@ class ClientConnection(Endpoint):
 
     async def _link_and_serve(self, server: ServerConnection) -> None:
         ctx = self.ctx
-        secret = ctx.issue_cancel_key(self, server.pid)
+        secret = ctx.cancels.issue(self, server.pid)
         status = server.status if server.status > 0 else codes.TX_IDLE
         pipelined = self._greet(server.greeting_params(), server.pid, secret, status)
         self.server = server
@@ -467,7 +476,7 @@ class ClientConnection(Endpoint):
             self.data_received(pipelined)
         assert self._ended is not None
         reason = await self._ended
-        ctx.drop_cancel_key(self, server.pid)
+        ctx.cancels.drop(self, server.pid)
         if reason == "server lost":
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
         await self.release(server, clean=True)

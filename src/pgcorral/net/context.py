@@ -25,6 +25,7 @@ from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.net.server import ServerConnection
+from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
 from pgcorral.pool.pool import Pool, Slot
 from pgcorral.protocol.statements import StatementRegistry
@@ -32,7 +33,7 @@ from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:
     from pgcorral.net.client import ClientConnection
-    from pgcorral.net.transaction import TransactionClient, TxLogin
+    from pgcorral.net.transaction import TxLogin
 
 __all__ = ["VALIDATION_TIMEOUT", "Context"]
 
@@ -82,10 +83,8 @@ class Context:
         self.registry = StatementRegistry()
         # transaction pipeline: what the last login of each (database, user) showed
         self.tx_logins: dict[tuple[str, str], TxLogin] = {}
-        # transaction pipeline: clients waiting for a server connection, and the one timer
-        # that checks their deadlines (net.transaction._sweep)
-        self.tx_waiting: set[TransactionClient] = set()
-        self.tx_sweep: asyncio.TimerHandle | None = None
+        # blocking_timeout of every waiting client, both pipelines
+        self.waits = WaitTimer(self.pool)
 
     @property
     def server(self) -> ServerConfig:
@@ -164,15 +163,6 @@ class Context:
             self.pool.discard(slot)
 
     # --- cancel ------------------------------------------------------------------------------
-
-    def issue_cancel_key(self, client: ClientConnection, pid: int) -> int:
-        return self.cancels.issue(client, pid)
-
-    def issue_virtual_key(self, client: ClientConnection) -> tuple[int, int]:
-        return self.cancels.issue_virtual(client)
-
-    def drop_cancel_key(self, client: ClientConnection, pid: int) -> None:
-        self.cancels.drop(client, pid)
 
     async def forward_cancel(self, pid: int, secret: bytes, *, local_only: bool = False) -> bool:
         """Cancel the query of the client whose key is ``(pid, secret)``: its backend gets a

@@ -2,7 +2,7 @@
 
 Login is the session pipeline's cold path (``ClientConnection``): startup, hba, authentication,
 a server connection, the client's startup settings, the greeting. The greeting carries a
-pooler-issued BackendKeyData (a virtual pid no Linux process has, ``Context.issue_virtual_key``)
+pooler-issued BackendKeyData (a virtual pid no Linux process has, ``CancelKeys.issue_virtual``)
 and the login server connection goes back to the pool at once.
 
 Then, per transaction:
@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from pgcorral.errors import (
@@ -42,8 +41,8 @@ from pgcorral.errors import (
     PoolExhausted,
 )
 from pgcorral.net.client import ClientConnection
-from pgcorral.net.context import VALIDATION_TIMEOUT
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
+from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.pipelines.session import RESET_TIMEOUT
 from pgcorral.pool.pool import Grant, Waiter
 from pgcorral.protocol import codes
@@ -106,24 +105,6 @@ def _predict(baseline: dict[str, str], names: dict[str, str], settings: dict[str
 def _extra(settings: dict[str, str], names: dict[str, str]) -> dict[str, str]:
     """The startup settings PostgreSQL does not report (lower-case names)."""
     return {k.lower(): v for k, v in settings.items() if k.lower() not in names}
-
-
-#: Seconds between two looks at the deadlines of clients waiting for a server connection.
-WAIT_SWEEP = 0.05
-
-
-def _sweep(ctx: Context) -> None:
-    """Refuse (53300) the waiting clients whose blocking_timeout has passed."""
-    ctx.tx_sweep = None
-    now = time.monotonic()
-    for client in list(ctx.tx_waiting):
-        waiter = client._waiter
-        if waiter is None:
-            ctx.tx_waiting.discard(client)
-        elif waiter.deadline is not None and waiter.deadline <= now:
-            client._wait_expired()
-    if ctx.tx_waiting:
-        ctx.tx_sweep = asyncio.get_running_loop().call_later(WAIT_SWEEP, _sweep, ctx)
 
 
 def _give_back(ctx: Context, grant: Grant) -> None:
@@ -246,7 +227,7 @@ class TransactionClient(ClientConnection):
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
         self._acquiring = True
-        result = ctx.pool.request(self.key, timeout, self._granted_tx)
+        result = ctx.pool.request(self.key, timeout, self._granted_tx, self._wait_expired)
         if isinstance(result, Grant):
             self._take(result)
             return
@@ -255,21 +236,17 @@ class TransactionClient(ClientConnection):
         if timeout <= 0:
             self._wait_expired()
             return
-        ctx.tx_waiting.add(self)
-        if ctx.tx_sweep is None:  # one timer for every waiting client, not one each
-            ctx.tx_sweep = asyncio.get_running_loop().call_later(WAIT_SWEEP, _sweep, ctx)
+        ctx.waits.watch()  # one timer for every waiting client (net.waits)
 
     def _granted_tx(self, grant: Grant) -> None:
         """The pool serves our place in line: linked at once. (The pool calls this last in
         its bookkeeping; a transaction linked here cannot end before a server reply comes, so
         the pool is not re-entered from here.)"""
         self._waiter = None
-        self.ctx.tx_waiting.discard(self)
         self._take(grant)
 
     def _wait_expired(self) -> None:
         waiter, self._waiter = self._waiter, None
-        self.ctx.tx_waiting.discard(self)
         if waiter is None or not self.ctx.pool.cancel(waiter):
             return  # served meanwhile
         self._acquiring = False
@@ -507,7 +484,7 @@ class TransactionClient(ClientConnection):
         await self._greet_and_serve(params, extra)
 
     async def _greet_and_serve(self, params: dict[str, str], extra: dict[str, str]) -> None:
-        self.cancel_pid, secret = self.ctx.issue_virtual_key(self)
+        self.cancel_pid, secret = self.ctx.cancels.issue_virtual(self)
         self.params = params
         self.extra = extra
         pipelined = self._greet(b"".join(msg.parameter_status(k, v) for k, v in params.items()),
@@ -555,6 +532,8 @@ class TransactionClient(ClientConnection):
 
     async def _ready_server(self, grant: Grant) -> TxServerConnection | None:
         ctx = self.ctx
+        if grant.victim is not None and grant.victim.conn is not None:
+            await grant.victim.conn.wait_gone()  # PostgreSQL never holds both at once
         if grant.new:
             server: TxServerConnection = await self._open(  # type: ignore[assignment]
                 grant.slot, self.key)
@@ -568,11 +547,10 @@ class TransactionClient(ClientConnection):
     async def _finish(self) -> None:
         """The client left (or was ended): its server connection, if any, is cleaned."""
         ctx = self.ctx
-        ctx.drop_cancel_key(self, self.cancel_pid)
+        ctx.cancels.drop(self, self.cancel_pid)
         if self._waiter is not None:
             ctx.pool.cancel(self._waiter)
             self._waiter = None
-        ctx.tx_waiting.discard(self)
         if self._grant_pending is not None:
             _give_back(ctx, self._grant_pending)
             self._grant_pending = None

@@ -1,0 +1,44 @@
+"""blocking_timeout for both pipelines: one timer per worker, set at the pool's earliest deadline.
+
+A client that must wait for a server connection gets a ``Waiter`` from ``Pool.request`` with its
+deadline and an ``expire`` callback; ``WaitTimer.watch`` then makes sure a timer fires at the
+earliest deadline of any waiter. When it fires, every waiter past its deadline is expired (its
+``expire`` takes it out of line with ``Pool.cancel`` and refuses the client with 53300), and the
+timer is set again for the next deadline. No timer per client, no polling while nobody waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pgcorral.pool.pool import Pool
+
+
+class WaitTimer:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def watch(self) -> None:
+        """A waiter joined the line (or the line changed): fire at the earliest deadline."""
+        deadline = self.pool.next_deadline()
+        if deadline is None:
+            return
+        if self._handle is not None:
+            if self._at <= deadline:
+                return
+            self._handle.cancel()
+        self._at = deadline
+        self._handle = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        for waiter in self.pool.expired_waiters(time.monotonic()):
+            if waiter.expire is not None:
+                waiter.expire()
+            else:
+                self.pool.cancel(waiter)
+        self.watch()
