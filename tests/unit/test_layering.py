@@ -101,3 +101,57 @@ def test_package_pulls_in_no_io_indirectly(package: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.strip() == "", f"{package} pulls in {result.stdout.strip()}"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """pgcorral modules ``path`` imports at run time (not under ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            guarded.update(id(n) for n in ast.walk(node))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.startswith("pgcorral"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pgcorral"))
+    return found
+
+
+def _module_name(path: Path) -> str:
+    return "pgcorral." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(
+        ".__init__")
+
+
+def test_pipelines_decide_without_the_network_layer() -> None:
+    """pipelines/ holds pure decisions: it imports nothing from net/ (not even for types)."""
+    for path in modules_of("pipelines"):
+        source = path.read_text(encoding="utf-8")
+        assert "pgcorral.net" not in source, f"{path.name} refers to pgcorral.net"
+
+
+def test_no_import_cycle() -> None:
+    """The run-time imports between pgcorral's modules form no cycle."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    names = {_module_name(p) for p in paths}
+    graph = {_module_name(p): {m for m in _runtime_imports(p) if m in names} for p in paths}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = [*trail[trail.index(nxt):], nxt] if nxt in trail else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])

@@ -14,24 +14,22 @@ management commands drive (``management.commands``).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Callable
 from typing import Any
 
-from pgcorral.config import KEYS, Config
+from pgcorral.config import Config
 from pgcorral.errors import ConfigError
 from pgcorral.management.server import ManagementServer
 from pgcorral.net import control
 from pgcorral.security.secrets import Secrets
+from pgcorral.supervisor.multi import Supervisor
 from pgcorral.supervisor.process import sd_notify
+from pgcorral.supervisor.reload import ReloadConfig, reload_files
 from pgcorral.supervisor.runtime import WorkerRuntime, loop_kind, raise_fd_limit, run_loop
 
 log = logging.getLogger("pgcorral.main")
-
-ReloadConfig = Callable[[], tuple[Config, Secrets]]
 
 
 class Daemon:
@@ -106,46 +104,10 @@ class Daemon:
         return 0
 
 
-def reload_files(reload_config: ReloadConfig, running: Config) -> tuple[Config, Secrets]:
-    """The files read again, restart-only keys kept as they run; ConfigError (each problem
-    logged) when a file is broken."""
-    try:
-        config, secrets = reload_config()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("reload failed, keeping the running configuration: %s", problem)
-        raise
-    for warning in config.warnings:
-        log.warning("%s", warning)
-    return keep_restart_only(running, config), secrets
-
-
-def keep_restart_only(old: Config, new: Config) -> Config:
-    """The reloaded configuration with every restart-only key (and the server sections) kept
-    as they run now; each change that needs a restart is logged, not applied."""
-    kept: dict[str, object] = {}
-    for key in KEYS:
-        if key.section == "main" and not key.reloadable:
-            before, after = getattr(old.main, key.name), getattr(new.main, key.name)
-            if before != after:
-                log.warning("%s: changed from %r to %r: restart required, not applied",
-                            key.name, before, after)
-                kept[key.name] = before
-    servers = new.servers
-    if [(s.name, s.host, s.port) for s in old.servers] != [
-            (s.name, s.host, s.port) for s in new.servers]:
-        log.warning("server sections changed: restart required, not applied")
-        servers = old.servers
-    return dataclasses.replace(new, main=dataclasses.replace(new.main, **kept),  # type: ignore[arg-type]
-                               servers=servers)
-
-
 def run(config: Config, secrets: Secrets, reload_config: ReloadConfig) -> int:
     """Run the daemon until it is stopped; the exit code."""
     raise_fd_limit()
     workers = config.main.workers or len(os.sched_getaffinity(0))
     if workers > 1:
-        from pgcorral.supervisor.multi import Supervisor
-
         return run_loop(Supervisor(config, secrets, reload_config, workers).serve())
     return run_loop(Daemon(config, secrets, reload_config).serve())

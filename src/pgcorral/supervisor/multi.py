@@ -39,8 +39,8 @@ from pgcorral.net.control import replace_main_key, replace_server_key
 from pgcorral.security.secrets import Secrets
 from pgcorral.supervisor.channel import Channel, ChannelClosed, send_blocking
 from pgcorral.supervisor.logs import level_of
-from pgcorral.supervisor.main import ReloadConfig, reload_files
 from pgcorral.supervisor.process import sd_notify
+from pgcorral.supervisor.reload import ReloadConfig, reload_files
 from pgcorral.supervisor.runtime import loop_kind, remove_stale_socket
 from pgcorral.supervisor.shared import SharedTable
 
