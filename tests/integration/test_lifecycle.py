@@ -55,6 +55,7 @@ def test_max_connection_age_retires_old_connections(pgcorral: DaemonFactory,
     assert _backend_pid(d.dsn()) != pid
 
 
+@pytest.mark.single_worker
 def test_foreground_validation_keeps_healthy_connections(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"validation": "foreground", "max_connections": "1"})
     pid = _backend_pid(d.dsn())

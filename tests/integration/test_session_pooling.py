@@ -66,6 +66,7 @@ def test_asyncpg_over_tcp_and_unix_socket(pgcorral: DaemonFactory) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.single_worker
 def test_next_client_reuses_backend_without_previous_state(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"max_connections": "1"})
     with psycopg.connect(d.dsn(), autocommit=True) as conn:
@@ -109,6 +110,7 @@ def test_application_name_reaches_pg_stat_activity(pgcorral: DaemonFactory,
         assert seen.strip() == "corral-app"
 
 
+@pytest.mark.single_worker
 def test_startup_parameters_apply_and_do_not_leak(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"max_connections": "1"})
     options = "-c search_path=pg_catalog -c geqo=off -c TimeZone=Asia/Tokyo"
@@ -316,6 +318,7 @@ def _query_msg(sql: str) -> bytes:
     return b"Q" + struct.pack("!i", len(body) + 4) + body
 
 
+@pytest.mark.single_worker
 def test_terminate_in_the_same_chunk_as_a_query_keeps_the_backend(
         pgcorral: DaemonFactory) -> None:
     """Query and Terminate in one write: the query runs, the Terminate stays with pgcorral, and
@@ -337,6 +340,7 @@ def test_terminate_in_the_same_chunk_as_a_query_keeps_the_backend(
         assert conn.info.backend_pid == pid
 
 
+@pytest.mark.single_worker
 def test_large_messages_split_across_chunks(pgcorral: DaemonFactory) -> None:
     """A 5 MB query and COPY data cross many reads; the stream stays in step."""
     d = pgcorral({"max_connections": "1"})

@@ -335,6 +335,7 @@ class Backends:
 # --------------------------------------------------------------------------- load
 
 
+@pytest.mark.single_worker
 def test_fifty_psycopg_clients_share_five_server_connections(pgcorral: DaemonFactory,
                                                              pg: PgCluster) -> None:
     """50 psycopg clients, all connected at once, over max_connections = 5: each runs 20
@@ -437,6 +438,7 @@ def test_fifty_psycopg_clients_share_five_server_connections(pgcorral: DaemonFac
     assert most_backends[0] <= 5
 
 
+@pytest.mark.single_worker
 def test_fifty_asyncpg_clients_with_named_statements(pgcorral: DaemonFactory,
                                                      pg: PgCluster) -> None:
     """asyncpg names every statement (``__asyncpg_stmt_N__``) and caches it per connection: 50
@@ -748,6 +750,7 @@ def test_deallocate_discard_and_close_act_per_client(pgcorral: DaemonFactory) ->
         q.finish()
 
 
+@pytest.mark.single_worker
 def test_statements_evicted_from_a_small_server_cache_are_prepared_again(
         pgcorral: DaemonFactory) -> None:
     """max_prepared_statements = 2 per server connection and one client with 6 statements
@@ -803,6 +806,7 @@ def test_unnamed_statements_work_with_prepared_statement_mapping_off(
 # --------------------------------------------------------------------------- session parameters
 
 
+@pytest.mark.single_worker
 def test_reported_settings_follow_each_client(pgcorral: DaemonFactory) -> None:
     """Client A starts with application_name, TimeZone and IntervalStyle and sets DateStyle
     with a plain SET; client B sets other values of all six reported parameters
@@ -1026,6 +1030,7 @@ def test_large_copy_data_messages_stream_through(pgcorral: DaemonFactory, pg: Pg
 # --------------------------------------------------------------------------- reset
 
 
+@pytest.mark.single_worker
 def test_server_reset_query_always_cleans_every_return(pgcorral: DaemonFactory) -> None:
     """server_reset_query_always = on, max_connections = 1: what client A leaves on the backend
     with session-level commands (SET work_mem, a temp table, SQL PREPARE, an advisory lock) is

@@ -133,6 +133,7 @@ class RawClient:
         self.sock.close()
 
 
+@pytest.mark.single_worker
 def test_backend_key_data_carries_a_pooler_issued_pid(pgcorral: DaemonFactory,
                                                       pg: PgCluster) -> None:
     """In transaction mode the pid in BackendKeyData is the pooler's: it is not the pid of the

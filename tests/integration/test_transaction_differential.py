@@ -115,7 +115,7 @@ class Conn:
 
 
 def same(got: list[tuple[bytes, ...]], expected: list[tuple[bytes, ...]]) -> bool:
-    """Equal, except one known difference (documented in protocol/prepared.py): inside an
+    """Equal, except one known difference (documented in protocol/rewrite.py): inside an
     aborted transaction a statement evicted from the connection cannot be prepared again, so
     the client gets 25P02 where PostgreSQL would first report another error of its Bind (a
     wrong parameter count, 08P01). Both are errors in an aborted transaction."""
