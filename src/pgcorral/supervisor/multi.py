@@ -51,6 +51,10 @@ CALL_TIMEOUT = 5.0
 START_TIMEOUT = 30.0
 #: Seconds workers get to exit after a fast stop before they are killed.
 EXIT_TIMEOUT = 10.0
+#: A worker that dies within this many seconds of its start is restarted after a pause
+#: (0.5 s, doubling, at most RESTART_PAUSE_MAX).
+QUICK_DEATH = 5.0
+RESTART_PAUSE_MAX = 30.0
 #: status fields that are summed over workers
 _SUMMED = ("active_connections", "idle_connections", "opening_connections",
            "total_connections", "clients", "waiting_clients")
@@ -62,6 +66,7 @@ class WorkerHandle:
         self.proc = proc
         self.channel = channel
         self.pid = proc.pid
+        self.started = asyncio.get_running_loop().time()
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -87,6 +92,7 @@ class Supervisor:
         self._state: dict[str, Any] = {"disabled": set(), "switched_to": None,
                                        "failed_servers": set()}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._quick_deaths: dict[int, int] = {}  # worker index -> deaths soon after start
 
     # --- the Controller of management.commands -----------------------------------------------
 
@@ -293,7 +299,17 @@ class Supervisor:
                       "%d server connection(s) were closed; starting a new worker",
                       handle.index, handle.pid, how, held["connections"])
             self._broadcast("retry")
-            await self._spawn(handle.index)
+            # a worker that dies at once (a broken installation, no memory) is restarted
+            # after a pause that doubles each time, not in a tight loop
+            loop = asyncio.get_running_loop()
+            fails = self._quick_deaths.get(handle.index, 0)
+            if loop.time() - handle.started < QUICK_DEATH:
+                self._quick_deaths[handle.index] = fails + 1
+                await asyncio.sleep(min(RESTART_PAUSE_MAX, 0.5 * 2 ** fails))
+            else:
+                self._quick_deaths.pop(handle.index, None)
+            if self._stopping is None:
+                await self._spawn(handle.index)
         else:
             log.info("worker %d (pid %d) stopped (%s)", handle.index, handle.pid, how)
             if self.reuseport:  # nobody accepts on its socket any more
