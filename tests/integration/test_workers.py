@@ -155,6 +155,20 @@ def test_idle_connection_of_another_worker_makes_room(pgcorral: DaemonFactory) -
     assert status["total_connections"] <= 1
 
 
+def test_idle_connection_changes_worker_with_its_backend(pgcorral: DaemonFactory) -> None:
+    """Session pooling, max_connections = 1, one database/user: a client reaching the worker
+    without the connection gets it handed over (same backend), not closed and opened again."""
+    d = pgcorral({"workers": "2", "max_connections": "1", "blocking_timeout": "20"})
+    pids = set()
+    for _ in range(40):
+        with psycopg.connect(d.dsn(), autocommit=True) as conn:
+            pids.add(conn.info.backend_pid)
+        if cli_json(d, "status")["counters"]["server_connections_adopted"] >= 2:
+            break
+    assert cli_json(d, "status")["counters"]["server_connections_adopted"] >= 2
+    assert len(pids) == 1, "the backend changed: the connection was not handed over"
+
+
 def test_cancel_through_another_worker(pgcorral: DaemonFactory) -> None:
     d = pgcorral({"workers": "2"})
     crossed = 0

@@ -41,7 +41,7 @@ log = logging.getLogger("pgcorral.context")
 
 #: The counters ``clear prometheus`` resets.
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
-            "management_commands")
+            "management_commands", "server_connections_adopted")
 
 #: Makes the server connection of a slot: (context, slot, on_lost) -> connection.
 ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], ServerConnection]
@@ -125,7 +125,7 @@ class Context:
                           on_lost: Callable[[ServerConnection], None] | None = None,
                           ) -> ServerConnection:
         """Connect to PostgreSQL for ``slot`` (not yet logged in)."""
-        lost = on_lost or self._server_lost
+        lost = on_lost or self.server_lost
         new_server = self.new_server
 
         def factory() -> ServerConnection:
@@ -136,7 +136,7 @@ class Context:
         slot.conn = conn
         return conn
 
-    def _server_lost(self, server: ServerConnection) -> None:
+    def server_lost(self, server: ServerConnection) -> None:
         if server.draining:
             self.pool.gone(server.slot)
             return

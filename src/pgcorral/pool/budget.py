@@ -33,6 +33,11 @@ class Budget(Protocol):
         """A connection under ``rule`` is gone."""
         ...
 
+    def adopt(self, rule: int) -> None:
+        """A connection under ``rule`` handed over by another worker, which still counts it
+        until this one has it (so the count is briefly one high, never low)."""
+        ...
+
     def rebuild(self, counts: dict[int, int]) -> None:
         """This process's counts per rule, recomputed (the rules changed on reload)."""
         ...
@@ -75,6 +80,10 @@ class LocalBudget:
     def release(self, rule: int) -> None:
         self.total -= 1
         self.per_rule[rule] -= 1
+
+    def adopt(self, rule: int) -> None:
+        self.total += 1
+        self.per_rule[rule] = self.per_rule.get(rule, 0) + 1
 
     def rebuild(self, counts: dict[int, int]) -> None:
         self.per_rule = dict(counts)

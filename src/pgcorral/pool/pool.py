@@ -254,6 +254,17 @@ class Pool:
     def draining(self) -> int:
         return len(self._draining)
 
+    def adopt(self, key: Key) -> Slot:
+        """A connection for ``key`` handed over by another worker: a slot in use (ACTIVE)
+        counted in this process's budget; the caller then releases it (to a waiter)."""
+        rule = self.rule_for(key)
+        rule_no = self.rule_number(rule)
+        self.budget.adopt(rule_no)
+        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no)
+        slot.state = ACTIVE
+        self._slots[slot.id] = slot
+        return slot
+
     def retry(self) -> None:
         """Capacity may have come back elsewhere (another worker closed a connection)."""
         if self._waiting:

@@ -61,10 +61,12 @@ _SUMMED = ("active_connections", "idle_connections", "opening_connections",
 
 
 class WorkerHandle:
-    def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+    def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: Channel,
+                 fdsock: socket.socket) -> None:
         self.index = index
         self.proc = proc
         self.channel = channel
+        self.fdsock = fdsock  # SCM_RIGHTS: server connections handed between workers
         self.pid = proc.pid
         self.started = asyncio.get_running_loop().time()
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -254,16 +256,22 @@ class Supervisor:
     async def _spawn(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair()
+        fd_parent, fd_child = socket.socketpair()
+        fd_parent.settimeout(5)
         tcp = self._own_tcp.get(index, self._tcp)
         assert self._unix is not None
         listeners = [(s.fileno(), "host") for s in tcp] + [(self._unix.fileno(), "local")]
-        fds = [child.fileno(), self.table.fd, *(fd for fd, _ in listeners)]
+        fd_channel = fd_child.fileno()
+        fds = [child.fileno(), fd_channel, self.table.fd,
+               *(fd for fd, _ in listeners)]
         proc = subprocess.Popen(
             [sys.executable, "-m", "pgcorral.supervisor.worker", str(child.fileno())],
             pass_fds=fds, stdin=subprocess.DEVNULL)
         child.close()
+        fd_child.close()
         send_blocking(parent, "init", {
             "index": index, "workers": self.count, "shm_fd": self.table.fd,
+            "fd_channel": fd_channel,
             "listeners": listeners, "config": self._config, "secrets": self._secrets,
             "state": self._state})
         parent.setblocking(False)
@@ -279,7 +287,7 @@ class Supervisor:
                 handle.lost.set_result(None)
 
         channel = Channel(on_message, on_lost)
-        handle = WorkerHandle(index, proc, channel)
+        handle = WorkerHandle(index, proc, channel, fd_parent)
         self.workers[index] = handle
         await loop.connect_accepted_socket(lambda: channel, parent)
         self._spawn_task(self._watch(handle))
@@ -287,6 +295,7 @@ class Supervisor:
     async def _watch(self, handle: WorkerHandle) -> None:
         await handle.lost
         code = await asyncio.to_thread(handle.proc.wait)
+        handle.fdsock.close()
         held = self.table.clear(handle.index)
         if self.workers.get(handle.index) is handle:
             del self.workers[handle.index]
@@ -355,7 +364,7 @@ class Supervisor:
                 if other is not handle and self.table.waiting(other.index):
                     other.channel.send("retry")
         elif kind == "starved":
-            self._spawn_task(self._find_room(handle, message[1]))
+            self._spawn_task(self._find_room(handle, message[1], message[2]))
         elif kind == "cancel":
             for other in self.workers.values():
                 if other is not handle:
@@ -365,10 +374,17 @@ class Supervisor:
             if not handle.ready.done():
                 handle.ready.set_result(message[1])
 
-    async def _find_room(self, starved: WorkerHandle, rule_no: int | None) -> None:
-        """Ask the other workers, one after another, to close an idle connection (under
-        ``rule_no`` when the rule is what is full) so that ``starved`` can open one."""
+    async def _find_room(self, starved: WorkerHandle, key: tuple[str, str],
+                         rule_no: int | None) -> None:
+        """Find ``starved`` a connection: an idle one for ``key`` handed over by another
+        worker (``net.handoff``); else ask the other workers, one after another, to close an
+        idle connection (under ``rule_no`` when the rule is what is full) so that ``starved``
+        can open one."""
         try:
+            for other in list(self.workers.values()):
+                if other is not starved and not other.lost.done() and \
+                        await self._hand_over(other, starved, key):
+                    return
             for other in list(self.workers.values()):
                 if other is starved or other.lost.done():
                     continue
@@ -378,6 +394,33 @@ class Supervisor:
                         return
         finally:
             starved.channel.send("starve_done")
+
+
+    async def _hand_over(self, giver: WorkerHandle, taker: WorkerHandle,
+                         key: tuple[str, str]) -> bool:
+        """Move an idle connection for ``key`` from ``giver`` to ``taker``; True if done."""
+        try:
+            state = await asyncio.wait_for(giver.channel.request("give", key), CALL_TIMEOUT)
+        except (ChannelClosed, TimeoutError):
+            return False
+        if state is None:
+            return False
+        adopted = False
+        try:
+            _, fds, _, _ = socket.recv_fds(giver.fdsock, 16, 1)
+            try:
+                socket.send_fds(taker.fdsock, [b"h"], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            adopted = bool(await asyncio.wait_for(taker.channel.request("adopt", state),
+                                                  CALL_TIMEOUT))
+        except (OSError, ChannelClosed, TimeoutError) as exc:
+            log.warning("handing a server connection from worker %d to worker %d failed: %s",
+                        giver.index, taker.index, exc)
+        finally:
+            giver.channel.send("handed", state["slot"])
+        return adopted
 
 
 def merge(operation: str, answers: list[Any], supervisor: Supervisor) -> Any:

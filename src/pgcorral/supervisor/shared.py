@@ -139,6 +139,15 @@ class SharedBudget:
         if self.on_freed is not None and self.waiting_elsewhere():
             self.on_freed()
 
+    def adopt(self, rule: int) -> None:
+        ints, base = self.table.ints, self._base
+        self.table.lock()
+        try:
+            ints[base + _TOTAL] += 1
+            ints[base + _COUNTS + _column(rule)] += 1
+        finally:
+            self.table.unlock()
+
     def rebuild(self, counts: dict[int, int]) -> None:
         ints, base = self.table.ints, self._base
         self.table.lock()

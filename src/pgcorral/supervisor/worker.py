@@ -20,7 +20,7 @@ import socket
 import sys
 from typing import Any
 
-from pgcorral.net import control
+from pgcorral.net import control, handoff
 from pgcorral.pool.budget import RULE_FULL
 from pgcorral.supervisor.channel import Channel, receive_blocking
 from pgcorral.supervisor.logs import level_of
@@ -63,6 +63,11 @@ class Worker:
         ctx.failed_servers.update(state["failed_servers"])
         self.channel = Channel(self._on_message, self._on_lost)
         self._starving = False
+        # SCM_RIGHTS to and from the supervisor (server connections handed over)
+        self.fdsock = socket.socket(fileno=init["fd_channel"])
+        self.fdsock.settimeout(5)
+        self._handing: dict[int, Any] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -90,7 +95,16 @@ class Worker:
         have another worker close an idle one (one request at a time)."""
         if not self._starving:
             self._starving = True
-            self.channel.send("starved", rule_no if outcome == RULE_FULL else None)
+            self.channel.send("starved", key, rule_no if outcome == RULE_FULL else None)
+
+    async def _adopt(self, request_id: int, state: dict[str, Any]) -> None:
+        try:
+            _, fds, _, _ = socket.recv_fds(self.fdsock, 16, 1)
+            adopted = bool(fds) and await handoff.adopt(self.runtime.ctx, fds[0], state)
+        except OSError as exc:
+            log.warning("could not adopt a server connection from another worker: %s", exc)
+            adopted = False
+        self.channel.reply(request_id, True, adopted)
 
     def _on_lost(self) -> None:
         self.runtime.stop("fast")  # the supervisor is gone
@@ -116,6 +130,29 @@ class Worker:
                 slot.conn.terminate()
                 ctx.pool.discard(slot)
             self.channel.reply(request_id, True, slot is not None)
+        elif kind == "give":  # another worker waits for this database/user
+            _, request_id, key = message
+            given = handoff.detach(ctx, tuple(key), self._handing)
+            if given is not None:
+                fd, state = given
+                try:
+                    socket.send_fds(self.fdsock, [b"h"], [fd])
+                except OSError as exc:  # closed instead (the fd below was the last one)
+                    log.warning("could not hand a server connection over: %s", exc)
+                    handoff.handed(ctx, state["slot"], self._handing)
+                    self.channel.reply(request_id, True, None)
+                    return
+                finally:
+                    os.close(fd)
+                self.channel.reply(request_id, True, state)
+            else:
+                self.channel.reply(request_id, True, None)
+        elif kind == "handed":
+            handoff.handed(ctx, message[1], self._handing)
+        elif kind == "adopt":
+            task = asyncio.get_running_loop().create_task(self._adopt(message[1], message[2]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif kind == "starve_done":
             self._starving = False
             ctx.pool.retry()
