@@ -68,6 +68,7 @@ def test_login_needs_no_server_connection_once_known(pgcorral: DaemonFactory,
             conn.close()
 
 
+@pytest.mark.single_worker
 def test_graceful_shutdown_closes_idle_clients_and_lets_transactions_finish(
         pgcorral: DaemonFactory, pg: PgCluster) -> None:
     """SIGTERM: a client between transactions gets 57P01 at once; a client inside one commits
@@ -177,6 +178,7 @@ def test_vault_users_get_new_server_connections_in_the_middle_of_a_session(
         psycopg.connect(d.dsn(user="scramuser", password="wrong"))
 
 
+@pytest.mark.single_worker
 def test_pass_through_md5_user_cannot_get_a_new_connection_mid_session(
         pgcorral: DaemonFactory) -> None:
     """A pass-through md5 user (no vault, no auth_query): the login's server connection is

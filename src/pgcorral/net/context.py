@@ -67,6 +67,9 @@ class Context:
         #: set by the worker runtime with several workers: hand a CancelRequest that matches
         #: no client here to the other workers
         self.cancel_elsewhere: Callable[[int, bytes], None] | None = None
+        #: set by the worker runtime with several workers in session pooling: an idle
+        #: connection another worker's client waits for is offered to it (net.handoff)
+        self.offer: Callable[[tuple[str, str], int], None] | None = None
         self.all_idle = asyncio.Event()
         self.aliases = config.aliases()
         self.auth_query = AuthQuery()
@@ -152,10 +155,14 @@ class Context:
         too_old = Pool.too_old(slot, time.monotonic(), self.config.main.max_connection_age)
         if clean and server.poolable and not server.closed and not too_old:
             server.idle = True
-            if not self.pool.release(slot):  # wanted by another worker: make room there
-                server.idle = False
-                server.terminate()
-                self.pool.discard(slot)
+            if not self.pool.release(slot):  # wanted by another worker
+                if self.offer is not None:  # session pooling: hand it over (net.handoff)
+                    self.pool.release(slot, share=False)
+                    self.offer(slot.key, slot.rule_no)
+                else:  # make room there
+                    server.idle = False
+                    server.terminate()
+                    self.pool.discard(slot)
             elif slot.state != "idle":  # handed straight to a waiter
                 server.idle = False
         else:

@@ -35,11 +35,16 @@ def _ignore(_: ServerConnection) -> None:
     pass
 
 
+def hands_over(ctx: Context) -> bool:
+    """Does this worker's pipeline hand connections over?"""
+    return ctx.new_server is session_server
+
+
 def detach(ctx: Context, key: tuple[str, str],
            handing: dict[int, Slot]) -> tuple[int, dict[str, Any]] | None:
     """Take an idle connection for ``key`` out of this worker: a duplicate of its socket and
     its state; None if there is none (or this pipeline does not hand connections over)."""
-    if ctx.new_server is not session_server:
+    if not hands_over(ctx):
         return None
     slot = ctx.pool.take_idle(key)
     if slot is None:

@@ -200,10 +200,10 @@ class Pool:
         slot.state = ACTIVE
         slot.last_used = self.clock()
 
-    def release(self, slot: Slot) -> bool:
+    def release(self, slot: Slot, share: bool = True) -> bool:
         """A clean slot comes back: hand it to a waiter of the same pair or keep it idle.
-        False when a client of another worker waits for what this slot holds: the caller
-        then closes the connection and discards the slot."""
+        False when a client of another worker waits for what this slot holds (only when
+        ``share``): the caller then hands the connection over or closes it."""
         if slot.state == CLOSED:
             return True
         slot.last_used = self.clock()
@@ -212,7 +212,7 @@ class Pool:
             slot.state = ACTIVE
             self._notify(queue.popleft(), Grant(slot, new=False))
             return True
-        if self.budget.wanted_elsewhere(slot.rule_no, self.max_connections):
+        if share and self.budget.wanted_elsewhere(slot.rule_no, self.max_connections):
             slot.state = ACTIVE
             return False
         slot.state = IDLE

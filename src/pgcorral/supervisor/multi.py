@@ -363,6 +363,8 @@ class Supervisor:
             for other in self.workers.values():
                 if other is not handle and self.table.waiting(other.index):
                     other.channel.send("retry")
+        elif kind == "offer":  # an idle connection another worker's client waits for
+            self._spawn_task(self._place(handle, message[1], message[2]))
         elif kind == "starved":
             self._spawn_task(self._find_room(handle, message[1], message[2]))
         elif kind == "cancel":
@@ -395,6 +397,19 @@ class Supervisor:
         finally:
             starved.channel.send("starve_done")
 
+
+    async def _place(self, giver: WorkerHandle, key: tuple[str, str], rule_no: int) -> None:
+        """Hand ``giver``'s idle connection for ``key`` to a worker with clients waiting; if
+        none takes it, ``giver`` closes an idle connection under its rule (what it would have
+        done without the hand-over) and the waiters try again."""
+        for other in list(self.workers.values()):
+            if other is not giver and not other.lost.done() and \
+                    self.table.waiting(other.index) and \
+                    await self._hand_over(giver, other, key):
+                return
+        with contextlib.suppress(ChannelClosed, TimeoutError):
+            await asyncio.wait_for(giver.channel.request("evict", rule_no), CALL_TIMEOUT)
+        self._broadcast("retry")
 
     async def _hand_over(self, giver: WorkerHandle, taker: WorkerHandle,
                          key: tuple[str, str]) -> bool:

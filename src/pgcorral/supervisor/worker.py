@@ -81,6 +81,8 @@ class Worker:
         self.budget.on_freed = lambda: self.channel.send("freed")
         ctx.pool.on_starved = self._starved
         ctx.cancel_elsewhere = lambda pid, secret: self.channel.send("cancel", pid, secret)
+        if handoff.hands_over(ctx):
+            ctx.offer = lambda key, rule_no: self.channel.send("offer", key, rule_no)
         await self.runtime.start()
         self.table.set_pid(self.index, os.getpid())
         self.channel.send("ready", os.getpid())
