@@ -193,14 +193,17 @@ def test_cancel_through_another_worker(pgcorral: DaemonFactory) -> None:
 def test_kill_9_of_a_worker_harms_only_its_clients(pgcorral: DaemonFactory,
                                                    pg: PgCluster) -> None:
     d = pgcorral({"workers": "2"})
-    d.allow_traceback = False
-    conns = [psycopg.connect(d.dsn(), autocommit=True) for _ in range(10)]
-    by_pid = {c.info.backend_pid: c for c in conns}
-    details = cli_json(d, "status", "details")
+    conns: list[psycopg.Connection[Any]] = []
+    for _ in range(60):  # until each worker serves a few (the kernel picks the worker)
+        conns.append(psycopg.connect(d.dsn(), autocommit=True))
+        details = cli_json(d, "status", "details") if len(conns) >= 6 else None
+        if details is not None and min(w["clients"] for w in details["workers"]) >= 3:
+            break
+    assert details is not None
     worker_of = {s["pid"]: s["worker"] for s in details["sessions"]}
     victims = [c for c in conns if worker_of[c.info.backend_pid] == 0]
     survivors = [c for c in conns if worker_of[c.info.backend_pid] == 1]
-    assert len(by_pid) == 10
+    assert len(victims) >= 3 and len(survivors) >= 3
     victim_pid = next(w["pid"] for w in details["workers"] if w["worker"] == 0)
     errors_seen = []
     stop = threading.Event()
