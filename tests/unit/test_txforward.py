@@ -186,6 +186,15 @@ def test_mapping_off_passes_names_and_sees_a_named_parse() -> None:
     assert pipe.seen == NAMED_PARSE and not pipe.client.names and len(pipe.registry) == 0
 
 
+def test_an_empty_parse_with_mapping_off_goes_to_postgresql() -> None:
+    """A Parse with no body at all (malformed): PostgreSQL answers it; nothing breaks here,
+    whether it ends the chunk or another message follows."""
+    for stream in (b"P\0\0\0\x04", b"P\0\0\0\x04" + SYNC):
+        pipe = Pipe(capacity=0)
+        assert pipe.feed(stream) == stream
+        assert not pipe.seen & NAMED_PARSE
+
+
 def test_a_parse_in_an_aborted_transaction_goes_to_postgresql() -> None:
     pipe = Pipe(capacity=10)
     pipe.feed(parse(b"s1", b"SELECT 1") + SYNC)

@@ -134,7 +134,7 @@ class ClientForwarder:
                     head = data[pos + 5:pos + 69].lstrip()[:10].lower()
                     special = head.startswith(b"deallocate") or head.startswith(b"discard")
                 if not mapping:
-                    if type_ == codes.PARSE and data[pos + 5] != 0:
+                    if type_ == codes.PARSE and end > pos + 5 and data[pos + 5] != 0:
                         seen |= NAMED_PARSE  # track_prepared_statements: DEALLOCATE ALL
                     steps = DEFAULT_STEPS[type_]
                     if steps:
