@@ -278,3 +278,23 @@ def test_reload_flush_and_graceful_shutdown_with_workers(pgcorral: DaemonFactory
     conn.close()
     d.proc.wait(15)
     assert d.proc.returncode == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(pgcorral: DaemonFactory) -> None:
+    """No orphans: a worker whose control channel ends stops at once (it ignores SIGTERM and
+    SIGINT, which are the supervisor's to handle)."""
+    d = pgcorral({"workers": "2"})
+    pids = [w["pid"] for w in workers_of(d)]
+    assert len(pids) == 2
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)
+    poll(lambda: not any(running(pid) for pid in pids), "the workers to exit")
+
+
+def running(pid: int) -> bool:
+    """Is ``pid`` a live process (a zombie nobody reaped yet counts as gone)?"""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
