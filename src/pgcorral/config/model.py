@@ -138,6 +138,17 @@ class Config:
         """Map every database alias of the limits file to its real database name."""
         return {alias: rule.database for rule in self.limits for alias in rule.aliases}
 
+    def current_server(self, switched_to: str | None) -> ServerConfig:
+        """The server new connections go to: the ``switch-to`` one, else the first marked
+        primary, else the first section."""
+        for server in self.servers:
+            if server.name == switched_to:
+                return server
+        for server in self.servers:
+            if server.primary:
+                return server
+        return self.servers[0]
+
     def real_database(self, name: str) -> str:
         """The real database name for ``name``: an alias is resolved, any other name unchanged."""
         for rule in self.limits:

@@ -23,7 +23,6 @@ from pgcorral.errors import DatabaseDisabled
 from pgcorral.net import dial
 from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
-from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
@@ -34,8 +33,6 @@ from pgcorral.security.secrets import Secrets
 if TYPE_CHECKING:
     from pgcorral.net.client import ClientConnection
     from pgcorral.net.transaction import TxLogin
-
-__all__ = ["VALIDATION_TIMEOUT", "Context"]
 
 log = logging.getLogger("pgcorral.context")
 
@@ -91,14 +88,7 @@ class Context:
 
     @property
     def server(self) -> ServerConfig:
-        servers = self.config.servers
-        for server in servers:
-            if server.name == self.switched_to:
-                return server
-        for server in servers:
-            if server.primary:
-                return server
-        return servers[0]
+        return self.config.current_server(self.switched_to)
 
     def apply(self, config: Config, secrets: Secrets) -> None:
         """A reloaded configuration: new hba, limits, vaults and reloadable keys for new
@@ -155,16 +145,17 @@ class Context:
         too_old = Pool.too_old(slot, time.monotonic(), self.config.main.max_connection_age)
         if clean and server.poolable and not server.closed and not too_old:
             server.idle = True
-            if not self.pool.release(slot):  # wanted by another worker
+            wanted_elsewhere = self.pool.release(slot)
+            if slot.state != "idle":  # handed straight to a waiter
+                server.idle = False
+            elif wanted_elsewhere:  # a client of another worker waits for it
                 if self.offer is not None:  # session pooling: hand it over (net.handoff)
-                    self.pool.release(slot, share=False)
                     self.offer(slot.key, slot.rule_no)
                 else:  # make room there
+                    self.pool.checkout_idle(slot)
                     server.idle = False
                     server.terminate()
                     self.pool.discard(slot)
-            elif slot.state != "idle":  # handed straight to a waiter
-                server.idle = False
         else:
             server.terminate()
             self.pool.discard(slot)

@@ -200,26 +200,24 @@ class Pool:
         slot.state = ACTIVE
         slot.last_used = self.clock()
 
-    def release(self, slot: Slot, share: bool = True) -> bool:
+    def release(self, slot: Slot) -> bool:
         """A clean slot comes back: hand it to a waiter of the same pair or keep it idle.
-        False when a client of another worker waits for what this slot holds (only when
-        ``share``): the caller then hands the connection over or closes it."""
+        True when it went idle while a client of another worker waits for what it holds: the
+        caller then hands the connection over, or takes it out and closes it."""
         if slot.state == CLOSED:
-            return True
+            return False
         slot.last_used = self.clock()
         queue = self._waiters.get(slot.key)
         if queue:
             slot.state = ACTIVE
             self._notify(queue.popleft(), Grant(slot, new=False))
-            return True
-        if share and self.budget.wanted_elsewhere(slot.rule_no, self.max_connections):
-            slot.state = ACTIVE
             return False
         slot.state = IDLE
         self._idle.setdefault(slot.key, []).append(slot)
         if self._waiting:
             self._dispatch()
-        return True
+        return slot.state == IDLE and self.budget.wanted_elsewhere(slot.rule_no,
+                                                                   self.max_connections)
 
     def checkout_idle(self, slot: Slot) -> None:
         """Take a specific idle slot out of the pool (for maintenance such as validation)."""
@@ -249,10 +247,6 @@ class Pool:
             self.budget.release(slot.rule_no)
             if self._waiting:
                 self._dispatch()
-
-    @property
-    def draining(self) -> int:
-        return len(self._draining)
 
     def adopt(self, key: Key) -> Slot:
         """A connection for ``key`` handed over by another worker: a slot in use (ACTIVE)

@@ -127,21 +127,20 @@ class Supervisor:
                 answers.append(await asyncio.wait_for(future, CALL_TIMEOUT))
             except (ChannelClosed, TimeoutError):
                 log.warning("worker %d did not answer %s", handle.index, operation)
-        self._track(operation, args)
-        return merge(operation, answers, self)
+        merged = merge(operation, answers, self)
+        self._track(operation, args, merged)
+        return merged
 
-    def _track(self, operation: str, args: tuple[Any, ...]) -> None:
+    def _track(self, operation: str, args: tuple[Any, ...], answer: Any) -> None:
         """Keep what a worker started later must be told (and the supervisor's own view)."""
         state = self._state
-        if operation == "disable":
-            state["disabled"].add("*" if args[0] in ("all", "*") else args[0])
-        elif operation == "enable":
-            if args[0] in ("all", "*"):
-                state["disabled"].clear()
-            else:
-                state["disabled"].discard(args[0])
+        if operation in ("enable", "disable") and answer is not None:
+            state["disabled"] = set(answer)  # the workers' disabled list after the change
         elif operation == "switch_to":
             state["switched_to"] = args[0]
+            if answer not in (None, args[0]):  # the previous server is marked failed
+                state["failed_servers"].add(answer)
+            state["failed_servers"].discard(args[0])
         elif operation == "clear_server":
             state["failed_servers"].discard(args[0])
         elif operation == "set_main_key":
@@ -209,7 +208,7 @@ class Supervisor:
             log.critical("workers did not start within %.0f s", START_TIMEOUT)
             self.stop("fast")
         main = self._config.main
-        server = self._server()
+        server = self._config.current_server(self._state["switched_to"])
         log.info("pgcorral: started on %s:%d (unix socket %s), server %s at %s:%d, "
                  "event loop %s, %d workers (pids %s)", main.host, main.port, self.unix_path,
                  server.name, server.host, server.port, loop_kind(), self.count,
@@ -224,12 +223,6 @@ class Supervisor:
                 os.unlink(self.unix_path)
         log.info("pgcorral: stopped (%s)", self._stopping)
         return 0
-
-    def _server(self) -> Any:
-        servers = self._config.servers
-        named = [s for s in servers if s.name == self._state["switched_to"]]
-        primary = [s for s in servers if s.primary]
-        return (named or primary or list(servers))[0]
 
     def _bind(self) -> None:
         main = self._config.main
