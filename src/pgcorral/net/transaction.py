@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -149,8 +149,6 @@ async def reset(server: TxServerConnection, query: str) -> bool:
 
 
 class TransactionClient(ClientConnection):
-    server: TxServerConnection | None
-
     def __init__(self, ctx: Context, conn_type: str) -> None:
         super().__init__(ctx, conn_type)
         self.key = ("", "")
@@ -320,8 +318,7 @@ class TransactionClient(ClientConnection):
 
     def _forward(self, data: bytes) -> None:
         """Linked: forward every whole message of ``data``, keep a partial one."""
-        server = self.server
-        assert server is not None
+        server = cast("TxServerConnection", self.server)
         router = server.router
         plan = router.plan
         forwarder = self.forwarder
@@ -556,7 +553,7 @@ class TransactionClient(ClientConnection):
             self._grant_pending = None
         ended = self._ended
         reason = ended.result() if ended is not None and ended.done() else "error"
-        server = self.server
+        server = cast("TxServerConnection | None", self.server)
         if server is None:
             return
         if reason == "server lost":

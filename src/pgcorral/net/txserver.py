@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pgcorral.net.server import ServerConnection
 from pgcorral.protocol.framing import FramingError
@@ -32,8 +32,6 @@ log = logging.getLogger("pgcorral.server")
 
 
 class TxServerConnection(ServerConnection):
-    peer: TransactionClient | None
-
     def __init__(self, slot: Slot, on_lost: Callable[[ServerConnection], None],
                  max_prepared: int, known: set[str] | None = None) -> None:
         super().__init__(slot, on_lost)
@@ -44,7 +42,7 @@ class TxServerConnection(ServerConnection):
         self.after_cancels: Callable[[], None] | None = None  # release held for them
 
     def data_received(self, data: bytes) -> None:
-        client = self.peer
+        client = cast("TransactionClient | None", self.peer)
         if client is None:
             super().data_received(data)
             return
