@@ -23,6 +23,33 @@ if str(REPO_ROOT) not in sys.path:
 
 from devtools.pgcluster import PgCluster, find_free_port  # noqa: E402
 
+import pgcorral  # noqa: E402
+from pgcorral.build import info as build_info  # noqa: E402
+
+#: The directory holding the pgcorral package the tests import (src/ with an in-place build, or
+#: wherever PYTHONPATH points, e.g. the pure-Python smoke's install); the daemons run it too.
+PGCORRAL_PATH = str(Path(pgcorral.__file__).resolve().parent.parent)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"pgcorral: {build_info().describe()} from {PGCORRAL_PATH}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """PGCORRAL_EXPECT_BUILD=compiled|pure: refuse to run on the other build (or a stale one),
+    so `make test` cannot pass on pure Python by accident."""
+    expect = os.environ.get("PGCORRAL_EXPECT_BUILD")
+    if not expect:
+        return
+    build = build_info()
+    ok = (build.kind == "compiled with mypyc" and not build.stale) if expect == "compiled" else (
+        build.kind == "pure Python"
+    )
+    if not ok:
+        raise pytest.UsageError(
+            f"PGCORRAL_EXPECT_BUILD={expect} but pgcorral at {PGCORRAL_PATH} is: {build.describe()}"
+        )
+
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
 TEST_DB = "pgcorral_test"
@@ -305,7 +332,7 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
         environ = dict(os.environ)
         environ.update(env or {})
         environ["PYTHONUNBUFFERED"] = "1"
-        src = str(REPO_ROOT / "src")
+        src = PGCORRAL_PATH
         old_path = environ.get("PYTHONPATH")
         environ["PYTHONPATH"] = src + (os.pathsep + old_path if old_path else "")
         proc = subprocess.Popen(

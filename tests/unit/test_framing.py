@@ -1,4 +1,4 @@
-"""MessageReader, BoundaryTracker and trailing_ready_status, fed at every split point."""
+"""MessageReader and BoundaryTracker, fed at every split point."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pgcorral.protocol.framing import (
     BoundaryTracker,
     FramingError,
     MessageReader,
-    trailing_ready_status,
 )
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -325,30 +324,3 @@ def test_boundary_tracker_limits() -> None:
     assert split.feed(b"d\0") == -1
     with pytest.raises(FramingError):
         split.feed(b"\0\0\x03")
-
-
-# --- trailing_ready_status ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("status", [b"I", b"T", b"E"])
-def test_trailing_ready_status(status: bytes) -> None:
-    ready = msg(b"Z", status)
-    assert trailing_ready_status(ready) == status[0]
-    assert trailing_ready_status(msg(b"C", b"ROLLBACK\0") + ready) == status[0]
-    assert trailing_ready_status(bytearray(ready)) == status[0]
-    assert trailing_ready_status(memoryview(b"junk" + ready)) == status[0]
-
-
-@pytest.mark.parametrize(
-    "data",
-    [b"", b"Z", msg(b"Z", b"I")[:-1], msg(b"C", b"ROLLBACK\0"), msg(b"Z", b"I") + msg(b"S"),
-     b"Z\0\0\0\x06I", b"Y\0\0\0\x05I", msg(b"Z", b"I") + b"x"],
-)
-def test_trailing_ready_status_none(data: bytes) -> None:
-    assert trailing_ready_status(data) == -1
-
-
-def test_trailing_ready_status_is_only_a_hint() -> None:
-    """Six bytes at the end of a longer message look the same; the caller must verify."""
-    fake = msg(b"D", b"\0\x01\0\0\0\x06" + msg(b"Z", b"I"))
-    assert trailing_ready_status(fake) == ord("I")

@@ -51,9 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-D", "--directory", metavar="DIRECTORY",
                    help="directory holding the configuration files")
     p.add_argument("-d", "--daemon", action="store_true", help="run as a daemon")
-    p.add_argument("-V", "--version", action="version", version=f"pgcorral {__version__}")
+    p.add_argument("-V", "--version", action=_Version, nargs=0,
+                   help="show the version and which build runs (compiled or pure Python)")
     p.add_argument("-?", "--help", action="help", help="display help")
     return p
+
+
+class _Version(argparse.Action):
+    """``-V``: the version and the build (looked at only when asked: it imports the modules)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from pgcorral.build import info
+
+        print(f"pgcorral {__version__} ({info().describe()})")
+        parser.exit()
 
 
 def _locate(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
@@ -109,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         daemonize()
     write_pidfile(main_cfg.pidfile)
     setup_logging(main_cfg)
+    from pgcorral.build import startup_line
     from pgcorral.supervisor.main import run
+
+    if line := startup_line():  # pure Python (no compiler at install) or a stale build
+        logging.getLogger("pgcorral.main").warning("%s", line)
 
     try:
         return run(config, secrets, load)

@@ -19,7 +19,6 @@ from pgcorral.protocol import codes
 
 _HEADER = struct.Struct("!BI")
 _header_unpack_from = _HEADER.unpack_from
-_READY_TAIL = b"\0\0\0\x05"
 
 
 class FramingError(ValueError):
@@ -134,15 +133,3 @@ class BoundaryTracker:
         if length - 4 > self.max_length:
             raise FramingError(f"message of {length - 4} bytes exceeds the limit of "
                                f"{self.max_length}")
-
-
-def trailing_ready_status(data: bytes) -> int:
-    """The status byte if ``data`` ends with a ReadyForQuery message, else -1.
-
-    A hint, not a proof: the six bytes could lie inside a longer message. Whoever acts on it must
-    check the stream again (the reset of a server connection reads the replies it expects and
-    discards the connection on anything else).
-    """
-    if len(data) >= 6 and data[-6] == codes.READY_FOR_QUERY and data[-5:-1] == _READY_TAIL:
-        return data[-1]
-    return -1
