@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import REPO
-from .common import ALL_TARGETS, MODES, PROFILE_CLIENTS, PROFILE_WORKLOAD, RESULTS_DIR, WORKLOADS
+from .common import (
+    ALL_TARGETS,
+    AUTHS,
+    MODES,
+    PROFILE_CLIENTS,
+    PROFILE_WORKLOAD,
+    RESULTS_DIR,
+    WORKLOADS,
+)
 from .grid import Bench
 from .procs import raise_interrupt
 
@@ -23,6 +31,8 @@ class Config:
     duration: int
     clients: list[int]
     workloads: list[str]
+    auth: list[str]  # each value is its own set of cells: trust (DBUSER), scram (SCRAM_USER)
+    pgbouncer_scram_secret: str  # what PgBouncer's userlist.txt holds: plain or verifier
     targets: list[str]
     workers: list[int]  # one pgcorral target per value
     scale: int
@@ -62,6 +72,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument(
         "--workloads", type=csv(str, list(WORKLOADS)), default=list(WORKLOADS),
         help=f"comma list from {','.join(WORKLOADS)} (default all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--auth", type=csv(str, list(AUTHS)), default=["trust"],
+        help="comma list from trust,scram: how pgbench logs in; each value is its own set of "
+        "cells, interleaved in the same run (default trust)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pgbouncer-scram-secret", choices=("plain", "verifier"), default="plain",
+        help="--auth scram: PgBouncer's userlist.txt holds the password (plain, default) or "
+        "PostgreSQL's SCRAM verifier",
     )  # fmt: skip
     p.add_argument(
         "--targets", type=csv(str, ALL_TARGETS), default=list(ALL_TARGETS),
@@ -104,6 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--rounds 0 only makes sense with --profile")
     return Config(
         rounds=rounds, duration=duration, clients=a.clients, workloads=a.workloads,
+        auth=list(dict.fromkeys(a.auth)), pgbouncer_scram_secret=a.pgbouncer_scram_secret,
         targets=a.targets, workers=list(dict.fromkeys(a.workers)), scale=scale,
         pool_size=a.pool_size, mode=a.mode, jobs=a.jobs,
         profile=a.profile, py_spy=a.py_spy, pgcorral_python=a.pgcorral_python,

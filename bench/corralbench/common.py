@@ -20,9 +20,20 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "extended": ("tpcb -M extended", ("-M", "extended")),
     "prepared": ("tpcb -M prepared", ("-M", "prepared")),
     "select-prepared": ("select -M prepared", ("-S", "-M", "prepared")),
+    "select-simple": ("select -M simple", ("-S", "-M", "simple")),
     "select-connect": ("select -C", ("-S", "-C")),
 }
 
+# The unrecorded warm-up run: a workload every target runs in every mode (PgBouncer 1.18 cannot
+# run -M prepared in transaction mode).
+WARMUP_WORKLOAD = "select-simple"
+
+# --auth: how pgbench logs in.  "trust": as DBUSER, no password anywhere (PostgreSQL's hba and
+# both poolers trust it).  "scram": as SCRAM_USER with its password (PGPASSWORD); PostgreSQL,
+# PgBouncer and pgcorral each check it with SCRAM-SHA-256, and the poolers know the password
+# (PgBouncer's userlist.txt, pgcorral's user vault) to log in to PostgreSQL with SCRAM in turn.
+SCRAM_USER = "bench_scram"
+AUTHS: dict[str, str] = {"trust": DBUSER, "scram": SCRAM_USER}
 
 PROFILE_WORKLOAD = os.environ.get("PGCORRAL_PROFILE_WORKLOAD", "select-prepared")
 PROFILE_CLIENTS = 100
@@ -52,6 +63,11 @@ def log(msg: str) -> None:
 def connects_per_transaction(workload: str) -> bool:
     """pgbench -C: a new connection per transaction, so per transaction = per connection."""
     return "-C" in WORKLOADS[workload][1]
+
+
+def auth_user(auth: str) -> str:
+    """The user pgbench connects as for an --auth value."""
+    return AUTHS[auth]
 
 
 def pgcorral_name(workers: int) -> str:

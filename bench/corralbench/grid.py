@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -16,13 +18,31 @@ from typing import TYPE_CHECKING, Any
 from devtools.pgcluster import PgCluster
 
 from . import REPO
-from .common import DBNAME, MODES, WORKLOADS, log, pgcorral_name, target_names
+from .common import (
+    DBNAME,
+    MODES,
+    SCRAM_USER,
+    WARMUP_WORKLOAD,
+    WORKLOADS,
+    auth_user,
+    log,
+    pgcorral_name,
+    target_names,
+)
 from .machine import machine_info
 from .pgbench import RunResult, pgbench_cmd, run_pgbench
 from .procs import PROCS
 from .profile import run_profile
 from .report import describe_problem, fmt_cpu, fmt_tps, report, summary
-from .targets import DirectTarget, PgBouncerTarget, PgCorralTarget, Target, TargetError
+from .targets import (
+    DirectTarget,
+    PgBouncerTarget,
+    PgCorralTarget,
+    ScramUser,
+    Target,
+    TargetError,
+    check_scram,
+)
 
 if TYPE_CHECKING:
     from .cli import Config
@@ -43,6 +63,12 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.start_failures: list[str] = []  # skipped because broken, not because not installed
         self.runs: list[RunResult] = []
+        # --auth scram: a role of the throwaway cluster with a throwaway password.
+        self.scram = (
+            ScramUser(SCRAM_USER, f"scram-{secrets.token_hex(12)}") if "scram" in cfg.auth
+            else None
+        )  # fmt: skip
+        self.auth_checks: dict[str, dict[str, str]] = {}  # target -> what check_scram saw
         self.profile: dict[str, Any] | None = None
         self.machine: dict[str, Any] = {}
         self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -62,13 +88,45 @@ class Bench:
                 "shared_buffers": "256MB",
                 "fsync": "off",
                 "synchronous_commit": "off",
-            }
+                "password_encryption": "scram-sha-256",
+            },
+            hba_lines=self.hba_lines(),
         )
         self.cluster.start()
         self.cluster.psql(f"CREATE DATABASE {DBNAME}")
+        if self.scram is not None:
+            # Superuser: may use the pgbench tables, and the reserved backend slots as
+            # DBUSER does (its verifier is SCRAM-SHA-256: password_encryption above).
+            pw = self.scram.password.replace("'", "''")
+            self.cluster.psql(
+                f"CREATE ROLE {self.scram.name} LOGIN SUPERUSER PASSWORD '{pw}'"
+            )  # fmt: skip
+            if self.cfg.pgbouncer_scram_secret == "verifier":
+                verifier = self.cluster.psql(
+                    f"SELECT rolpassword FROM pg_authid WHERE rolname = '{self.scram.name}'"
+                ).strip()
+                if not verifier.startswith("SCRAM-SHA-256$"):
+                    raise RuntimeError(f"{self.scram.name} has no SCRAM verifier: {verifier!r}")
+                self.scram = dataclasses.replace(self.scram, verifier=verifier)
         log(f"pgbench -i -s {self.cfg.scale}")
         self.cluster.pgbench("-i", "-q", "-s", str(self.cfg.scale), dbname=DBNAME)
         self.cluster.psql("VACUUM ANALYZE; CHECKPOINT;", dbname=DBNAME)
+
+    def hba_lines(self) -> list[str]:
+        """pgcluster.py's trust lines, after a scram-sha-256 line for the scram user (so that
+        the direct target does real SCRAM too, and so do the poolers' server logins)."""
+        lines = [
+            "local all all trust",
+            "host all all 127.0.0.1/32 trust",
+            "host all all ::1/128 trust",
+            "local replication all trust",
+            "host replication all 127.0.0.1/32 trust",
+            "host replication all ::1/128 trust",
+        ]
+        if self.scram is not None:
+            lines[:0] = [f"host all {self.scram.name} 127.0.0.1/32 scram-sha-256",
+                         f"local all {self.scram.name} scram-sha-256"]  # fmt: skip
+        return lines
 
     def setup_targets(self) -> None:
         for kind in self.cfg.targets:
@@ -85,13 +143,14 @@ class Bench:
                 self.start_target(PgBouncerTarget(
                     self.pgbouncer_bin, self.tmp / "pgbouncer", self.cluster,
                     self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
+                    scram=self.scram,
                 ))  # fmt: skip
             else:
                 for workers in self.cfg.workers:
                     self.start_target(PgCorralTarget(
                         self.cfg.pgcorral_python, self.tmp / pgcorral_name(workers), self.cluster,
                         self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
-                        workers=workers,
+                        workers=workers, scram=self.scram,
                     ))  # fmt: skip
 
     def start_target(self, target: Target) -> None:
@@ -99,6 +158,10 @@ class Bench:
         log(f"starting {name} on 127.0.0.1:{target.port}")
         try:
             target.start()
+            if self.scram is not None:
+                self.auth_checks[name] = check_scram(name, target.port, self.psql, self.scram)
+                log(f"{name}: {self.scram.name} is asked for "
+                    f"{self.auth_checks[name]['method']}; a wrong password is refused")  # fmt: skip
         except (TargetError, OSError) as e:
             target.stop()
             self.skip(name, f"failed to start: {e}")
@@ -126,9 +189,9 @@ class Bench:
     # -- running -------------------------------------------------------------
     def one_run(
         self, target: Target, workload: str, clients: int, rnd: int, position: int,
-        duration: int,
+        duration: int, auth: str = "trust",
     ) -> RunResult:  # fmt: skip
-        result = RunResult(rnd, workload, clients, target.name, position)
+        result = RunResult(rnd, workload, clients, target.name, position, auth)
         try:
             target.check_alive()
         except TargetError as e:
@@ -136,10 +199,12 @@ class Bench:
             return result
         self.reset_tables()
         cmd = pgbench_cmd(
-            self.pgbench, target.host, target.port, workload, clients, duration, self.cfg.jobs
-        )
+            self.pgbench, target.host, target.port, workload, clients, duration, self.cfg.jobs,
+            user=auth_user(auth),
+        )  # fmt: skip
+        password = self.scram.password if auth == "scram" and self.scram is not None else None
         before = target.cpu()
-        run_pgbench(cmd, result, timeout=duration + 120)
+        run_pgbench(cmd, result, timeout=duration + 120, password=password)
         after = target.cpu()
         if before is not None and after is not None:
             used = after - before
@@ -148,26 +213,38 @@ class Bench:
             result.pooler_procs = used.procs
         return result
 
-    def warmup(self) -> None:
+    def warmup(self, auth: str) -> None:
+        """An unrecorded run per target as auth's user: fills that user's pools."""
         if self.cfg.warmup <= 0:
             return
         for target in self.targets.values():
             clients = max(self.cfg.clients)
-            r = self.one_run(target, "select-prepared", clients, -1, 0, self.cfg.warmup)
-            log(f"warm-up {target.name}: {fmt_tps(r.tps).strip()} tps")
+            r = self.one_run(
+                target, WARMUP_WORKLOAD, clients, -1, 0, self.cfg.warmup, auth
+            )  # fmt: skip
+            log(f"warm-up {target.name} ({auth}): {fmt_tps(r.tps).strip()} tps")
             if r.bad:
                 log(f"warm-up {target.name} problem: {describe_problem(r)}; pgbench said:\n"
                     + "\n".join(r.output.splitlines()[-15:]))  # fmt: skip
 
     def run_rounds(self) -> None:
-        cells = [(w, c) for w in self.cfg.workloads for c in self.cfg.clients]
+        # Cells grouped by auth within a round: the poolers' pools (one per user, under one
+        # max_connections/max_db_connections budget) switch user once per auth block, after
+        # that block's warm-up, instead of evicting connections of the other user in a
+        # measured run of every cell.
+        cells = [(w, c, a) for a in self.cfg.auth for w in self.cfg.workloads
+                 for c in self.cfg.clients]  # fmt: skip
         order = [t for t in target_names(self.cfg.targets, self.cfg.workers) if t in self.targets]
         total = self.cfg.rounds * len(cells) * len(order)
-        est = total * (self.cfg.duration + 1.5)
+        warmups = len(self.cfg.auth) * (self.cfg.rounds if len(self.cfg.auth) > 1 else 1)
+        est = total * (self.cfg.duration + 1.5) + warmups * len(order) * (self.cfg.warmup + 1.5)
         log(f"{total} pgbench runs of {self.cfg.duration}s: about {est / 60:.1f} minutes")
         n = 0
         for rnd in range(self.cfg.rounds):
-            for ci, (workload, clients) in enumerate(cells):
+            for ci, (workload, clients, auth) in enumerate(cells):
+                first_of_block = ci == 0 or auth != cells[ci - 1][2]
+                if first_of_block and (rnd == 0 or len(self.cfg.auth) > 1):
+                    self.warmup(auth)
                 # Rotate who goes first, by round and by cell: each target goes first in a
                 # different round, and no target always runs right after the same neighbour.
                 k = (rnd + ci) % len(order)
@@ -175,13 +252,14 @@ class Bench:
                 for pos, name in enumerate(rotated):
                     n += 1
                     r = self.one_run(
-                        self.targets[name], workload, clients, rnd, pos, self.cfg.duration
+                        self.targets[name], workload, clients, rnd, pos, self.cfg.duration, auth
                     )
                     self.runs.append(r)
                     flag = "" if not r.bad else f"  <-- {describe_problem(r)}"
                     log(
                         f"[{n}/{total}] round {rnd + 1} {WORKLOADS[workload][0]:<18} "
-                        f"c={clients:<4} {name:<11} {fmt_tps(r.tps)} tps{fmt_cpu(r)}{flag}"
+                        f"c={clients:<4} {auth:<5} {name:<11} {fmt_tps(r.tps)} tps"
+                        f"{fmt_cpu(r)}{flag}"
                     )
 
     # -- results -------------------------------------------------------------
@@ -207,6 +285,8 @@ class Bench:
                 for name, t in self.targets.items()
             },
             "skipped": self.skipped,
+            "scram_user": self.scram.name if self.scram is not None else None,
+            "auth_checks": self.auth_checks,
             "summary": rows,
             "profile": self.profile,
             "runs": [asdict(r) for r in self.runs],
@@ -227,9 +307,10 @@ class Bench:
                 log("no target could be started; nothing to measure")
                 status = "no targets"
                 return 1
-            self.warmup()
             self.run_rounds()
             if self.cfg.profile:
+                if self.cfg.rounds == 0 or self.cfg.auth[-1] != "trust":
+                    self.warmup("trust")  # the profiled run logs in as the trust user
                 self.profile = run_profile(self)
             status = "complete"
         except KeyboardInterrupt:

@@ -21,6 +21,7 @@ class RunResult:
     clients: int
     target: str
     position: int  # 0 = this target ran first in this cell in this round
+    auth: str = "trust"  # --auth value: which user pgbench logged in as, and how
     tps: float | None = None
     tps_kind: str = ""
     failed_tx: int | None = None
@@ -81,13 +82,14 @@ def parse_pgbench(output: str, result: RunResult) -> None:
 
 
 def pgbench_cmd(
-    pgbench: str, host: str, port: int, workload: str, clients: int, duration: int, jobs: int
-) -> list[str]:
+    pgbench: str, host: str, port: int, workload: str, clients: int, duration: int, jobs: int,
+    user: str = DBUSER,
+) -> list[str]:  # fmt: skip
     return [
         pgbench,
         "-h", host,
         "-p", str(port),
-        "-U", DBUSER,
+        "-U", user,
         "-n",  # no vacuum through the pooler: reset_tables() did it directly
         "-T", str(duration),
         "-j", str(max(1, min(jobs, clients))),
@@ -97,11 +99,13 @@ def pgbench_cmd(
     ]  # fmt: skip
 
 
-def run_pgbench(cmd: list[str], result: RunResult, timeout: float) -> RunResult:
+def run_pgbench(
+    cmd: list[str], result: RunResult, timeout: float, password: str | None = None
+) -> RunResult:
+    """Run pgbench (password: its PGPASSWORD, for the scram user) and parse its report."""
     t0 = time.monotonic()
-    proc = PROCS.start(
-        "pgbench", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=clean_env()
-    )
+    env = clean_env() if password is None else clean_env(PGPASSWORD=password)
+    proc = PROCS.start("pgbench", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

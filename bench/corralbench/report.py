@@ -5,86 +5,106 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from .common import ALL_TARGETS, WORKLOADS, connects_per_transaction, target_names
+from .common import ALL_TARGETS, WORKLOADS, auth_user, connects_per_transaction, target_names
 from .pgbench import RunResult
 
 if TYPE_CHECKING:
     from .cli import Config
 
 
+def cells(cfg: Config) -> list[tuple[str, int, str]]:
+    """The (workload, clients, auth) cells in table order: the auth values of a workload x
+    clients next to each other."""
+    return [(w, c, a) for w in cfg.workloads for c in cfg.clients for a in cfg.auth]
+
+
 def summary(cfg: Config, runs: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per workload x clients cell: per target the median TPS, rounds, spread, failures
-    and the pooler's median CPU per transaction; then the ratios."""
+    """One row per workload x clients x auth cell: per target the median TPS, rounds, spread,
+    failures and the pooler's median CPU per unit (a transaction, a new connection for -C);
+    then the ratios of TPS and of CPU per unit."""
     names = target_names(cfg.targets, cfg.workers)
+    corrals = [t for t in names if t.startswith("pgcorral")]
     rows = []
-    for workload in cfg.workloads:
-        for clients in cfg.clients:
-            row: dict[str, Any] = {
-                "workload": workload, "label": WORKLOADS[workload][0], "clients": clients,
-                "cpu_per": "connection" if connects_per_transaction(workload) else "transaction",
-            }  # fmt: skip
-            for t in names:
-                cell = [r for r in runs if (r.workload, r.clients, r.target)
-                        == (workload, clients, t)]  # fmt: skip
-                # An aborted run's TPS comes from the clients that survived: not comparable.
-                vals = [r.tps for r in cell if r.tps is not None and r.usable]
-                cpus = [us for r in cell if r.usable and (us := r.cpu_us()) is not None]
-                procs = [r.pooler_procs for r in cell if r.pooler_procs is not None]
-                row[t] = {
-                    "median_tps": statistics.median(vals) if vals else None,
-                    "rounds": [r.tps for r in cell],
-                    "spread_pct": (
-                        round(100 * (max(vals) - min(vals)) / statistics.median(vals), 1)
-                        if len(vals) > 1 and statistics.median(vals)
-                        else None
-                    ),
-                    "failures": [describe_problem(r) for r in cell if r.bad],
-                    # microseconds per transaction (per connection for -C), all its processes
-                    "cpu_user_us": _median1([c[0] for c in cpus]),
-                    "cpu_sys_us": _median1([c[1] for c in cpus]),
-                    "cpu_rounds": [_round1(r.cpu_us()) for r in cell],
-                    "processes": max(procs) if procs else None,
-                }
-            corrals = [t for t in names if t.startswith("pgcorral")]
-            for base in ("pgbouncer", "direct"):
-                for t in corrals:
-                    row[f"{t}/{base}"] = ratio(row, t, base)
-            row["pgbouncer/direct"] = ratio(row, "pgbouncer", "direct")
-            rows.append(row)
+    for workload, clients, auth in cells(cfg):
+        row: dict[str, Any] = {
+            "workload": workload, "label": WORKLOADS[workload][0], "clients": clients,
+            "auth": auth, "user": auth_user(auth),
+            "cpu_per": "connection" if connects_per_transaction(workload) else "transaction",
+        }  # fmt: skip
+        for t in names:
+            cell = [r for r in runs if (r.workload, r.clients, r.auth, r.target)
+                    == (workload, clients, auth, t)]  # fmt: skip
+            row[t] = _target_summary(cell)
+        for base in ("pgbouncer", "direct"):
+            for t in corrals:
+                row[f"{t}/{base}"] = ratio(row, t, base)
+        row["pgbouncer/direct"] = ratio(row, "pgbouncer", "direct")
+        # CPU per unit (user+sys) of each pgcorral over PgBouncer's: < 1 = pgcorral spends less.
+        row["cpu_ratios"] = {f"{t}/pgbouncer": ratio(row, t, "pgbouncer", "cpu_us")
+                             for t in corrals}  # fmt: skip
+        rows.append(row)
     return rows
 
 
+def _target_summary(cell: list[RunResult]) -> dict[str, Any]:
+    """One target in one cell: TPS median and rounds, CPU per unit medians, failures."""
+    # An aborted run's TPS comes from the clients that survived: not comparable.
+    vals = [r.tps for r in cell if r.tps is not None and r.usable]
+    cpus = [us for r in cell if r.usable and (us := r.cpu_us()) is not None]
+    procs = [r.pooler_procs for r in cell if r.pooler_procs is not None]
+    median = statistics.median(vals) if vals else None
+    spread = round(100 * (max(vals) - min(vals)) / median, 1) if len(vals) > 1 and median else None
+    return {
+        "median_tps": median,
+        "rounds": [r.tps for r in cell],
+        "spread_pct": spread,
+        "failures": [describe_problem(r) for r in cell if r.bad],
+        # microseconds per unit (transaction; new connection for -C), all its processes:
+        # medians over the usable runs of user, of sys and of user+sys (the last is what the
+        # CPU ratios use; it need not be the sum of the first two)
+        "cpu_user_us": _median1([c[0] for c in cpus]),
+        "cpu_sys_us": _median1([c[1] for c in cpus]),
+        "cpu_us": _median1([c[0] + c[1] for c in cpus]),
+        "cpu_rounds": [_round1(r.cpu_us()) for r in cell],
+        "processes": max(procs) if procs else None,
+    }
+
+
 def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
-    """The table of medians and CPU, the table of ratios, then the per-round values."""
+    """The table of medians and CPU, the per-unit CPU table, the table of TPS ratios, then the
+    per-round values."""
     shown = target_names(list(ALL_TARGETS), cfg.workers)  # every column, run or not
     corrals = [t for t in shown if t.startswith("pgcorral")]
-    hdr = ["workload", "clients"]
+    hdr = ["workload", "clients", "auth", "cpu per"]
     for t in shown:
         hdr += [t] if t == "direct" else [t, "cpu us"]
     table = [hdr]
     for row in rows:
-        cells = [row["label"], str(row["clients"])]
+        cols = [row["label"], str(row["clients"]), row["auth"], _unit(row)]
         for t in shown:
-            cells.append(_cell(row, t, skipped))
+            cols.append(_cell(row, t, skipped))
             if t != "direct":
-                cells.append(_cpu_cell(row.get(t)))
-        table.append(cells)
+                cols.append(_cpu_cell(row.get(t)))
+        table.append(cols)
     keys = [f"{c}/pgbouncer" for c in corrals] + [f"{c}/direct" for c in corrals]
     keys.append("pgbouncer/direct")
-    ratios = [["workload", "clients", *(k.replace("pg", "") for k in keys)]]
+    ratios = [["workload", "clients", "auth", *(k.replace("pg", "") for k in keys)]]
     for row in rows:
         rs = [row.get(k) for k in keys]
-        ratios.append([row["label"], str(row["clients"]),
-                       *(f"{v:.2f}" if v is not None else "-" for v in rs)])  # fmt: skip
+        ratios.append([row["label"], str(row["clients"]), row["auth"], *map(_fmt_ratio, rs)])
     out = [
         f"Median TPS over {cfg.rounds} round(s) of {cfg.duration}s, "
-        f"mode={cfg.mode}, pool size {cfg.pool_size}, scale {cfg.scale}, "
-        f"pgbench -j {cfg.jobs}",
+        f"mode={cfg.mode}, auth={','.join(cfg.auth)}, pool size {cfg.pool_size}, "
+        f"scale {cfg.scale}, pgbench -j {cfg.jobs}",
         *_align(table),
         "'!' = a run of the cell failed or had failed transactions (an aborted run is left"
         " out of the median);",
-        "'skipped' = target not run; 'cpu us' = the pooler's median CPU per transaction (per new",
-        "connection for -C: one each), microseconds user/sys, summed over all its processes.",
+        "'skipped' = target not run; 'cpu us' = the pooler's median CPU per unit ('cpu per':",
+        "a transaction, or a new connection for -C), microseconds user/sys, summed over all its",
+        "processes.",
+        *_scram_note(cfg),
+        "",
+        *per_unit_table(cfg, rows),
         "",
         "Ratios of median TPS (> 1: the first target is faster):",
         *_align(ratios),
@@ -111,9 +131,58 @@ def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> 
                     f"{c[0]:.0f}/{c[1]:.0f}" if c is not None else "-" for c in d["cpu_rounds"]
                 ) + "]"  # fmt: skip
             fails = f"  FAILED: {'; '.join(d['failures'])}" if d["failures"] else ""
-            out.append(f"  {row['label']:<18} c={row['clients']:<4} {t:<{width}} "
-                       f"[{vals}]{spread}{cpu}{fails}")  # fmt: skip
+            out.append(f"  {row['label']:<18} c={row['clients']:<4} {row['auth']:<5} "
+                       f"{t:<{width}} [{vals}]{spread}{cpu}{fails}")  # fmt: skip
     return "\n".join(out)
+
+
+def _scram_note(cfg: Config) -> list[str]:
+    """What PgBouncer knows of the scram user (it decides PgBouncer's CPU per SCRAM login)."""
+    if "scram" not in cfg.auth:
+        return []
+    if cfg.pgbouncer_scram_secret == "plain":
+        held = "the password in plain text (it derives a SCRAM secret, PBKDF2 with a new salt, at"
+        held += " every login)"
+    else:
+        held = "PostgreSQL's SCRAM verifier (no PBKDF2 per login)"
+    return [f"--auth scram: PgBouncer's userlist.txt holds {held}."]
+
+
+def per_unit_table(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """Pooler CPU per unit, user+sys (user/sys), per pooler run, and each pgcorral against
+    PgBouncer: CPU per unit (< 1: pgcorral spends less) and TPS (> 1: pgcorral is faster)."""
+    poolers = [t for t in target_names(cfg.targets, cfg.workers) if t != "direct"]
+    if not poolers:
+        return []
+    corrals = [t for t in poolers if t.startswith("pgcorral")]
+    vs_bouncer = corrals if "pgbouncer" in poolers else []
+    hdr = ["workload", "clients", "auth", "unit", *poolers]
+    for t in vs_bouncer:
+        short = t.replace("pgcorral-", "")
+        hdr += [f"{short}/PgB cpu", f"{short}/PgB tps"]
+    table = [hdr]
+    for row in rows:
+        cols = [row["label"], str(row["clients"]), row["auth"], _unit(row)]
+        cols += [_cpu_total_cell(row.get(t)) for t in poolers]
+        for t in vs_bouncer:
+            cols += [_fmt_ratio(row["cpu_ratios"].get(f"{t}/pgbouncer")),
+                     _fmt_ratio(row.get(f"{t}/pgbouncer"))]  # fmt: skip
+        table.append(cols)
+    return [
+        "Pooler CPU per unit, microseconds: user+sys (user/sys), medians over the rounds, all"
+        " the pooler's processes;",
+        "unit: tx = a transaction, new conn = a new client connection (-C: one per"
+        " transaction). Ratios to PgBouncer:",
+        "cpu = CPU per unit (< 1: pgcorral spends less), tps = median TPS (> 1: pgcorral is"
+        " faster).",
+        *_align(table),
+    ]
+
+
+def _cpu_total_cell(d: dict[str, Any] | None) -> str:
+    if not d or None in (d["cpu_us"], d["cpu_user_us"], d["cpu_sys_us"]):
+        return "-"
+    return f"{d['cpu_us']:.1f} ({d['cpu_user_us']:.1f}/{d['cpu_sys_us']:.1f})"
 
 
 def _align(table: list[list[str]]) -> list[str]:
@@ -138,6 +207,14 @@ def _cell(row: dict[str, Any], t: str, skipped: dict[str, str]) -> str:
         return "-"
     mark = "!" if d["failures"] else ""
     return (fmt_tps(d["median_tps"]).strip() if d["median_tps"] is not None else "fail") + mark
+
+
+def _unit(row: dict[str, Any]) -> str:
+    return "new conn" if row["cpu_per"] == "connection" else "tx"
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return f"{v:.2f}" if v is not None else "-"
 
 
 def _cpu_cell(d: dict[str, Any] | None) -> str:
@@ -183,10 +260,10 @@ def fmt_tps(v: float | None) -> str:
     return f"{v:9.0f}" if v is not None else "     fail"
 
 
-def ratio(row: dict[str, Any], a: str, b: str) -> float | None:
-    """Median TPS of target a over target b in one row, or None."""
-    x = row.get(a, {}).get("median_tps")
-    y = row.get(b, {}).get("median_tps")
+def ratio(row: dict[str, Any], a: str, b: str, key: str = "median_tps") -> float | None:
+    """Median TPS (or another key, e.g. cpu_us) of target a over target b in one row, or None."""
+    x = row.get(a, {}).get(key)
+    y = row.get(b, {}).get(key)
     if x is None or not y:
         return None
     return round(float(x) / float(y), 3)

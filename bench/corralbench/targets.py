@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.pgcluster import PgCluster, find_free_port, unprivileged_user
@@ -20,6 +23,77 @@ from .proctree import CpuSample, descendants, stop_leftovers, tree_cpu
 
 class TargetError(RuntimeError):
     """A target could not be started or died."""
+
+
+@dataclass(frozen=True)
+class ScramUser:
+    """The --auth scram user: a PostgreSQL role with a SCRAM-SHA-256 verifier whose password
+    each pooler also knows (PgBouncer: userlist.txt; pgcorral: its user vault)."""
+
+    name: str
+    password: str
+    # PgBouncer's userlist.txt gets this SCRAM-SHA-256 verifier (pg_authid.rolpassword) instead
+    # of the password when set (--pgbouncer-scram-secret verifier).
+    verifier: str | None = None
+
+    def __repr__(self) -> str:  # never in a log line
+        return f"ScramUser({self.name!r})"
+
+
+def auth_request(host: str, port: int, user: str, dbname: str, timeout: float = 10) -> str:
+    """What a server asks a client logging in as user: send a StartupMessage and name the first
+    answer ("SASL SCRAM-SHA-256", "ok" for trust, "cleartext", "md5", "error: ...")."""
+    body = b"".join(k + b"\0" + v.encode() + b"\0" for k, v in
+                    ((b"user", user), (b"database", dbname))) + b"\0"  # fmt: skip
+    startup = struct.pack("!ii", 8 + len(body), 196608) + body
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(startup)
+        data = b""
+        while len(data) < 5 or len(data) < 1 + struct.unpack("!i", data[1:5])[0]:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return "closed without an answer"
+            data += chunk
+    kind, length = data[:1], struct.unpack("!i", data[1:5])[0]
+    payload = data[5 : 1 + length]
+    if kind == b"E":
+        fields = {f[:1]: f[1:].decode(errors="replace") for f in payload.split(b"\0") if f}
+        return f"error: {fields.get(b'M', '?')}"
+    if kind != b"R":
+        return f"unexpected message {kind!r}"
+    code = struct.unpack("!i", payload[:4])[0]
+    if code == 10:
+        mechs = [m.decode() for m in payload[4:].split(b"\0") if m]
+        return "SASL " + ",".join(mechs)
+    return {0: "ok", 3: "cleartext", 5: "md5"}.get(code, f"auth request {code}")
+
+
+def check_scram(name: str, port: int, psql: str, user: ScramUser) -> dict[str, str]:
+    """Check that a target makes user log in with SCRAM-SHA-256 and really checks the password:
+    it must ask for SASL SCRAM-SHA-256, accept the password and refuse a wrong one."""
+    method = auth_request("127.0.0.1", port, user.name, DBNAME)
+
+    def login(password: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [psql, "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", user.name,
+             "-d", DBNAME, "-c", "SELECT 1"],
+            capture_output=True, text=True, timeout=30, check=False,
+            env=clean_env(PGCONNECT_TIMEOUT="10", PGPASSWORD=password),
+        )  # fmt: skip
+
+    right = login(user.password)
+    wrong = login("not-" + user.password)
+    problems = []
+    if method != "SASL SCRAM-SHA-256":
+        problems.append(f"asked {user.name} for {method!r}, not SASL SCRAM-SHA-256")
+    if right.returncode != 0 or right.stdout.strip() != "1":
+        problems.append(f"the right password failed: {(right.stderr or right.stdout).strip()}")
+    if wrong.returncode == 0:
+        problems.append("a wrong password was accepted")
+    if problems:
+        raise TargetError(f"{name}: SCRAM check failed: " + "; ".join(problems))
+    said = (wrong.stderr or wrong.stdout).strip().splitlines()
+    return {"method": method, "wrong_password": said[-1] if said else f"exit {wrong.returncode}"}
 
 
 def wait_ready(
@@ -116,7 +190,7 @@ class PoolerTarget(Target):
 
     def __init__(
         self, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
-        psql: str, start_timeout: float,
+        psql: str, start_timeout: float, scram: ScramUser | None = None,
     ) -> None:  # fmt: skip
         self.workdir = workdir
         self.cluster = cluster
@@ -124,6 +198,7 @@ class PoolerTarget(Target):
         self.mode = mode
         self.psql = psql
         self.start_timeout = start_timeout
+        self.scram = scram  # None: no --auth scram, trust only
         self.port = find_free_port()
         self.log_path = workdir / f"{self.name}.log"
         self.logfile = self.log_path
@@ -136,9 +211,9 @@ class PgBouncerTarget(PoolerTarget):
 
     def __init__(
         self, binary: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
-        psql: str, start_timeout: float,
+        psql: str, start_timeout: float, scram: ScramUser | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout)
+        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram)
         self.binary = binary
 
     def ini(self) -> str:
@@ -152,7 +227,7 @@ postgres = host={self.cluster.host} port={self.cluster.port} dbname=postgres
 listen_addr = 127.0.0.1
 listen_port = {self.port}
 unix_socket_dir =
-auth_type = trust
+{self.auth_settings()}
 auth_file = {w / "userlist.txt"}
 admin_users = {DBUSER}
 pool_mode = {self.mode.pgbouncer_pool_mode}
@@ -170,10 +245,33 @@ log_disconnections = 0
 log_pooler_errors = 1
 """
 
+    def auth_settings(self) -> str:
+        """trust only: auth_type = trust.  With the scram user: auth_type = hba, whose file
+        gives that user scram-sha-256 and everyone else trust (auth_type is global)."""
+        if self.scram is None:
+            return "auth_type = trust"
+        return f"auth_type = hba\nauth_hba_file = {self.workdir / 'pgbouncer_hba.conf'}"
+
+    def userlist(self) -> str:
+        """DBUSER without a password (trust); the scram user with its password in plain text
+        (PgBouncer derives a SCRAM secret from it, with a new salt, at every client login, and
+        logs in to PostgreSQL with it) or with PostgreSQL's SCRAM verifier (no derivation;
+        PgBouncer logs in to PostgreSQL with the ClientKey from the client's proof)."""
+        lines = [f'"{DBUSER}" ""']
+        if self.scram is not None:
+            pw = (self.scram.verifier or self.scram.password).replace('"', '""')
+            lines.append(f'"{self.scram.name}" "{pw}"')
+        return "\n".join(lines) + "\n"
+
     def start(self) -> None:
         user = unprivileged_user()  # PgBouncer refuses to run as root
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "userlist.txt").write_text(f'"{DBUSER}" ""\n')
+        (self.workdir / "userlist.txt").write_text(self.userlist())
+        if self.scram is not None:
+            (self.workdir / "pgbouncer_hba.conf").write_text(
+                f"host all {self.scram.name} 127.0.0.1/32 scram-sha-256\n"
+                "host all all 127.0.0.1/32 trust\n"
+            )
         ini = self.workdir / "pgbouncer.ini"
         ini.write_text(self.ini())
         self.log_path.touch()
@@ -206,12 +304,16 @@ class PgCorralTarget(PoolerTarget):
 
     def __init__(
         self, python: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
-        psql: str, start_timeout: float, workers: int = 1,
+        psql: str, start_timeout: float, workers: int = 1, scram: ScramUser | None = None,
     ) -> None:  # fmt: skip
         self.name = pgcorral_name(workers)
         self.workers = workers
-        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout)
+        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram)
         self.python = python
+        # The vault (only with the scram user): a master key of its own in a 0700 directory
+        # (PGCORRAL_MASTER_KEY_FILE, so HOME is not touched) and the users file.
+        self.master_key = workdir / "vault" / "master.key"
+        self.users_file = workdir / "pgcorral_users.conf"
 
     def conf(self) -> str:
         return f"""\
@@ -237,17 +339,56 @@ port = {self.cluster.port}
             self.python, *wrapper, "-m", "pgcorral",
             "-c", str(self.workdir / "pgcorral.conf"),
             "-a", str(self.workdir / "pgcorral_hba.conf"),
+            *(("-u", str(self.users_file)) if self.scram is not None else ()),
         ]  # fmt: skip
 
-    def start(self, wrapper: Sequence[str] = ()) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "pgcorral.conf").write_text(self.conf())
-        (self.workdir / "pgcorral_hba.conf").write_text("host all all all all\n")
-        env = clean_env()
+    def hba(self) -> str:
+        """Everyone as before (method `all`; DBUSER is not in the vault, so its login is
+        passed through to PostgreSQL, which trusts it); the scram user with scram-sha-256."""
+        lines = ["host all all all all"]
+        if self.scram is not None:
+            lines.insert(0, f"host all {self.scram.name} all scram-sha-256")
+        return "\n".join(lines) + "\n"
+
+    def env(self) -> dict[str, str]:
+        env = clean_env(PGCORRAL_MASTER_KEY_FILE=str(self.master_key))
         # Works from a plain checkout too; harmless with an editable install.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p
         )
+        return env
+
+    def make_vault(self) -> None:
+        """pgcorral-admin master-key, then user add of the scram user into users_file."""
+        assert self.scram is not None
+        self.master_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.master_key.parent, 0o700)
+        # Passes the master key rules: upper, lower, digit, special.
+        passphrase = f"Bench-{secrets.token_hex(12)}-Key1!"
+        admin = [self.python, "-m", "pgcorral.cli.admin"]
+        steps = [
+            ([*admin, "master-key"], passphrase),
+            ([*admin, "-f", str(self.users_file), "-U", self.scram.name, "user", "add"],
+             self.scram.password),
+        ]  # fmt: skip
+        for cmd, secret in steps:
+            env = self.env()
+            env["PGCORRAL_PASSWORD"] = secret
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                                 stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+            if res.returncode != 0:
+                raise TargetError(
+                    f"{self.name}: `{' '.join(cmd[1:])}` failed with exit {res.returncode}: "
+                    f"{(res.stderr or res.stdout).strip()}"
+                )
+
+    def start(self, wrapper: Sequence[str] = ()) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "pgcorral.conf").write_text(self.conf())
+        (self.workdir / "pgcorral_hba.conf").write_text(self.hba())
+        if self.scram is not None and not self.users_file.exists():
+            self.make_vault()
+        env = self.env()
         self.proc = PROCS.start(
             "pgcorral",
             self.command(wrapper),
