@@ -13,6 +13,7 @@ from . import REPO
 from .common import (
     ALL_TARGETS,
     AUTHS,
+    BUILDS,
     MODES,
     PROFILE_CLIENTS,
     PROFILE_WORKLOAD,
@@ -35,6 +36,7 @@ class Config:
     pgbouncer_scram_secret: str  # what PgBouncer's userlist.txt holds: plain or verifier
     targets: list[str]
     workers: list[int]  # one pgcorral target per value
+    builds: list[str]  # ... and per build (src, pure)
     scale: int
     pool_size: int
     mode: str
@@ -93,6 +95,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--workers", type=csv(int), default=[1, 2],
         help="pgcorral `workers` values, one pgcorral target each (pgcorral-w1, ...; default 1,2)",
     )  # fmt: skip
+    p.add_argument(
+        "--builds", type=csv(str, BUILDS), default=["src"],
+        help="pgcorral builds, one target each per --workers value: src (src/ as it is, "
+        "compiled after `make build`) and/or pure (its .py files only: pgcorral-wN-pure)",
+    )  # fmt: skip
     p.add_argument("--pool-size", type=int, default=100, help="pooler server connections (100)")
     p.add_argument("--mode", choices=list(MODES), default="session", help="pooling mode")
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j threads (default 2)")
@@ -125,7 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return Config(
         rounds=rounds, duration=duration, clients=a.clients, workloads=a.workloads,
         auth=list(dict.fromkeys(a.auth)), pgbouncer_scram_secret=a.pgbouncer_scram_secret,
-        targets=a.targets, workers=list(dict.fromkeys(a.workers)), scale=scale,
+        targets=a.targets, workers=list(dict.fromkeys(a.workers)),
+        builds=list(dict.fromkeys(a.builds)), scale=scale,
         pool_size=a.pool_size, mode=a.mode, jobs=a.jobs,
         profile=a.profile, py_spy=a.py_spy, pgcorral_python=a.pgcorral_python,
         start_timeout=a.start_timeout,

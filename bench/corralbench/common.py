@@ -70,13 +70,22 @@ def auth_user(auth: str) -> str:
     return AUTHS[auth]
 
 
-def pgcorral_name(workers: int) -> str:
-    return f"pgcorral-w{workers}"
+#: What --builds accepts: "src" runs src/ as it is (compiled if `make build` ran there),
+#: "pure" runs a copy of src/'s .py files only (the pure-Python fallback).
+BUILDS = ("src", "pure")
 
 
-def target_names(targets: list[str], workers: list[int]) -> list[str]:
-    """The targets of a run, in --targets order, "pgcorral" expanded per workers value."""
+def pgcorral_name(workers: int, build: str = "src") -> str:
+    return f"pgcorral-w{workers}" + ("" if build == "src" else f"-{build}")
+
+
+def target_names(targets: list[str], workers: list[int], builds: list[str]) -> list[str]:
+    """The targets of a run, in --targets order, "pgcorral" expanded per workers value and
+    build."""
     names: list[str] = []
     for t in targets:
-        names += [pgcorral_name(w) for w in workers] if t == "pgcorral" else [t]
+        if t == "pgcorral":
+            names += [pgcorral_name(w, b) for w in workers for b in builds]
+        else:
+            names.append(t)
     return names

@@ -147,11 +147,13 @@ class Bench:
                 ))  # fmt: skip
             else:
                 for workers in self.cfg.workers:
-                    self.start_target(PgCorralTarget(
-                        self.cfg.pgcorral_python, self.tmp / pgcorral_name(workers), self.cluster,
-                        self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
-                        workers=workers, scram=self.scram,
-                    ))  # fmt: skip
+                    for build in self.cfg.builds:
+                        self.start_target(PgCorralTarget(
+                            self.cfg.pgcorral_python, self.tmp / pgcorral_name(workers, build),
+                            self.cluster, self.cfg.pool_size, self.mode, self.psql,
+                            self.cfg.start_timeout, workers=workers, scram=self.scram,
+                            build=build,
+                        ))  # fmt: skip
 
     def start_target(self, target: Target) -> None:
         name = target.name
@@ -234,7 +236,8 @@ class Bench:
         # measured run of every cell.
         cells = [(w, c, a) for a in self.cfg.auth for w in self.cfg.workloads
                  for c in self.cfg.clients]  # fmt: skip
-        order = [t for t in target_names(self.cfg.targets, self.cfg.workers) if t in self.targets]
+        names = target_names(self.cfg.targets, self.cfg.workers, self.cfg.builds)
+        order = [t for t in names if t in self.targets]
         total = self.cfg.rounds * len(cells) * len(order)
         warmups = len(self.cfg.auth) * (self.cfg.rounds if len(self.cfg.auth) > 1 else 1)
         est = total * (self.cfg.duration + 1.5) + warmups * len(order) * (self.cfg.warmup + 1.5)

@@ -22,7 +22,7 @@ def summary(cfg: Config, runs: list[RunResult]) -> list[dict[str, Any]]:
     """One row per workload x clients x auth cell: per target the median TPS, rounds, spread,
     failures and the pooler's median CPU per unit (a transaction, a new connection for -C);
     then the ratios of TPS and of CPU per unit."""
-    names = target_names(cfg.targets, cfg.workers)
+    names = target_names(cfg.targets, cfg.workers, cfg.builds)
     corrals = [t for t in names if t.startswith("pgcorral")]
     rows = []
     for workload, clients, auth in cells(cfg):
@@ -73,7 +73,7 @@ def _target_summary(cell: list[RunResult]) -> dict[str, Any]:
 def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     """The table of medians and CPU, the per-unit CPU table, the table of TPS ratios, then the
     per-round values."""
-    shown = target_names(list(ALL_TARGETS), cfg.workers)  # every column, run or not
+    shown = target_names(list(ALL_TARGETS), cfg.workers, cfg.builds)  # every column, run or not
     corrals = [t for t in shown if t.startswith("pgcorral")]
     hdr = ["workload", "clients", "auth", "cpu per"]
     for t in shown:
@@ -119,7 +119,7 @@ def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> 
     width = max(len(t) for t in shown)
     out += ["", "Per-round TPS (round 1, 2, ...; spread = (max-min)/median), cpu us user/sys:"]
     for row in rows:
-        for t in target_names(cfg.targets, cfg.workers):
+        for t in target_names(cfg.targets, cfg.workers, cfg.builds):
             d = row[t]
             if not d["rounds"]:
                 continue
@@ -151,7 +151,7 @@ def _scram_note(cfg: Config) -> list[str]:
 def per_unit_table(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     """Pooler CPU per unit, user+sys (user/sys), per pooler run, and each pgcorral against
     PgBouncer: CPU per unit (< 1: pgcorral spends less) and TPS (> 1: pgcorral is faster)."""
-    poolers = [t for t in target_names(cfg.targets, cfg.workers) if t != "direct"]
+    poolers = [t for t in target_names(cfg.targets, cfg.workers, cfg.builds) if t != "direct"]
     if not poolers:
         return []
     corrals = [t for t in poolers if t.startswith("pgcorral")]

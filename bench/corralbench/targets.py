@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
+import shutil
 import socket
 import struct
 import subprocess
@@ -305,9 +306,11 @@ class PgCorralTarget(PoolerTarget):
     def __init__(
         self, python: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
         psql: str, start_timeout: float, workers: int = 1, scram: ScramUser | None = None,
+        build: str = "src",
     ) -> None:  # fmt: skip
-        self.name = pgcorral_name(workers)
+        self.name = pgcorral_name(workers, build)
         self.workers = workers
+        self.build = build
         super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram)
         self.python = python
         # The vault (only with the scram user): a master key of its own in a 0700 directory
@@ -354,9 +357,22 @@ port = {self.cluster.port}
         env = clean_env(PGCORRAL_MASTER_KEY_FILE=str(self.master_key))
         # Works from a plain checkout too; harmless with an editable install.
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p
+            p for p in (str(self.source()), os.environ.get("PYTHONPATH", "")) if p
         )
         return env
+
+    def source(self) -> Path:
+        """The directory holding the pgcorral package this target runs: src/ itself, or for
+        the pure build a copy of its .py files (no compiled modules)."""
+        if self.build == "src":
+            return REPO / "src"
+        pure = self.workdir / "pure-src"
+        if not pure.exists():
+            shutil.copytree(
+                REPO / "src" / "pgcorral", pure / "pgcorral",
+                ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+            )  # fmt: skip
+        return pure
 
     def make_vault(self) -> None:
         """pgcorral-admin master-key, then user add of the scram user into users_file."""
@@ -402,7 +418,6 @@ port = {self.cluster.port}
         wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout)
 
     def version(self) -> str | None:
-        return first_line(
-            [self.python, "-c", "import pgcorral; print(pgcorral.__version__)"],
-            env={"PYTHONPATH": str(REPO / "src")},
-        )
+        # e.g. "pgcorral 0.1.0 (compiled with mypyc)"
+        return first_line([self.python, "-m", "pgcorral", "-V"],
+                          env={"PYTHONPATH": str(self.source())})
