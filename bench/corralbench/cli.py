@@ -81,9 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "cells, interleaved in the same run (default trust)",
     )  # fmt: skip
     p.add_argument(
-        "--pgbouncer-scram-secret", choices=("plain", "verifier"), default="plain",
-        help="--auth scram: PgBouncer's userlist.txt holds the password (plain, default) or "
-        "PostgreSQL's SCRAM verifier",
+        "--pgbouncer-scram-secret", choices=("plain", "verifier"), default="verifier",
+        help="--auth scram: PgBouncer's userlist.txt holds PostgreSQL's SCRAM verifier "
+        "(verifier, default: no key derivation per login) or the password (plain)",
     )  # fmt: skip
     p.add_argument(
         "--targets", type=csv(str, ALL_TARGETS), default=list(ALL_TARGETS),
