@@ -36,12 +36,15 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """PGCORRAL_EXPECT_BUILD=compiled|pure: refuse to run on the other build (or a stale one),
-    so `make test` cannot pass on pure Python by accident."""
+    """Refuse to test a stale in-place build (a .so older than its .py: the edit would not be
+    tested); PGCORRAL_EXPECT_BUILD=compiled|pure: refuse to run on the other build, so
+    `make test` cannot pass on pure Python by accident."""
+    build = build_info()
+    if build.stale:
+        raise pytest.UsageError(f"pgcorral at {PGCORRAL_PATH} is {build.describe()}")
     expect = os.environ.get("PGCORRAL_EXPECT_BUILD")
     if not expect:
         return
-    build = build_info()
     ok = (build.kind == "compiled with mypyc" and not build.stale) if expect == "compiled" else (
         build.kind == "pure Python"
     )

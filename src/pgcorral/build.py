@@ -15,15 +15,17 @@ import importlib
 import os
 from dataclasses import dataclass
 
-#: The packages and modules setup.py hands to mypyc: the protocol core, the relay and login
-#: paths, the pipelines and the pool. Config, security, management, supervisor and the CLIs run
-#: once per start or per command and stay interpreted (as does this module).
+#: The packages setup.py hands to mypyc: the protocol core, the relay and login paths, the
+#: pipelines and the pool. Config, security, management, supervisor and the CLIs run once per
+#: start or per command and stay interpreted (as does this module). So does errors.py: its
+#: exception classes carry their SQLSTATE as class attributes, which mypyc's native exception
+#: classes do not give their instances (every ``exc.sqlstate`` failed), and errors are off the
+#: hot path.
 COMPILED = (
     "pgcorral/protocol",
     "pgcorral/net",
     "pgcorral/pipelines",
     "pgcorral/pool",
-    "pgcorral/errors.py",
 )
 
 #: Modules whose form decides what ``kind()`` reports (one per compiled package).
@@ -32,7 +34,6 @@ _PROBES = (
     "pgcorral.net.endpoint",
     "pgcorral.pipelines.session",
     "pgcorral.pool.pool",
-    "pgcorral.errors",
 )
 
 _EXTENSION_SUFFIXES = (".so", ".pyd")

@@ -181,6 +181,8 @@ class ClientForwarder:
                 parts.append(data[run:pos])
             return b"".join(parts), b"", seen | VIOLATION  # nothing from the bad message on
         self.at_rest = not self.batch_open and not self.pending
+        if run == 0 and pos == n:  # the whole chunk as it came (compiled, a full slice copies)
+            return data, b"", seen
         if run < pos:
             parts.append(data[run:pos])
         send = parts[0] if len(parts) == 1 else b"".join(parts)
