@@ -61,11 +61,12 @@ test-compiled: build
 	PGCORRAL_EXPECT_BUILD=compiled PGCORRAL_TEST_WORKERS=2 $(VENV)/bin/pytest -q \
 	    -m "integration and not single_worker" tests/integration
 
-# `python -m build --wheel` (isolated, as a user's pip would): the wheel must carry compiled
-# modules, and installed on its own it must say so.
+# `python -m build` (isolated, as a user's pip would; the wheel is built from the sdist, so
+# nothing of the in-place build is reused): the wheel must carry compiled modules, and
+# installed on its own it must say so.
 wheel: venv
 	rm -rf dist build/wheel-check
-	$(VPY) -m build --wheel --outdir dist . >build-wheel.log 2>&1 \
+	$(VPY) -m build --outdir dist . >build-wheel.log 2>&1 \
 	    || { tail -30 build-wheel.log; exit 1; }
 	$(VPY) -m pip install -q --no-deps --target build/wheel-check dist/*.whl
 	PYTHONPATH=build/wheel-check $(VPY) -m pgcorral -V | tee /dev/stderr | grep -q "(compiled with mypyc)"
@@ -75,8 +76,10 @@ wheel: venv
 SMOKE_TESTS := tests/unit tests/integration/test_session_pooling.py \
                tests/integration/test_transaction.py tests/integration/test_daemon.py
 smoke-pure: venv
-	rm -rf build/pure
-	CC=false $(VPY) -m pip install -q --no-deps --target build/pure . \
+	rm -rf build/pure build/pure-src && mkdir -p build/pure-src
+	tar -c --exclude=./build --exclude=./dist --exclude=./.venv --exclude=./.git \
+	    --exclude='*.so' . | tar -x -C build/pure-src  # the tree without any compiled module
+	CC=false $(VPY) -m pip install -v --no-deps --target build/pure build/pure-src \
 	    >build-pure.log 2>&1 || { tail -30 build-pure.log; exit 1; }
 	grep -q "installing pure Python" build-pure.log
 	PYTHONPATH=build/pure $(VPY) -m pgcorral -V | tee /dev/stderr | grep -q "(pure Python)"

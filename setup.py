@@ -87,7 +87,7 @@ def ext_modules() -> list[object]:
         # separate=True: one C unit per module, so build_ext compiles them in parallel and a
         # change rebuilds less; opt_level 3 is mypyc's default, spelled out.
         return list(mypycify(compiled_sources(), opt_level="3", separate=True))
-    except Exception as exc:  # noqa: BLE001 - mypyc refusing the code means "pure Python"
+    except (Exception, SystemExit) as exc:  # mypyc refusing the code (it exits on type errors)
         if MODE == "compiled":
             raise
         print(f"pgcorral: mypyc could not translate the sources ({exc}); installing pure "
