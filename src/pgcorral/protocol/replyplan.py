@@ -53,6 +53,13 @@ _EXECUTE_ENDS = frozenset([codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE,
                            codes.PORTAL_SUSPENDED])
 _ASYNC = frozenset([codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS, codes.NOTIFICATION_RESPONSE])
 _COPY_END = frozenset([codes.COPY_DONE, codes.COPY_FAIL])
+#: Every message type: what passes quietly when nothing is expected.
+_ALL_TYPES = frozenset(range(256))
+#: Reply types ``on_server_reply`` acts on whatever the head step ends with.
+_ATTENTION = frozenset([codes.ERROR_RESPONSE, codes.COPY_IN_RESPONSE,
+                        codes.EMPTY_QUERY_RESPONSE])
+#: ``ReplyPlan.quiet`` by the ``ends`` of the head step (a handful of distinct sets).
+_QUIET: dict[frozenset[int], frozenset[int]] = {}
 
 
 @dataclass(slots=True)
@@ -108,23 +115,24 @@ def _command_complete(tag: bytes) -> bytes:
 class ReplyPlan:
     """The FIFO of reply steps of one server connection (see the module docstring)."""
 
-    __slots__ = ("_copy_in", "_skipping", "_steps", "known", "out", "server")
+    __slots__ = ("_copy_in", "_skipping", "known", "out", "server", "steps")
 
     def __init__(self, server: ServerStatements, known: set[str] | None = None) -> None:
         self.server = server
         self.known = known  # StatementRegistry.known: names a server accepted
-        self._steps: deque[ReplyStep] = deque()
+        #: the expected replies, oldest first (read by the router; changed only here)
+        self.steps: deque[ReplyStep] = deque()
         self.out = bytearray()  # fabricated replies due now (``fabricated_before_next``)
         self._skipping = False  # after an error: steps up to the next Sync get no reply
         self._copy_in = False  # copy-in started: Syncs before the CopyDone/CopyFail are ignored
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self.steps)
 
     @property
     def idle(self) -> bool:
         """Every reply expected has been handled (and fabricated bytes taken)."""
-        return not self._steps and not self.out
+        return not self.steps and not self.out
 
     @property
     def has_fabricated(self) -> bool:
@@ -134,15 +142,33 @@ class ReplyPlan:
 
     def reset(self) -> None:
         """Forget every step (the server connection is being reset or closed)."""
-        self._steps.clear()
-        self.out.clear()
+        if self.steps:
+            self.steps.clear()
+        if self.out:
+            self.out.clear()
         self._skipping = False
         self._copy_in = False
 
+    def quiet(self) -> frozenset[int]:
+        """The reply types ``on_server_reply`` would now answer ``"pass"`` without changing
+        anything (rows, command tags, notices, ...): the router forwards them without asking.
+        Valid until the plan changes (a call of ``on_server_reply``, ``extend``, ``reset``)."""
+        steps = self.steps
+        if not steps:
+            return _ALL_TYPES
+        head = steps[0]
+        if head.drop:
+            return _ASYNC
+        ends = head.ends
+        quiet = _QUIET.get(ends)
+        if quiet is None:
+            quiet = _QUIET[ends] = _ALL_TYPES - ends - _ATTENTION
+        return quiet
+
     def extend(self, steps: Iterable[ReplyStep]) -> None:
         if not self._copy_in and not self._skipping:
-            self._steps.extend(steps)
-            if self._steps and (self._steps[0].fabricate or self._steps[0].copy_end):
+            self.steps.extend(steps)
+            if self.steps and (self.steps[0].fabricate or self.steps[0].copy_end):
                 self._settle()
             return
         for step in steps:
@@ -152,7 +178,7 @@ class ReplyPlan:
                     continue
                 if step.sync:
                     continue
-            self._steps.append(step)
+            self.steps.append(step)
         self._settle()
 
     def fabricated_before_next(self) -> bytes:
@@ -167,7 +193,7 @@ class ReplyPlan:
 
         Every method leaves the plan settled (no fabricated step or copy marker at the head,
         no skipping with a request at the head), so there is nothing to settle first."""
-        steps = self._steps
+        steps = self.steps
         if not steps or type_ in _ASYNC:
             return PASS
         head = steps[0]
@@ -206,7 +232,7 @@ class ReplyPlan:
     def _start_copy_in(self) -> None:
         """The head request entered copy-in: the Syncs queued after it, up to the client's
         CopyDone/CopyFail, get no reply (PostgreSQL ignores them)."""
-        head, *after = self._steps
+        head, *after = self.steps
         for i, step in enumerate(after):
             if step.copy_end:
                 kept = [s for s in after[:i] if not s.sync] + after[i + 1:]
@@ -214,11 +240,14 @@ class ReplyPlan:
         else:
             kept = [s for s in after if not s.sync]
             self._copy_in = True
-        self._steps = deque([head, *kept])
+        steps = self.steps  # changed in place: the router holds it
+        steps.clear()
+        steps.append(head)
+        steps.extend(kept)
 
     def _settle(self) -> None:
         """Apply skipping, drop stray markers, collect fabricated replies at the head."""
-        steps = self._steps
+        steps = self.steps
         while steps:
             head = steps[0]
             if self._skipping and not head.sync:

@@ -92,9 +92,15 @@ class ReplyRouter:
             if self._start(*_header(header, 0)):
                 out.append(header)
         plan = self.plan
+        steps = plan.steps
         on_reply = plan.on_server_reply
         fabricated = plan.out
         max_length = self.max_length
+        # The types that pass without the plan's attention now (rows, command tags, ...): the
+        # hot path forwards them without a call. Asked again after anything that may change
+        # the plan.
+        quiet = plan.quiet()
+        ready = False
         while True:
             if self._in_body:
                 take = self._skip if self._skip <= n - pos else n - pos
@@ -123,12 +129,15 @@ class ReplyRouter:
                         out.append(data[run:pos])
                         run = pos + 5
                     pos += 5
+                    quiet = plan.quiet()
                     continue
                 # the common case: a whole message in this chunk
-                if on_reply(type_) == DROP:
-                    out.append(data[run:pos])
-                    run = end
-                elif type_ in _STREAMED:
+                if type_ not in quiet:
+                    if on_reply(type_) == DROP:
+                        out.append(data[run:pos])
+                        run = end
+                    quiet = plan.quiet()
+                if type_ in _STREAMED and run != end:  # (run == end: dropped)
                     # rows and COPY data end no request and are no error: the ones that
                     # follow get the same answer, so they are skipped by their headers only
                     while end + 5 <= n and data[end] == type_:
@@ -142,11 +151,15 @@ class ReplyRouter:
                         raise FramingError("ReadyForQuery with a body that is not one byte")
                     self.status = data[end - 1]
                 pos = end
-            if fabricated:
+            if fabricated:  # (taking them leaves the plan's steps as they are)
                 out.append(data[run:pos])
                 out.append(plan.fabricated_before_next())
                 run = pos
-            if ready and client_at_rest and self.free:
+            if ready and client_at_rest and not steps and self.status == codes.TX_IDLE:
+                # free (``self.free``, at a boundary here, nothing fabricated left): the rest
+                # was not asked for
+                if run == 0 and not out:
+                    return data if pos == n else data[:pos], pos
                 out.append(data[run:pos])
                 return b"".join(out), pos
         if run == 0 and pos == n and not out:
