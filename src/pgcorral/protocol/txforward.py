@@ -27,11 +27,12 @@ import struct
 
 from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
-from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan
+from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep
 from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
-from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
+from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 
 _header = struct.Struct("!BI").unpack_from
+_length = struct.Struct("!I").unpack_from
 
 #: A message at least this long that passes unchanged is forwarded as its bytes arrive.
 STREAM_FROM = 64 * 1024
@@ -43,6 +44,10 @@ _BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.
 #: Messages that go through ``rewrite`` when the mapping is on (unless a fast path takes them).
 _REWRITTEN = REQUESTS | frozenset([codes.SYNC])
 _KIND_PORTAL = ord("P")
+#: The first bytes of a Query body that may start DEALLOCATE or DISCARD (ASCII whitespace,
+#: which ``bytes.lstrip`` skips, and both cases of "d"): any other is not looked at further.
+_MAYBE_SPECIAL = frozenset(b" \t\n\r\x0b\x0cdD")
+_QUERY_STEPS = DEFAULT_STEPS[codes.QUERY]
 
 # What ``ClientForwarder.feed`` saw besides requests to forward: bits of its third result.
 #: A Terminate: neither it nor anything after it was taken.
@@ -94,10 +99,31 @@ class ClientForwarder:
         Terminate or a violation), and the ``TERMINATE``/``DISCARD_ALL``/``NAMED_PARSE``/
         ``VIOLATION`` bits of what was seen. Every request's reply steps are in ``plan`` when
         this returns; fabricated replies may be due (``plan.has_fabricated``)."""
+        # The hot path of simple-protocol clients: the chunk is one whole Query that needs no
+        # translation (not DEALLOCATE or DISCARD, no Close of an evicted statement due first).
+        # It passes as the same bytes object with its one reply step, as ``feed_general``
+        # would pass it (the unit tests compare the two).
+        n = len(data)
+        if n > 5 and data[0] == codes.QUERY and data[5] not in _MAYBE_SPECIAL and (
+                not self.pending):
+            (length,) = _length(data, 1)
+            if length + 1 == n and length - 4 <= self.max_length:
+                statements = plan.server
+                if statements.capacity <= 0 or not (self.at_sync and statements.pending_close):
+                    if statements.capacity > 0:
+                        self.at_sync = False
+                    plan.extend(_QUERY_STEPS)
+                    return data, b"", 0  # (at_rest unchanged: a Query opens no batch)
+        return self.feed_general(data, plan, status)
+
+    def feed_general(self, data: bytes, plan: ReplyPlan,
+                     status: int) -> tuple[bytes, bytes, int]:
+        """``feed`` for any chunk."""
         statements = plan.server
         mapping = statements.capacity > 0
         limit = self.max_length
         parts: list[bytes] = []
+        steps: list[ReplyStep] = []  # of every request taken, for the plan at the end
         pos = run = 0  # run: start of the bytes to pass not yet appended to parts
         n = len(data)
         seen = 0
@@ -116,9 +142,7 @@ class ClientForwarder:
                     if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
                         break  # kept until it is whole
                     # large CopyData and the like stream through as they come
-                    steps = DEFAULT_STEPS[type_]
-                    if steps:
-                        plan.extend(steps)
+                    steps += DEFAULT_STEPS[type_]
                     self.pending = end - n
                     pos = n
                     break
@@ -129,27 +153,45 @@ class ClientForwarder:
                     self.batch_open = True
                 elif type_ == codes.SYNC:
                     self.batch_open = False
-                special = False  # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets
-                if type_ == codes.QUERY:
+                # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets (a Query whose
+                # first byte cannot start either is not looked at further)
+                special = False
+                if type_ == codes.QUERY and end > pos + 5 and data[pos + 5] in _MAYBE_SPECIAL:
                     head = data[pos + 5:pos + 69].lstrip()[:10].lower()
                     special = head.startswith(b"deallocate") or head.startswith(b"discard")
                 if not mapping:
                     if type_ == codes.PARSE and end > pos + 5 and data[pos + 5] != 0:
                         seen |= NAMED_PARSE  # track_prepared_statements: DEALLOCATE ALL
-                    steps = DEFAULT_STEPS[type_]
-                    if steps:
-                        plan.extend(steps)
+                    steps += DEFAULT_STEPS[type_]
                 elif type_ == codes.SYNC:
                     self.at_sync = True
-                    plan.extend(DEFAULT_STEPS[type_])
+                    steps += DEFAULT_STEPS[type_]
                 elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
-                    steps = DEFAULT_STEPS[type_]
-                    if steps:
-                        plan.extend(steps)
-                else:  # one of the REQUESTS
-                    fast = (not (self.at_sync and statements.pending_close)
-                            and (not special if type_ == codes.QUERY else
-                                 self._fast(type_, data, pos, end, statements)))
+                    steps += DEFAULT_STEPS[type_]
+                else:  # one of the REQUESTS: passed as is, renamed, or through ``rewrite``
+                    renamed: bytes | None = None
+                    if self.at_sync and statements.pending_close:
+                        fast = False  # the Closes of evicted statements go first
+                    elif type_ == codes.BIND:
+                        portal_end = data.find(b"\0", pos + 5, end)
+                        if portal_end < 0 or portal_end + 1 >= end:
+                            fast = False  # malformed: ``rewrite`` says so
+                        elif data[portal_end + 1] == 0:
+                            fast = True  # the unnamed statement is not mapped
+                        else:
+                            renamed = bind_fast(data, pos, portal_end + 1, end, self.client,
+                                                statements, self.registry)
+                            fast = renamed is not None
+                    elif type_ == codes.QUERY:
+                        fast = not special
+                    elif type_ == codes.PARSE:  # the unnamed statement is not mapped
+                        fast = end > pos + 5 and data[pos + 5] == 0
+                    elif type_ == codes.DESCRIBE or type_ == codes.CLOSE:
+                        # a portal, or the unnamed statement, is not mapped
+                        fast = end > pos + 6 and (data[pos + 5] == _KIND_PORTAL
+                                                  or data[pos + 6] == 0)
+                    else:  # Execute, FunctionCall
+                        fast = True
                     if not fast:
                         if run < pos:
                             parts.append(data[run:pos])
@@ -158,14 +200,14 @@ class ClientForwarder:
                                      tx_failed=status == codes.TX_FAILED)
                         if rw.send:
                             parts.append(rw.send)
-                        plan.extend(rw.steps)
+                        steps += rw.steps
                         run = end
                     else:
-                        plan.extend(DEFAULT_STEPS[type_])
-                        if fast is not True:  # a renamed Bind
+                        steps += DEFAULT_STEPS[type_]
+                        if renamed is not None:
                             if run < pos:
                                 parts.append(data[run:pos])
-                            parts.append(fast)
+                            parts.append(renamed)
                             run = end
                     self.at_sync = False
                 if special and head.startswith(b"discard") and is_discard_all(
@@ -176,30 +218,13 @@ class ClientForwarder:
                 pos = end
         except ClientProtocolError as exc:
             self.violation = exc.message
-            self.at_rest = not self.batch_open and not self.pending
-            if run < pos:
-                parts.append(data[run:pos])
-            return b"".join(parts), b"", seen | VIOLATION  # nothing from the bad message on
+            seen |= VIOLATION
+        if steps:
+            plan.extend(steps)
         self.at_rest = not self.batch_open and not self.pending
         if run < pos:
             parts.append(data[run:pos])
         send = parts[0] if len(parts) == 1 else b"".join(parts)
-        return send, data[pos:] if pos < n and not seen & TERMINATE else b"", seen
-
-    def _fast(self, type_: int, data: bytes, pos: int, end: int,
-              statements: ServerStatements) -> bytes | bool:
-        """A mapped-mode message other than Query that needs no ``rewrite``: True to pass it as
-        is, the renamed Bind, or False for ``rewrite``."""
-        if type_ == codes.BIND:
-            body = data[pos + 5:end]
-            renamed = bind_fast(body, self.client, statements, self.registry)
-            if renamed is not None:
-                return renamed
-            portal_end = body.find(b"\0")  # the unnamed statement is not mapped
-            return 0 <= portal_end < len(body) - 1 and body[portal_end + 1] == 0
-        if type_ in (codes.EXECUTE, codes.FUNCTION_CALL):
-            return True
-        if type_ == codes.PARSE:  # the unnamed statement is not mapped
-            return end > pos + 5 and data[pos + 5] == 0
-        # Describe or Close: a portal, or the unnamed statement, is not mapped
-        return end > pos + 6 and (data[pos + 5] == _KIND_PORTAL or data[pos + 6] == 0)
+        if seen & (TERMINATE | VIOLATION):
+            return send, b"", seen  # nothing from the bad message (or Terminate) on
+        return send, data[pos:] if pos < n else b"", seen
