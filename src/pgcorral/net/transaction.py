@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -72,6 +72,8 @@ _header_unpack_from = struct.Struct("!BI").unpack_from
 READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_datetimes",
                               "is_superuser", "session_authorization", "in_hot_standby"])
 _STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
+#: What ``_answer_locally`` may answer (a chunk starting with anything else needs a server).
+_LOCAL_TYPES = frozenset([codes.PARSE, codes.CLOSE, codes.SYNC, codes.FLUSH])
 _READY_IDLE = msg.ready_for_query(b"I")
 
 
@@ -167,6 +169,8 @@ class TransactionClient(ClientConnection):
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
         self.forwarder = ClientForwarder(self.statements, ctx.registry, self.tracker.max_length)
         self.named_parse = False  # a named Parse went through unmapped in this transaction
+        #: ``server`` with its type (the hot path reads it without a cast)
+        self.linked: TxServerConnection | None = None
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -179,8 +183,9 @@ class TransactionClient(ClientConnection):
         if rest:
             data = rest + data
             self._rest = b""
-        if self.server is not None:
-            self._forward(data)
+        server = self.linked
+        if server is not None:
+            self._forward(server, data)
         else:
             self._rest = data
             if len(data) > FRAMED_BUFFER_LIMIT and not self._rest_paused:
@@ -192,11 +197,14 @@ class TransactionClient(ClientConnection):
         """Unlinked with bytes waiting: get a server connection once a whole message is here."""
         if self._acquiring or self.closed or self.terminating:
             return
-        if self.ctx.config.main.max_prepared_statements > 0:
-            self._answer_locally()
         data = self._rest
         if len(data) < 5:
             return
+        if data[0] in _LOCAL_TYPES and self.ctx.config.main.max_prepared_statements > 0:
+            self._answer_locally()
+            data = self._rest
+            if len(data) < 5:
+                return
         type_, length = _header_unpack_from(data, 0)
         if length < 4 or length - 4 > self.tracker.max_length:
             self._protocol_violation(f"invalid message length {length}")
@@ -316,15 +324,18 @@ class TransactionClient(ClientConnection):
             self._rest = data[pos:]
             self.write(b"".join(out))
 
-    def _forward(self, data: bytes) -> None:
-        """Linked: forward every whole message of ``data``, keep a partial one."""
-        server = cast("TxServerConnection", self.server)
+    def _forward(self, server: TxServerConnection, data: bytes) -> None:
+        """Linked to ``server``: forward every whole message of ``data``, keep a partial one."""
         router = server.router
         plan = router.plan
         forwarder = self.forwarder
         send, self._rest, seen = forwarder.feed(data, plan, router.status)
         if send:
-            self._send(server, send)
+            server.status = -1
+            try:
+                server.transport.write(send)
+            except RuntimeError:  # the server's transport closed under us (uvloop raises)
+                self.end("server lost")
         if seen:
             if seen & NAMED_PARSE:
                 self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
@@ -334,53 +345,51 @@ class TransactionClient(ClientConnection):
             if seen & VIOLATION:
                 self._protocol_violation(forwarder.violation)
                 return
-        if plan.has_fabricated and router.at_boundary:
+        if plan.out and router.at_boundary:  # replies pgcorral answered itself are due
             self.write(plan.fabricated_before_next())
         if seen & TERMINATE:
             self.terminating = True
             if plan.idle and router.at_boundary:
                 self.end("terminate")
-        elif forwarder.at_rest and router.free and self.server is server:
-            self.server_free(server, b"")
-
-    def _send(self, server: TxServerConnection, data: bytes) -> None:
-        server.status = -1
-        try:
-            server.transport.write(data)
-        except RuntimeError:  # the server's transport closed under us (uvloop raises)
-            self.end("server lost")
+        elif not plan.steps and forwarder.at_rest and router.free and self.linked is server:
+            self.server_free(server, b"")  # everything was answered here
 
     # --- linking -----------------------------------------------------------------------------
 
     def _link(self, server: TxServerConnection) -> None:
         self._acquiring = False
-        self.server = server
-        self.peer = server
-        server.peer = self
+        self.server = self.peer = self.linked = server
+        server.peer = server.client = self
         self.forwarder.link()
         if self.writing_paused:  # flow control follows the link
             server.transport.pause_reading()
         if server.writing_paused:
             self.transport.pause_reading()
-        pairs = self._settings_for(server)
-        if pairs:
-            server.transport.write(msg.set_config_statement(pairs))
-            server.router.plan.extend((own_query_step(),))
+        if self.params is not server.params or self.extra != server.extra:
+            pairs = self._settings_for(server)
+            if pairs:
+                server.transport.write(msg.set_config_statement(pairs))
+                server.router.plan.extend((own_query_step(),))
         data, self._rest = self._rest, b""
         if self._rest_paused:
             self._rest_paused = False
             self.transport.resume_reading()
-        self._forward(data)
+        self._forward(server, data)
 
     def _settings_for(self, server: TxServerConnection) -> list[tuple[str, str | None]]:
         """What to set on ``server`` so that it shows this client's settings."""
         pairs: list[tuple[str, str | None]] = []
         mine, theirs = self.params, server.params
-        if mine is not theirs and mine != theirs:
-            for name, value in mine.items():
-                now = theirs.get(name)
-                if now is not None and now != value and name not in READ_ONLY_PARAMS:
-                    pairs.append((name, value))
+        if mine is not theirs:
+            if mine == theirs:
+                # the same values: share one dict, so that the next link (of either) finds
+                # them the same by identity (``_link``); both are replaced, never changed
+                server.params = mine
+            else:
+                for name, value in mine.items():
+                    now = theirs.get(name)
+                    if now is not None and now != value and name not in READ_ONLY_PARAMS:
+                        pairs.append((name, value))
         mine_extra, their_extra = self.extra, server.extra
         if mine_extra != their_extra:
             for name, value in mine_extra.items():
@@ -393,9 +402,8 @@ class TransactionClient(ClientConnection):
         return pairs
 
     def _unlink(self, server: TxServerConnection) -> None:
-        self.server = None
-        self.peer = None
-        server.peer = None
+        self.server = self.peer = self.linked = None
+        server.peer = server.client = None
         self.params = server.params  # replaced, never changed in place: shared safely
         if server.writing_paused:
             self.transport.resume_reading()
@@ -553,7 +561,7 @@ class TransactionClient(ClientConnection):
             self._grant_pending = None
         ended = self._ended
         reason = ended.result() if ended is not None and ended.done() else "error"
-        server = cast("TxServerConnection | None", self.server)
+        server = self.linked
         if server is None:
             return
         if reason == "server lost":
