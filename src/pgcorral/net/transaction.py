@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -65,16 +65,20 @@ if TYPE_CHECKING:
     from pgcorral.net.server import ServerConnection
     from pgcorral.net.txserver import TxServerConnection
 
-log = logging.getLogger("pgcorral.transaction")
-_header_unpack_from = struct.Struct("!BI").unpack_from
+# Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
+# lookup in the module's dict.
+log: Final = logging.getLogger("pgcorral.transaction")
+_header_unpack_from: Final = struct.Struct("!BI").unpack_from
 
 #: Reported parameters a client cannot set (set_config would fail).
-READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_datetimes",
-                              "is_superuser", "session_authorization", "in_hot_standby"])
-_STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
+READ_ONLY_PARAMS: Final = frozenset(["server_version", "server_encoding", "integer_datetimes",
+                                     "is_superuser", "session_authorization", "in_hot_standby"])
+_STATEMENT_RESETS: Final = ("DISCARD ALL", "DEALLOCATE ALL")
 #: What ``_answer_locally`` may answer (a chunk starting with anything else needs a server).
-_LOCAL_TYPES = frozenset([codes.PARSE, codes.CLOSE, codes.SYNC, codes.FLUSH])
-_READY_IDLE = msg.ready_for_query(b"I")
+_LOCAL_TYPES: Final = frozenset([codes.PARSE, codes.CLOSE, codes.SYNC, codes.FLUSH])
+_READY_IDLE: Final = msg.ready_for_query(b"I")
+_SESSION_TYPES: Final = SESSION_TYPES
+_TERMINATE_TYPE: Final = codes.TERMINATE
 
 
 class TxLogin(NamedTuple):
@@ -205,14 +209,16 @@ class TransactionClient(ClientConnection):
             data = self._rest
             if len(data) < 5:
                 return
+        type_: int
+        length: int
         type_, length = _header_unpack_from(data, 0)
         if length < 4 or length - 4 > self.tracker.max_length:
             self._protocol_violation(f"invalid message length {length}")
             return
-        if type_ == codes.TERMINATE:
+        if type_ == _TERMINATE_TYPE:
             self.end("terminate")
             return
-        if type_ not in SESSION_TYPES:
+        if type_ not in _SESSION_TYPES:
             self._protocol_violation(f"invalid frontend message type {type_}")
             return
         if len(data) < 1 + length:

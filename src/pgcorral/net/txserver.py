@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pgcorral.net.server import ServerConnection
 from pgcorral.protocol.framing import FramingError
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pgcorral.net.transaction import TransactionClient
     from pgcorral.pool.pool import Slot
 
-log = logging.getLogger("pgcorral.server")
+log: Final = logging.getLogger("pgcorral.server")
 
 
 class TxServerConnection(ServerConnection):

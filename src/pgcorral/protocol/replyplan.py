@@ -34,32 +34,38 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.messages import message
 from pgcorral.protocol.statements import ClientStatements, ServerStatements
 
-PASS = "pass"
-DROP = "drop"
+PASS: Final = "pass"
+DROP: Final = "drop"
 
+# ``Final``: compiled, a C static load instead of a lookup in the module's dict.
 #: Reply types that end a step, by request. A step of a Query or Sync ends with ``READY_ENDS``
 #: (the plan tells it by identity).
-READY_ENDS = frozenset([codes.READY_FOR_QUERY])
-PARSE_ENDS = frozenset([codes.PARSE_COMPLETE])
-BIND_ENDS = frozenset([codes.BIND_COMPLETE])
-CLOSE_ENDS = frozenset([codes.CLOSE_COMPLETE])
-DESCRIBE_ENDS = frozenset([codes.ROW_DESCRIPTION, codes.NO_DATA])
-_EXECUTE_ENDS = frozenset([codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE,
-                           codes.PORTAL_SUSPENDED])
-_ASYNC = frozenset([codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS, codes.NOTIFICATION_RESPONSE])
-_COPY_END = frozenset([codes.COPY_DONE, codes.COPY_FAIL])
+READY_ENDS: Final = frozenset([codes.READY_FOR_QUERY])
+PARSE_ENDS: Final = frozenset([codes.PARSE_COMPLETE])
+BIND_ENDS: Final = frozenset([codes.BIND_COMPLETE])
+CLOSE_ENDS: Final = frozenset([codes.CLOSE_COMPLETE])
+DESCRIBE_ENDS: Final = frozenset([codes.ROW_DESCRIPTION, codes.NO_DATA])
+_EXECUTE_ENDS: Final = frozenset([codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE,
+                                  codes.PORTAL_SUSPENDED])
+_ASYNC: Final = frozenset([codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS,
+                           codes.NOTIFICATION_RESPONSE])
+_COPY_END: Final = frozenset([codes.COPY_DONE, codes.COPY_FAIL])
 #: Every message type: what passes quietly when nothing is expected.
-_ALL_TYPES = frozenset(range(256))
+_ALL_TYPES: Final = frozenset(range(256))
 #: Reply types ``on_server_reply`` acts on whatever the head step ends with.
-_ATTENTION = frozenset([codes.ERROR_RESPONSE, codes.COPY_IN_RESPONSE,
-                        codes.EMPTY_QUERY_RESPONSE])
+_ATTENTION: Final = frozenset([codes.ERROR_RESPONSE, codes.COPY_IN_RESPONSE,
+                               codes.EMPTY_QUERY_RESPONSE])
 #: ``ReplyPlan.quiet`` by the ``ends`` of the head step (a handful of distinct sets).
-_QUIET: dict[frozenset[int], frozenset[int]] = {}
+_QUIET: Final[dict[frozenset[int], frozenset[int]]] = {}
+_ERROR: Final = codes.ERROR_RESPONSE
+_COPY_IN: Final = codes.COPY_IN_RESPONSE
+_EMPTY_QUERY: Final = codes.EMPTY_QUERY_RESPONSE
 
 
 @dataclass(slots=True)
@@ -99,7 +105,8 @@ def _make_default_steps(type_: int) -> tuple[ReplyStep, ...]:
 
 #: The steps of a message passed unchanged, by type. Shared: a plan never mutates a step that
 #: has no ``restore`` (the only field it changes), and these have none.
-DEFAULT_STEPS: dict[int, tuple[ReplyStep, ...]] = {t: _make_default_steps(t) for t in range(256)}
+DEFAULT_STEPS: Final[dict[int, tuple[ReplyStep, ...]]] = {
+    t: _make_default_steps(t) for t in range(256)}
 
 
 def own_query_step() -> ReplyStep:
@@ -197,7 +204,7 @@ class ReplyPlan:
         if not steps or type_ in _ASYNC:
             return PASS
         head = steps[0]
-        if type_ == codes.ERROR_RESPONSE:
+        if type_ == _ERROR:
             if head.ends is READY_ENDS:  # a Query or Sync goes on to its ReadyForQuery
                 if head.restore:
                     self._restore(head.restore)
@@ -217,9 +224,9 @@ class ReplyPlan:
             self._skipping = True
             self._settle()
             return PASS  # the error answers the client's request (ours only when it failed)
-        if type_ == codes.COPY_IN_RESPONSE:
+        if type_ == _COPY_IN:
             self._start_copy_in()
-        elif type_ == codes.EMPTY_QUERY_RESPONSE and head.tag:
+        elif type_ == _EMPTY_QUERY and head.tag:
             self.out += _command_complete(head.tag)
             return DROP
         if type_ in head.ends:

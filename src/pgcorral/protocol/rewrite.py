@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
@@ -56,24 +57,26 @@ from pgcorral.protocol.replyplan import (
 )
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 
-_I16 = struct.Struct("!h")
-_header = struct.Struct("!BI")
+# ``Final``: compiled, a C static load instead of a lookup in the module's dict.
+_I16: Final = struct.Struct("!h")
+_header: Final = struct.Struct("!BI")
 
-PARSE_COMPLETE = message(b"1")
-CLOSE_COMPLETE = message(b"3")
-EMPTY_QUERY = message(b"Q", b"\0")
+PARSE_COMPLETE: Final = message(b"1")
+CLOSE_COMPLETE: Final = message(b"3")
+EMPTY_QUERY: Final = message(b"Q", b"\0")
 
 #: requests that may open a batch (Close messages of evicted names go before them); after one,
 #: the server connection is no longer at a batch start, until the next Sync
-REQUESTS = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE,
-                       codes.QUERY, codes.FUNCTION_CALL])
-_KIND_STATEMENT = ord("S")
-_KIND_PORTAL = ord("P")
+REQUESTS: Final = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE,
+                             codes.EXECUTE, codes.QUERY, codes.FUNCTION_CALL])
+_KIND_STATEMENT: Final = ord("S")
+_KIND_PORTAL: Final = ord("P")
+_BIND: Final = codes.BIND
 
-_DEALLOCATE = re.compile(
+_DEALLOCATE: Final = re.compile(
     rb'\s*deallocate\s+(?:prepare\s+)?(?:(all)|([a-z_\x80-\xff][a-z0-9_$\x80-\xff]*)'
     rb'|"((?:[^"]|"")+)")\s*;?\s*\Z', re.I)
-_DISCARD_ALL = re.compile(rb"\s*discard\s+all\s*;?\s*\Z", re.I)
+_DISCARD_ALL: Final = re.compile(rb"\s*discard\s+all\s*;?\s*\Z", re.I)
 
 
 # --- message bodies --------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientState
     lru.move_to_end(pooled)  # ServerStatements.touch
     wire = registry.encoded[pooled]
     length = end - pos - 1 - (name_end - name_at) + len(wire)
-    return b"".join((_header.pack(codes.BIND, length), data[pos + 5:name_at], wire,
+    return b"".join((_header.pack(_BIND, length), data[pos + 5:name_at], wire,
                      data[name_end:end]))
 
 

@@ -24,6 +24,7 @@ Describe or Close when mapping is on). Pure: no I/O, no clock.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
@@ -31,34 +32,45 @@ from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep
 from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
 from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 
-_header = struct.Struct("!BI").unpack_from
-_length = struct.Struct("!I").unpack_from
+# Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
+# lookup in the module's dict (and in another module's, for ``codes.X``).
+_header: Final = struct.Struct("!BI").unpack_from
+_length: Final = struct.Struct("!I").unpack_from
 
 #: A message at least this long that passes unchanged is forwarded as its bytes arrive.
-STREAM_FROM = 64 * 1024
+STREAM_FROM: Final = 64 * 1024
 #: What PostgreSQL accepts after login (a password message, or anything else, is refused with
 #: 08P01 "invalid frontend message type"; pgcorral answers it without a server connection).
-SESSION_TYPES = codes.FRONTEND_TYPES - {codes.PASSWORD}
+SESSION_TYPES: Final = codes.FRONTEND_TYPES - {codes.PASSWORD}
 #: Messages that open an extended-protocol batch (closed by Sync).
-_BATCH = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
+_BATCH: Final = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE])
 #: Messages that go through ``rewrite`` when the mapping is on (unless a fast path takes them).
-_REWRITTEN = REQUESTS | frozenset([codes.SYNC])
-_KIND_PORTAL = ord("P")
+_REWRITTEN: Final = REQUESTS | frozenset([codes.SYNC])
+_KIND_PORTAL: Final = ord("P")
 #: The first bytes of a Query body that may start DEALLOCATE or DISCARD (ASCII whitespace,
 #: which ``bytes.lstrip`` skips, and both cases of "d"): any other is not looked at further.
-_MAYBE_SPECIAL = frozenset(b" \t\n\r\x0b\x0cdD")
-_QUERY_STEPS = DEFAULT_STEPS[codes.QUERY]
+_MAYBE_SPECIAL: Final = frozenset(b" \t\n\r\x0b\x0cdD")
+_DEFAULT_STEPS: Final = DEFAULT_STEPS
+_QUERY_STEPS: Final = DEFAULT_STEPS[codes.QUERY]
+_BIND: Final = codes.BIND
+_CLOSE: Final = codes.CLOSE
+_DESCRIBE: Final = codes.DESCRIBE
+_PARSE: Final = codes.PARSE
+_QUERY: Final = codes.QUERY
+_SYNC: Final = codes.SYNC
+_TERMINATE: Final = codes.TERMINATE
+_TX_FAILED: Final = codes.TX_FAILED
 
 # What ``ClientForwarder.feed`` saw besides requests to forward: bits of its third result.
 #: A Terminate: neither it nor anything after it was taken.
-TERMINATE = 1
+TERMINATE: Final = 1
 #: A DISCARD ALL went to the server: it resets the session's settings too (RESET ALL).
-DISCARD_ALL = 2
+DISCARD_ALL: Final = 2
 #: A named Parse went through unmapped (for ``track_prepared_statements``).
-NAMED_PARSE = 4
+NAMED_PARSE: Final = 4
 #: A protocol violation (``ClientForwarder.violation`` says which): nothing from the bad
 #: message on was taken, and the client must be refused (08P01).
-VIOLATION = 8
+VIOLATION: Final = 8
 
 
 class ClientForwarder:
@@ -104,9 +116,9 @@ class ClientForwarder:
         # It passes as the same bytes object with its one reply step, as ``feed_general``
         # would pass it (the unit tests compare the two).
         n = len(data)
-        if n > 5 and data[0] == codes.QUERY and data[5] not in _MAYBE_SPECIAL and (
+        if n > 5 and data[0] == _QUERY and data[5] not in _MAYBE_SPECIAL and (
                 not self.pending):
-            (length,) = _length(data, 1)
+            length: int = _length(data, 1)[0]
             if length + 1 == n and length - 4 <= self.max_length:
                 statements = plan.server
                 if statements.capacity <= 0 or not (self.at_sync and statements.pending_close):
@@ -122,6 +134,8 @@ class ClientForwarder:
         statements = plan.server
         mapping = statements.capacity > 0
         limit = self.max_length
+        type_: int  # (typed: compiled, they stay machine integers)
+        length: int
         parts: list[bytes] = []
         steps: list[ReplyStep] = []  # of every request taken, for the plan at the end
         pos = run = 0  # run: start of the bytes to pass not yet appended to parts
@@ -142,37 +156,37 @@ class ClientForwarder:
                     if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
                         break  # kept until it is whole
                     # large CopyData and the like stream through as they come
-                    steps += DEFAULT_STEPS[type_]
+                    steps += _DEFAULT_STEPS[type_]
                     self.pending = end - n
                     pos = n
                     break
-                if type_ == codes.TERMINATE:
+                if type_ == _TERMINATE:
                     seen |= TERMINATE
                     break
                 if type_ in _BATCH:
                     self.batch_open = True
-                elif type_ == codes.SYNC:
+                elif type_ == _SYNC:
                     self.batch_open = False
                 # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets (a Query whose
                 # first byte cannot start either is not looked at further)
                 special = False
-                if type_ == codes.QUERY and end > pos + 5 and data[pos + 5] in _MAYBE_SPECIAL:
+                if type_ == _QUERY and end > pos + 5 and data[pos + 5] in _MAYBE_SPECIAL:
                     head = data[pos + 5:pos + 69].lstrip()[:10].lower()
                     special = head.startswith(b"deallocate") or head.startswith(b"discard")
                 if not mapping:
-                    if type_ == codes.PARSE and end > pos + 5 and data[pos + 5] != 0:
+                    if type_ == _PARSE and end > pos + 5 and data[pos + 5] != 0:
                         seen |= NAMED_PARSE  # track_prepared_statements: DEALLOCATE ALL
-                    steps += DEFAULT_STEPS[type_]
-                elif type_ == codes.SYNC:
+                    steps += _DEFAULT_STEPS[type_]
+                elif type_ == _SYNC:
                     self.at_sync = True
-                    steps += DEFAULT_STEPS[type_]
+                    steps += _DEFAULT_STEPS[type_]
                 elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
-                    steps += DEFAULT_STEPS[type_]
+                    steps += _DEFAULT_STEPS[type_]
                 else:  # one of the REQUESTS: passed as is, renamed, or through ``rewrite``
                     renamed: bytes | None = None
                     if self.at_sync and statements.pending_close:
                         fast = False  # the Closes of evicted statements go first
-                    elif type_ == codes.BIND:
+                    elif type_ == _BIND:
                         portal_end = data.find(b"\0", pos + 5, end)
                         if portal_end < 0 or portal_end + 1 >= end:
                             fast = False  # malformed: ``rewrite`` says so
@@ -182,11 +196,11 @@ class ClientForwarder:
                             renamed = bind_fast(data, pos, portal_end + 1, end, self.client,
                                                 statements, self.registry)
                             fast = renamed is not None
-                    elif type_ == codes.QUERY:
+                    elif type_ == _QUERY:
                         fast = not special
-                    elif type_ == codes.PARSE:  # the unnamed statement is not mapped
+                    elif type_ == _PARSE:  # the unnamed statement is not mapped
                         fast = end > pos + 5 and data[pos + 5] == 0
-                    elif type_ == codes.DESCRIBE or type_ == codes.CLOSE:
+                    elif type_ in (_DESCRIBE, _CLOSE):
                         # a portal, or the unnamed statement, is not mapped
                         fast = end > pos + 6 and (data[pos + 5] == _KIND_PORTAL
                                                   or data[pos + 6] == 0)
@@ -197,13 +211,13 @@ class ClientForwarder:
                             parts.append(data[run:pos])
                         rw = rewrite(type_, data[pos + 5:end], self.client, statements,
                                      self.registry, at_sync=self.at_sync,
-                                     tx_failed=status == codes.TX_FAILED)
+                                     tx_failed=status == _TX_FAILED)
                         if rw.send:
                             parts.append(rw.send)
                         steps += rw.steps
                         run = end
                     else:
-                        steps += DEFAULT_STEPS[type_]
+                        steps += _DEFAULT_STEPS[type_]
                         if renamed is not None:
                             if run < pos:
                                 parts.append(data[run:pos])

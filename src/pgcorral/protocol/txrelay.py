@@ -18,19 +18,22 @@ data stream through. Pure: no I/O, no clock.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import parse_parameter_status
 from pgcorral.protocol.replyplan import DROP, ReplyPlan
 
-_header = struct.Struct("!BI").unpack_from
+# ``Final``: compiled, a C static load instead of a lookup in the module's dict.
+_header: Final = struct.Struct("!BI").unpack_from
 #: ParameterStatus bodies are small; a larger one is forwarded but not collected.
-_MAX_COLLECTED = 64 * 1024
-_length = struct.Struct("!I").unpack_from
-_READY = codes.READY_FOR_QUERY
-_PARAM = codes.PARAMETER_STATUS
-_STREAMED = frozenset([codes.DATA_ROW, codes.COPY_DATA])
+_MAX_COLLECTED: Final = 64 * 1024
+_length: Final = struct.Struct("!I").unpack_from
+_READY: Final = codes.READY_FOR_QUERY
+_PARAM: Final = codes.PARAMETER_STATUS
+_STREAMED: Final = frozenset([codes.DATA_ROW, codes.COPY_DATA])
+_TX_IDLE: Final = codes.TX_IDLE
 
 
 class ReplyRouter:
@@ -96,6 +99,8 @@ class ReplyRouter:
         on_reply = plan.on_server_reply
         fabricated = plan.out
         max_length = self.max_length
+        type_: int  # (typed: compiled, they stay machine integers)
+        length: int
         # The types that pass without the plan's attention now (rows, command tags, ...): the
         # hot path forwards them without a call. Asked again after anything that may change
         # the plan.
@@ -155,7 +160,7 @@ class ReplyRouter:
                 out.append(data[run:pos])
                 out.append(plan.fabricated_before_next())
                 run = pos
-            if ready and client_at_rest and not steps and self.status == codes.TX_IDLE:
+            if ready and client_at_rest and not steps and self.status == _TX_IDLE:
                 # free (``self.free``, at a boundary here, nothing fabricated left): the rest
                 # was not asked for
                 if run == 0 and not out:
