@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from pgcorral.protocol import codes
@@ -56,13 +56,22 @@ _EXECUTE_ENDS: Final = frozenset([codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESP
 _ASYNC: Final = frozenset([codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS,
                            codes.NOTIFICATION_RESPONSE])
 _COPY_END: Final = frozenset([codes.COPY_DONE, codes.COPY_FAIL])
-#: Every message type: what passes quietly when nothing is expected.
-_ALL_TYPES: Final = frozenset(range(256))
 #: Reply types ``on_server_reply`` acts on whatever the head step ends with.
 _ATTENTION: Final = frozenset([codes.ERROR_RESPONSE, codes.COPY_IN_RESPONSE,
                                codes.EMPTY_QUERY_RESPONSE])
-#: ``ReplyPlan.quiet`` by the ``ends`` of the head step (a handful of distinct sets).
-_QUIET: Final[dict[frozenset[int], frozenset[int]]] = {}
+
+
+def type_table(types: frozenset[int]) -> bytes:
+    """A table by message type byte: 1 for the types in ``types``, else 0 (indexing one is
+    cheaper than a set lookup, the more so compiled)."""
+    return bytes(1 if t in types else 0 for t in range(256))
+
+
+#: The ``ReplyStep.quiet`` table when nothing is expected: every type passes quietly.
+ALL_QUIET: Final = type_table(frozenset(range(256)))
+_ASYNC_QUIET: Final = type_table(_ASYNC)
+#: ``ReplyStep.quiet`` by ``ends`` (a handful of distinct sets).
+_QUIET: Final[dict[frozenset[int], bytes]] = {}
 _ERROR: Final = codes.ERROR_RESPONSE
 _COPY_IN: Final = codes.COPY_IN_RESPONSE
 _EMPTY_QUERY: Final = codes.EMPTY_QUERY_RESPONSE
@@ -86,6 +95,21 @@ class ReplyStep:
     client_undo: tuple[ClientStatements, bytes, bytes | None, bytes | None] | None = None
     # a DISCARD ALL: the client's names before it, put back if it fails
     client_names: tuple[ClientStatements, dict[bytes, bytes]] | None = None
+    #: the reply types that ``ReplyPlan.on_server_reply`` answers "pass" without changing
+    #: anything while this step is at the head (rows, command tags, notices, ...): a table
+    #: by type byte (``type_table``), from ``ends`` and ``drop``; the router forwards them
+    #: without asking
+    quiet: bytes = field(default=b"", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.drop:
+            self.quiet = _ASYNC_QUIET
+            return
+        quiet = _QUIET.get(self.ends)
+        if quiet is None:
+            quiet = _QUIET[self.ends] = type_table(
+                frozenset(range(256)) - self.ends - _ATTENTION)
+        self.quiet = quiet
 
 
 _ENDS = {codes.PARSE: PARSE_ENDS, codes.BIND: BIND_ENDS, codes.CLOSE: CLOSE_ENDS,
@@ -156,21 +180,12 @@ class ReplyPlan:
         self._skipping = False
         self._copy_in = False
 
-    def quiet(self) -> frozenset[int]:
-        """The reply types ``on_server_reply`` would now answer ``"pass"`` without changing
-        anything (rows, command tags, notices, ...): the router forwards them without asking.
-        Valid until the plan changes (a call of ``on_server_reply``, ``extend``, ``reset``)."""
+    def quiet(self) -> bytes:
+        """The types that pass now with no effect on the plan (``ReplyStep.quiet`` of the
+        head): the router forwards them without asking ``on_server_reply``. Valid until the
+        plan changes (a call of ``on_server_reply``, ``extend``, ``reset``)."""
         steps = self.steps
-        if not steps:
-            return _ALL_TYPES
-        head = steps[0]
-        if head.drop:
-            return _ASYNC
-        ends = head.ends
-        quiet = _QUIET.get(ends)
-        if quiet is None:
-            quiet = _QUIET[ends] = _ALL_TYPES - ends - _ATTENTION
-        return quiet
+        return steps[0].quiet if steps else ALL_QUIET
 
     def extend(self, steps: Iterable[ReplyStep]) -> None:
         if not self._copy_in and not self._skipping:

@@ -28,7 +28,7 @@ from typing import Final
 
 from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
-from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep
+from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep, type_table
 from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
 from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 
@@ -47,10 +47,19 @@ _BATCH: Final = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE,
 #: Messages that go through ``rewrite`` when the mapping is on (unless a fast path takes them).
 _REWRITTEN: Final = REQUESTS | frozenset([codes.SYNC])
 _KIND_PORTAL: Final = ord("P")
+# What the loop needs to know of a message type, in one table by type byte (an index is
+# cheaper than set lookups, the more so compiled): bits of
+_F_SESSION: Final = 1  # in SESSION_TYPES
+_F_BATCH: Final = 2  # in _BATCH
+_F_REWRITTEN: Final = 4  # in _REWRITTEN
+_FLAGS: Final = bytes((_F_SESSION if t in SESSION_TYPES else 0) | (_F_BATCH if t in _BATCH else 0)
+                      | (_F_REWRITTEN if t in _REWRITTEN else 0) for t in range(256))
 #: The first bytes of a Query body that may start DEALLOCATE or DISCARD (ASCII whitespace,
-#: which ``bytes.lstrip`` skips, and both cases of "d"): any other is not looked at further.
-_MAYBE_SPECIAL: Final = frozenset(b" \t\n\r\x0b\x0cdD")
-_DEFAULT_STEPS: Final = DEFAULT_STEPS
+#: which ``bytes.lstrip`` skips, and both cases of "d"), a table by byte: any other is not
+#: looked at further.
+_MAYBE_SPECIAL: Final = type_table(frozenset(b" \t\n\r\x0b\x0cdD"))
+#: ``DEFAULT_STEPS`` as a list by type byte (compiled: indexed natively)
+_STEPS: Final = [DEFAULT_STEPS[t] for t in range(256)]
 _QUERY_STEPS: Final = DEFAULT_STEPS[codes.QUERY]
 _BIND: Final = codes.BIND
 _CLOSE: Final = codes.CLOSE
@@ -116,8 +125,7 @@ class ClientForwarder:
         # It passes as the same bytes object with its one reply step, as ``feed_general``
         # would pass it (the unit tests compare the two).
         n = len(data)
-        if n > 5 and data[0] == _QUERY and data[5] not in _MAYBE_SPECIAL and (
-                not self.pending):
+        if n > 5 and data[0] == _QUERY and not _MAYBE_SPECIAL[data[5]] and not self.pending:
             length: int = _length(data, 1)[0]
             if length + 1 == n and length - 4 <= self.max_length:
                 statements = plan.server
@@ -136,6 +144,7 @@ class ClientForwarder:
         limit = self.max_length
         type_: int  # (typed: compiled, they stay machine integers)
         length: int
+        flags: int
         parts: list[bytes] = []
         steps: list[ReplyStep] = []  # of every request taken, for the plan at the end
         pos = run = 0  # run: start of the bytes to pass not yet appended to parts
@@ -150,38 +159,39 @@ class ClientForwarder:
                 if length < 4 or length - 4 > limit:
                     raise ClientProtocolError(f"invalid message length {length}")
                 end = pos + 1 + length
-                if type_ not in SESSION_TYPES:
+                flags = _FLAGS[type_]
+                if not flags & _F_SESSION:
                     raise ClientProtocolError(f"invalid frontend message type {type_}")
                 if end > n:
-                    if length < STREAM_FROM or (mapping and type_ in _REWRITTEN):
+                    if length < STREAM_FROM or (mapping and flags & _F_REWRITTEN):
                         break  # kept until it is whole
                     # large CopyData and the like stream through as they come
-                    steps += _DEFAULT_STEPS[type_]
+                    steps += _STEPS[type_]
                     self.pending = end - n
                     pos = n
                     break
                 if type_ == _TERMINATE:
                     seen |= TERMINATE
                     break
-                if type_ in _BATCH:
+                if flags & _F_BATCH:
                     self.batch_open = True
                 elif type_ == _SYNC:
                     self.batch_open = False
                 # DEALLOCATE or DISCARD: translated, DISCARD ALL also resets (a Query whose
                 # first byte cannot start either is not looked at further)
                 special = False
-                if type_ == _QUERY and end > pos + 5 and data[pos + 5] in _MAYBE_SPECIAL:
+                if type_ == _QUERY and end > pos + 5 and _MAYBE_SPECIAL[data[pos + 5]]:
                     head = data[pos + 5:pos + 69].lstrip()[:10].lower()
                     special = head.startswith(b"deallocate") or head.startswith(b"discard")
                 if not mapping:
                     if type_ == _PARSE and end > pos + 5 and data[pos + 5] != 0:
                         seen |= NAMED_PARSE  # track_prepared_statements: DEALLOCATE ALL
-                    steps += _DEFAULT_STEPS[type_]
+                    steps += _STEPS[type_]
                 elif type_ == _SYNC:
                     self.at_sync = True
-                    steps += _DEFAULT_STEPS[type_]
-                elif type_ not in _REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
-                    steps += _DEFAULT_STEPS[type_]
+                    steps += _STEPS[type_]
+                elif not flags & _F_REWRITTEN:  # CopyData, CopyDone, CopyFail, Flush
+                    steps += _STEPS[type_]
                 else:  # one of the REQUESTS: passed as is, renamed, or through ``rewrite``
                     renamed: bytes | None = None
                     if self.at_sync and statements.pending_close:
@@ -217,7 +227,7 @@ class ClientForwarder:
                         steps += rw.steps
                         run = end
                     else:
-                        steps += _DEFAULT_STEPS[type_]
+                        steps += _STEPS[type_]
                         if renamed is not None:
                             if run < pos:
                                 parts.append(data[run:pos])

@@ -23,7 +23,7 @@ from typing import Final
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import parse_parameter_status
-from pgcorral.protocol.replyplan import DROP, ReplyPlan
+from pgcorral.protocol.replyplan import ALL_QUIET, DROP, ReplyPlan
 
 # ``Final``: compiled, a C static load instead of a lookup in the module's dict.
 _header: Final = struct.Struct("!BI").unpack_from
@@ -32,7 +32,9 @@ _MAX_COLLECTED: Final = 64 * 1024
 _length: Final = struct.Struct("!I").unpack_from
 _READY: Final = codes.READY_FOR_QUERY
 _PARAM: Final = codes.PARAMETER_STATUS
-_STREAMED: Final = frozenset([codes.DATA_ROW, codes.COPY_DATA])
+_DATA_ROW: Final = codes.DATA_ROW
+_COPY_DATA: Final = codes.COPY_DATA
+_ALL_QUIET: Final = ALL_QUIET
 _TX_IDLE: Final = codes.TX_IDLE
 
 
@@ -96,7 +98,6 @@ class ReplyRouter:
                 out.append(header)
         plan = self.plan
         steps = plan.steps
-        on_reply = plan.on_server_reply
         fabricated = plan.out
         max_length = self.max_length
         type_: int  # (typed: compiled, they stay machine integers)
@@ -137,12 +138,12 @@ class ReplyRouter:
                     quiet = plan.quiet()
                     continue
                 # the common case: a whole message in this chunk
-                if type_ not in quiet:
-                    if on_reply(type_) == DROP:
+                if not quiet[type_]:
+                    if plan.on_server_reply(type_) == DROP:
                         out.append(data[run:pos])
                         run = end
-                    quiet = plan.quiet()
-                if type_ in _STREAMED and run != end:  # (run == end: dropped)
+                    quiet = steps[0].quiet if steps else _ALL_QUIET  # (plan.quiet())
+                if type_ in (_DATA_ROW, _COPY_DATA) and run != end:  # (run == end: dropped)
                     # rows and COPY data end no request and are no error: the ones that
                     # follow get the same answer, so they are skipped by their headers only
                     while end + 5 <= n and data[end] == type_:
