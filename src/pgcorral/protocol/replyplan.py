@@ -100,6 +100,9 @@ class ReplyStep:
     #: by type byte (``type_table``), from ``ends`` and ``drop``; the router forwards them
     #: without asking
     quiet: bytes = field(default=b"", init=False, repr=False, compare=False)
+    #: one of ``DEFAULT_STEPS`` (never changed): a reply in ``ends`` only removes it, so the
+    #: router does that itself (``ReplyPlan.pop_plain``)
+    plain: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.drop:
@@ -118,13 +121,13 @@ _ENDS = {codes.PARSE: PARSE_ENDS, codes.BIND: BIND_ENDS, codes.CLOSE: CLOSE_ENDS
 
 def _make_default_steps(type_: int) -> tuple[ReplyStep, ...]:
     if type_ == codes.SYNC:
-        return (ReplyStep(READY_ENDS, sync=True),)
+        return (ReplyStep(READY_ENDS, sync=True, plain=True),)
     if type_ in (codes.QUERY, codes.FUNCTION_CALL):
-        return (ReplyStep(READY_ENDS),)
+        return (ReplyStep(READY_ENDS, plain=True),)
     if type_ in _COPY_END:
         return (ReplyStep(frozenset(), copy_end=True),)
     ends = _ENDS.get(type_)
-    return (ReplyStep(ends),) if ends is not None else ()
+    return (ReplyStep(ends, plain=True),) if ends is not None else ()
 
 
 #: The steps of a message passed unchanged, by type. Shared: a plan never mutates a step that
@@ -202,6 +205,18 @@ class ReplyPlan:
                     continue
             self.steps.append(step)
         self._settle()
+
+    def pop_plain(self) -> None:
+        """What ``on_server_reply`` does with a reply in the ``ends`` of a plain head step
+        (``ReplyStep.plain``; such a reply is never an error or a CopyInResponse, and a plain
+        step has no tag): the step is done, with nothing to record or undo. The router's hot
+        path for the replies that end requests (the extended protocol has one per message)."""
+        steps = self.steps
+        steps.popleft()
+        if steps:
+            head = steps[0]
+            if head.fabricate or head.copy_end:
+                self._settle()
 
     def fabricated_before_next(self) -> bytes:
         """Bytes pgcorral answers itself whose turn has come; write them to the client now."""

@@ -139,7 +139,10 @@ class ReplyRouter:
                     continue
                 # the common case: a whole message in this chunk
                 if not quiet[type_]:
-                    if plan.on_server_reply(type_) == DROP:
+                    head = steps[0]  # (quiet is ALL_QUIET when nothing is expected)
+                    if head.plain and type_ in head.ends:
+                        plan.pop_plain()  # a request passed unchanged is answered
+                    elif plan.on_server_reply(type_) == DROP:
                         out.append(data[run:pos])
                         run = end
                     quiet = steps[0].quiet if steps else _ALL_QUIET  # (plan.quiet())
