@@ -44,7 +44,7 @@ from pgcorral.net.client import ClientConnection
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.pipelines.session import RESET_TIMEOUT
-from pgcorral.pool.pool import Grant, Waiter
+from pgcorral.pool.pool import Grant, Slot, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.replyplan import own_query_step
@@ -175,6 +175,9 @@ class TransactionClient(ClientConnection):
         self.named_parse = False  # a named Parse went through unmapped in this transaction
         #: ``server`` with its type (the hot path reads it without a cast)
         self.linked: TxServerConnection | None = None
+        # the pool's callbacks, bound once (not a new bound method per wait)
+        self._on_granted = self._granted_tx
+        self._on_expired = self._wait_expired
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -229,7 +232,7 @@ class TransactionClient(ClientConnection):
             return
         slot = ctx.pool.take_idle(self.key)
         if slot is not None:
-            self._take(Grant(slot, new=False))
+            self._take(slot)
             return
         # No idle connection: a new one, or a place in line. The wait is driven by callbacks
         # (``_granted_tx``, ``_wait_expired``), not by the client's coroutine: a server
@@ -239,9 +242,9 @@ class TransactionClient(ClientConnection):
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
         self._acquiring = True
-        result = ctx.pool.request(self.key, timeout, self._granted_tx, self._wait_expired)
+        result = ctx.pool.request(self.key, timeout, self._on_granted, self._on_expired)
         if isinstance(result, Grant):
-            self._take(result)
+            self._use_grant(result)
             return
         self._waiter = result
         self._wait_timeout = timeout
@@ -255,7 +258,7 @@ class TransactionClient(ClientConnection):
         its bookkeeping; a transaction linked here cannot end before a server reply comes, so
         the pool is not re-entered from here.)"""
         self._waiter = None
-        self._take(grant)
+        self._use_grant(grant)
 
     def _wait_expired(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -267,30 +270,49 @@ class TransactionClient(ClientConnection):
             f'database "{self.key[0]}" became free within {self._wait_timeout:g} s'))
         self.end("pool exhausted")
 
-    def _take(self, grant: Grant) -> None:
-        """A slot for the client's next transaction: link it now, or let the coroutine open
-        (or validate) it."""
-        ctx = self.ctx
-        self._acquiring = True
-        ended = self._ended
-        if self.closed or (ended is not None and ended.done()):
-            self._acquiring = False
-            _give_back(ctx, grant)
-            return
+    def _use_grant(self, grant: Grant) -> None:
+        """A slot from the pool for the client's next transaction: an idle one is linked now;
+        a new one (or one to validate) is for the coroutine."""
         if grant.victim is not None and grant.victim.conn is not None:
             grant.victim.conn.terminate()
         if not grant.new:
-            server: TxServerConnection = grant.slot.conn
-            server.idle = False
-            if server.closed:
-                ctx.pool.discard(grant.slot)
-                self._acquiring = False
-                self._want_server()
-                return
-            if ctx.config.main.validation != "foreground":
-                server.router.reset()
-                self._link(server)
-                return
+            self._take(grant.slot)
+            return
+        self._acquiring = True
+        if self._client_gone():
+            self._acquiring = False
+            _give_back(self.ctx, grant)
+            return
+        self._serve_in_coroutine(grant)
+
+    def _take(self, slot: Slot) -> None:
+        """An idle slot (its connection logged in) for the client's next transaction: linked
+        now, unless it must be validated first (the coroutine does that)."""
+        ctx = self.ctx
+        server: TxServerConnection = slot.conn
+        if self._client_gone():
+            self._acquiring = False
+            ctx.release_server(server, clean=True)
+            return
+        server.idle = False
+        if server.closed:
+            ctx.pool.discard(slot)
+            self._acquiring = False
+            self._want_server()
+            return
+        if ctx.config.main.validation != "foreground":
+            server.router.reset()
+            self._link(server)
+            return
+        self._acquiring = True
+        self._serve_in_coroutine(Grant(slot, new=False))
+
+    def _client_gone(self) -> bool:
+        ended = self._ended
+        return self.closed or (ended is not None and ended.done())
+
+    def _serve_in_coroutine(self, grant: Grant) -> None:
+        """Open (or validate) the slot in the client's coroutine (``_serve``)."""
         self._grant_pending = grant
         need = self._need
         if need is not None and not need.done():
@@ -388,9 +410,13 @@ class TransactionClient(ClientConnection):
         mine, theirs = self.params, server.params
         if mine is not theirs:
             if mine == theirs:
-                # the same values: share one dict, so that the next link (of either) finds
-                # them the same by identity (``_link``); both are replaced, never changed
-                server.params = mine
+                # The same values: both keep the older dict (the lower id), so that equal
+                # parameters end up in one dict everywhere and ``_link`` finds them equal by
+                # identity. (Parameter dicts are replaced, never changed in place.)
+                if id(theirs) < id(mine):
+                    self.params = theirs
+                else:
+                    server.params = mine
             else:
                 for name, value in mine.items():
                     now = theirs.get(name)
