@@ -56,6 +56,7 @@ class Pipe:
         self.forwarder.link()
         self.status = status
         self.rest = b""
+        self.trace: list[tuple[object, ...]] = []  # what each chunk did, and the state after
         self.sent: list[bytes] = []
         self.fabricated: list[bytes] = []
         self.seen = 0
@@ -76,6 +77,9 @@ class Pipe:
         self.sent.append(send)
         self.seen |= seen
         self.fabricated.append(self.plan.fabricated_before_next())
+        self.trace.append((send, self.rest, seen, fwd.batch_open, fwd.at_sync, fwd.at_rest,
+                           fwd.pending, len(self.plan), self.server.names(),
+                           list(self.server.pending_close), dict(self.client.names)))
         return send
 
     def state(self) -> dict[str, object]:
@@ -130,8 +134,9 @@ def _replies(sent: bytes) -> list[bytes]:
 
 
 def run(stream: bytes, cuts: list[int], capacity: int, status: int = codes.TX_IDLE,
-        general: bool = False) -> dict[str, object]:
-    """Feed ``stream`` cut at ``cuts``: everything the forwarder did, and the replies."""
+        general: bool = False, trace: bool = False) -> dict[str, object]:
+    """Feed ``stream`` cut at ``cuts``: everything the forwarder did, and the replies (and,
+    with ``trace``, what each chunk did and the state after it)."""
     pipe = Pipe(capacity, status, general)
     start = 0
     for end in [*sorted(set(cuts)), len(stream)]:
@@ -140,6 +145,8 @@ def run(stream: bytes, cuts: list[int], capacity: int, status: int = codes.TX_ID
             start = end
     result = pipe.state()
     result["verdicts"], result["to_client"] = pipe.answer()
+    if trace:
+        result["trace"] = pipe.trace
     return result
 
 
@@ -380,7 +387,8 @@ MESSAGES = [
 def test_fast_path_gives_the_general_result_cases(messages: list[bytes], capacity: int) -> None:
     cuts = [len(b"".join(messages[:i])) for i in range(1, len(messages))]
     stream = b"".join(messages)
-    assert run(stream, cuts, capacity) == run(stream, cuts, capacity, general=True)
+    assert run(stream, cuts, capacity, trace=True) == run(stream, cuts, capacity, general=True,
+                                                          trace=True)
 
 
 @settings(max_examples=300, deadline=None)
@@ -390,14 +398,14 @@ def test_fast_path_gives_the_general_result_cases(messages: list[bytes], capacit
        st.lists(st.integers(min_value=1, max_value=300), max_size=8), st.booleans())
 def test_fast_path_gives_the_general_result(messages: list[bytes], capacity: int, status: int,
                                             cuts: list[int], one_per_chunk: bool) -> None:
-    """``feed`` (with its fast path) and ``feed_general`` leave the same bytes, plan, names
-    and state, whether each message comes in a chunk of its own (what the fast path takes) or
-    the stream is cut anywhere."""
+    """``feed`` (with its fast paths) and ``feed_general`` give the same bytes and leave the
+    same plan, names and state after every chunk, whether each message comes in a chunk of its
+    own or the stream is cut anywhere."""
     stream = b"".join(messages)
     if one_per_chunk:
         cuts = [len(b"".join(messages[:i])) for i in range(1, len(messages))]
-    assert run(stream, cuts, capacity, status) == run(stream, cuts, capacity, status,
-                                                      general=True)
+    assert run(stream, cuts, capacity, status, trace=True) == run(
+        stream, cuts, capacity, status, general=True, trace=True)
 
 
 def test_the_fast_path_takes_a_lone_query() -> None:

@@ -64,6 +64,8 @@ _QUERY_STEPS: Final = DEFAULT_STEPS[codes.QUERY]
 _BIND: Final = codes.BIND
 _CLOSE: Final = codes.CLOSE
 _DESCRIBE: Final = codes.DESCRIBE
+_EXECUTE: Final = codes.EXECUTE
+_FLUSH: Final = codes.FLUSH
 _PARSE: Final = codes.PARSE
 _QUERY: Final = codes.QUERY
 _SYNC: Final = codes.SYNC
@@ -120,21 +122,107 @@ class ClientForwarder:
         Terminate or a violation), and the ``TERMINATE``/``DISCARD_ALL``/``NAMED_PARSE``/
         ``VIOLATION`` bits of what was seen. Every request's reply steps are in ``plan`` when
         this returns; fabricated replies may be due (``plan.has_fabricated``)."""
-        # The hot path of simple-protocol clients: the chunk is one whole Query that needs no
-        # translation (not DEALLOCATE or DISCARD, no Close of an evicted statement due first).
-        # It passes as the same bytes object with its one reply step, as ``feed_general``
-        # would pass it (the unit tests compare the two).
-        n = len(data)
-        if n > 5 and data[0] == _QUERY and not _MAYBE_SPECIAL[data[5]] and not self.pending:
-            length: int = _length(data, 1)[0]
-            if length + 1 == n and length - 4 <= self.max_length:
-                statements = plan.server
-                if statements.capacity <= 0 or not (self.at_sync and statements.pending_close):
-                    if statements.capacity > 0:
+        if not self.pending:
+            # The commonest chunk of all, one whole Query (a simple-protocol client), first.
+            n = len(data)
+            if n > 5 and data[0] == _QUERY and not _MAYBE_SPECIAL[data[5]]:
+                length: int = _length(data, 1)[0]
+                if length + 1 == n and length - 4 <= self.max_length:
+                    statements = plan.server
+                    if statements.capacity <= 0:
+                        plan.extend(_QUERY_STEPS)
+                        return data, b"", 0
+                    if not (self.at_sync and statements.pending_close):
                         self.at_sync = False
-                    plan.extend(_QUERY_STEPS)
-                    return data, b"", 0  # (at_rest unchanged: a Query opens no batch)
+                        plan.extend(_QUERY_STEPS)
+                        return data, b"", 0
+            send = self._feed_passing(data, plan)
+            if send is not None:
+                return send, b"", 0
         return self.feed_general(data, plan, status)
+
+    def _feed_passing(self, data: bytes, plan: ReplyPlan) -> bytes | None:
+        """The hot path: a chunk of whole messages that all pass unchanged (or, a Bind of a
+        statement the server connection has, renamed) with their default reply steps, the
+        usual chunk of a client in a transaction: a Query (not DEALLOCATE or DISCARD); an
+        extended-protocol batch of unnamed statements and portals; a Bind/Execute/Sync of a
+        prepared statement. Anything else (a named Parse, a Close, a message to translate,
+        Closes of evicted statements due first, a partial or bad message): None, and
+        ``feed_general`` takes the chunk from its start, as nothing was changed here (but the
+        LRU order of a renamed statement, which it sets again). The unit tests compare the
+        two on random chunks."""
+        statements = plan.server
+        mapping = statements.capacity > 0
+        # a request at a batch start must send the Closes of evicted statements first
+        closes_due = mapping and bool(statements.pending_close)
+        at_sync = self.at_sync
+        batch_open = self.batch_open
+        limit = self.max_length
+        type_: int  # (typed: compiled, they stay machine integers)
+        length: int
+        steps: list[ReplyStep] = []
+        parts: list[bytes] = []  # only when a Bind is renamed
+        pos = run = 0
+        n = len(data)
+        while pos < n:
+            if pos + 5 > n:
+                return None
+            type_, length = _header(data, pos)
+            end = pos + 1 + length
+            if end > n or length < 4 or length - 4 > limit:
+                return None
+            if type_ == _SYNC:
+                batch_open = False
+                if mapping:
+                    at_sync = True
+            elif type_ == _FLUSH:
+                pass
+            else:
+                if mapping and at_sync and closes_due:
+                    return None
+                if type_ == _EXECUTE:
+                    batch_open = True
+                elif type_ == _QUERY:
+                    if end > pos + 5 and _MAYBE_SPECIAL[data[pos + 5]]:
+                        return None  # maybe DEALLOCATE or DISCARD
+                elif type_ == _BIND:
+                    name_at = data.find(b"\0", pos + 5, end) + 1
+                    if name_at <= 0 or name_at >= end:
+                        return None  # malformed
+                    if mapping and data[name_at] != 0:  # a named statement: renamed
+                        renamed = bind_fast(data, pos, name_at, end, self.client, statements,
+                                            self.registry)
+                        if renamed is None:
+                            return None
+                        if run < pos:
+                            parts.append(data[run:pos])
+                        parts.append(renamed)
+                        run = end
+                    batch_open = True
+                elif type_ == _PARSE:
+                    if end == pos + 5 or data[pos + 5] != 0:
+                        return None  # named, or empty
+                    batch_open = True
+                elif type_ == _DESCRIBE:
+                    if end < pos + 7 or (data[pos + 5] != _KIND_PORTAL and data[pos + 6] != 0):
+                        return None  # a named statement
+                    batch_open = True
+                else:
+                    return None
+                if mapping:
+                    at_sync = False
+            steps += _STEPS[type_]
+            pos = end
+        if steps:
+            plan.extend(steps)
+        self.at_sync = at_sync
+        self.batch_open = batch_open
+        self.at_rest = not batch_open  # (nothing pending)
+        if run == 0:
+            return data
+        if run < n:
+            parts.append(data[run:])
+        return b"".join(parts)
 
     def feed_general(self, data: bytes, plan: ReplyPlan,
                      status: int) -> tuple[bytes, bytes, int]:
