@@ -186,6 +186,16 @@ def test_bytes_after_the_free_point_are_reported() -> None:
     assert free_at == len(SELECT_1) + 6 and out == SELECT_1 + ready(b"I")
 
 
+def test_a_ready_for_query_nobody_asked_for() -> None:
+    """With nothing expected it frees an idle link (what follows is not passed); it does not
+    while the client's batch is open."""
+    link = Link()
+    assert link.feed(ready(b"I") + NOTICE) == (ready(b"I"), 6)
+    link = Link()
+    link.send(parse(b"", b"SELECT 1"))  # no Sync: the batch is open
+    assert link.feed(PARSE_OK + ready(b"I") + NOTICE) == (PARSE_OK + ready(b"I") + NOTICE, -1)
+
+
 @pytest.mark.parametrize("length", [0, 3, 0x7FFFFFFF])
 def test_bad_server_lengths_raise(length: int) -> None:
     link = Link()
@@ -264,9 +274,11 @@ BATCHES = [
     [describe(b"S", b"s1"), FLUSH, SYNC], [close(b"S", b"s2"), SYNC],
     [parse(b"s3", b"BAD"), bind(b"s3"), EXECUTE, SYNC], [bind(b"nope"), EXECUTE, SYNC],
     [query(b"SELECT 1"), query(b"SELECT 2")],
+    [parse(b"", b"SELECT 3"), bind(b""), EXECUTE, FLUSH],  # no Sync: the batch stays open
 ]
-#: What PostgreSQL may slip in between replies.
-ASYNC = [NOTICE, param(b"application_name", b"x"), msg(b"A", b"\0\0\0\x01chan\0\0")]
+#: What PostgreSQL may slip in between replies (a ReadyForQuery nobody asked for, too).
+ASYNC = [NOTICE, param(b"application_name", b"x"), msg(b"A", b"\0\0\0\x01chan\0\0"),
+         ready(b"I")]
 
 
 def _link_with_replies(capacity: int, rows: int, own_first: bool, batches: list[int],

@@ -86,7 +86,10 @@ class ReplyRouter:
         out: list[bytes] = []
         n = len(data)
         pos = run = 0  # run: start of the bytes to pass not yet appended to out
-        if self._header:
+        plan = self.plan
+        steps = plan.steps
+        fabricated = plan.out
+        if self._header:  # the rest of a split header
             need = 5 - len(self._header)
             header = self._header + data[:need]
             if len(header) < 5:
@@ -96,85 +99,112 @@ class ReplyRouter:
             pos = run = need
             if self._start(*_header(header, 0)):
                 out.append(header)
-        plan = self.plan
-        steps = plan.steps
-        fabricated = plan.out
+        if self._in_body:  # the rest of a split message
+            take = self._skip if self._skip <= n - pos else n - pos
+            if self._body is not None:
+                self._body += data[pos:pos + take]
+            pos += take
+            self._skip -= take
+            if self._drop:
+                run = pos
+            if self._skip:  # the rest comes in a later chunk
+                if run == 0 and not out:
+                    return data, -1
+                out.append(data[run:pos])
+                return b"".join(out), -1
+            self._in_body = False
+            ready = self._end()
+            if fabricated:
+                out.append(data[run:pos])
+                out.append(plan.fabricated_before_next())
+                run = pos
+            if ready and client_at_rest and not steps and self.status == _TX_IDLE:
+                out.append(data[run:pos])
+                return b"".join(out), pos
         max_length = self.max_length
         type_: int  # (typed: compiled, they stay machine integers)
         length: int
-        # The types that pass without the plan's attention now (rows, command tags, ...): the
-        # hot path forwards them without a call. Asked again after anything that may change
-        # the plan.
-        quiet = plan.quiet()
-        ready = False
-        while True:
-            if self._in_body:
-                take = self._skip if self._skip <= n - pos else n - pos
-                if self._body is not None:
-                    self._body += data[pos:pos + take]
-                pos += take
-                self._skip -= take
-                if self._drop:
-                    run = pos
-                if self._skip:
-                    break  # the rest of this message comes in a later chunk
-                self._in_body = False
-                ready = self._end()
-            else:
-                if pos >= n:
-                    break
-                if pos + 5 > n:
+        # The types that pass without the plan's attention now (rows, command tags, ...):
+        # forwarded without a call. Read again after anything that may change the plan.
+        quiet = steps[0].quiet if steps else _ALL_QUIET  # (plan.quiet())
+        while pos < n:  # whole messages, and maybe a split one at the end
+            if pos + 5 > n:
+                out.append(data[run:pos])
+                self._header = data[pos:]
+                return b"".join(out), -1
+            type_, length = _header(data, pos)
+            end = pos + 1 + length
+            if length < 4 or length - 4 > max_length:
+                raise FramingError(f"invalid message length {length} from the server")
+            if end > n:  # split: the general path follows it to its end in later chunks
+                if not self._start(type_, length):
                     out.append(data[run:pos])
-                    self._header = data[pos:]
-                    return b"".join(out), -1
-                type_, length = _header(data, pos)
-                end = pos + 1 + length
-                if end > n or type_ == _PARAM or length < 4 or length - 4 > max_length:
-                    # split, collected or bad: the general path
-                    if not self._start(type_, length):
-                        out.append(data[run:pos])
-                        run = pos + 5
-                    pos += 5
-                    quiet = plan.quiet()
-                    continue
-                # the common case: a whole message in this chunk
-                if not quiet[type_]:
-                    head = steps[0]  # (quiet is ALL_QUIET when nothing is expected)
-                    if head.plain and type_ in head.ends:
-                        plan.pop_plain()  # a request passed unchanged is answered
-                    elif plan.on_server_reply(type_) == DROP:
-                        out.append(data[run:pos])
-                        run = end
-                    quiet = steps[0].quiet if steps else _ALL_QUIET  # (plan.quiet())
-                if type_ in (_DATA_ROW, _COPY_DATA) and run != end:  # (run == end: dropped)
-                    # rows and COPY data end no request and are no error: the ones that
-                    # follow get the same answer, so they are skipped by their headers only
+                    run = pos + 5
+                take = n - pos - 5
+                self._skip -= take
+                if self._body is not None:
+                    self._body += data[pos + 5:n]
+                pos = n
+                if self._drop:
+                    run = n
+                break
+            if quiet[type_]:  # the common case: it passes, the plan has nothing to do
+                if type_ in (_DATA_ROW, _COPY_DATA):
+                    # the rows (or COPY data) that follow get the same answer: skipped by
+                    # their headers only
                     while end + 5 <= n and data[end] == type_:
                         (length,) = _length(data, end + 1)
                         if length < 4 or length - 4 > max_length or end + 1 + length > n:
                             break
                         end += 1 + length
-                ready = type_ == _READY
-                if ready:
+                    pos = end
+                    continue
+                pos = end
+                if type_ == _READY:
                     if length != 5:
                         raise FramingError("ReadyForQuery with a body that is not one byte")
-                    self.status = data[end - 1]
-                pos = end
+                    status = data[end - 1]
+                    self.status = status
+                    # free when nothing is expected (and so nothing fabricated is due)
+                    if client_at_rest and status == _TX_IDLE and not steps:
+                        return (data if run == 0 and not out and pos == n else
+                                b"".join([*out, data[run:pos]])), pos
+                elif type_ == _PARAM and length - 4 <= _MAX_COLLECTED:
+                    self._collect_parameter(data[end - length + 4:end])
+                continue
+            # the plan's attention: the reply ends a request, is an error, is dropped, ...
+            head = steps[0]  # (quiet is ALL_QUIET when nothing is expected)
+            if head.plain and type_ in head.ends:
+                plan.pop_plain()  # a request passed unchanged is answered
+            elif plan.on_server_reply(type_) == DROP:
+                out.append(data[run:pos])
+                run = end
+            quiet = steps[0].quiet if steps else _ALL_QUIET
+            pos = end
             if fabricated:  # (taking them leaves the plan's steps as they are)
                 out.append(data[run:pos])
                 out.append(plan.fabricated_before_next())
                 run = pos
-            if ready and client_at_rest and not steps and self.status == _TX_IDLE:
-                # free (``self.free``, at a boundary here, nothing fabricated left): the rest
-                # was not asked for
-                if run == 0 and not out:
-                    return data if pos == n else data[:pos], pos
-                out.append(data[run:pos])
-                return b"".join(out), pos
-        if run == 0 and pos == n and not out:
+            if type_ == _READY:
+                if length != 5:
+                    raise FramingError("ReadyForQuery with a body that is not one byte")
+                status = data[end - 1]
+                self.status = status
+                if client_at_rest and status == _TX_IDLE and not steps:
+                    out.append(data[run:pos])
+                    return b"".join(out), pos
+        if run == 0 and not out:
             return data, -1
         out.append(data[run:pos])
         return b"".join(out), -1
+
+    def _collect_parameter(self, body: bytes) -> None:
+        """A ParameterStatus passed: its value is remembered (``changes``)."""
+        try:
+            name, value = parse_parameter_status(body)
+        except ValueError as exc:
+            raise FramingError(str(exc)) from None
+        self.changes[name] = value
 
     def _start(self, type_: int, length: int) -> bool:
         """A message header: decide pass or drop; True if it passes."""
@@ -199,9 +229,5 @@ class ReplyRouter:
                 raise FramingError("ReadyForQuery with a body that is not one byte")
             self.status = body[0]
             return True
-        try:
-            name, value = parse_parameter_status(bytes(body))
-        except ValueError as exc:
-            raise FramingError(str(exc)) from None
-        self.changes[name] = value
+        self._collect_parameter(bytes(body))
         return False
