@@ -79,6 +79,7 @@ _LOCAL_TYPES: Final = frozenset([codes.PARSE, codes.CLOSE, codes.SYNC, codes.FLU
 _READY_IDLE: Final = msg.ready_for_query(b"I")
 _SESSION_TYPES: Final = SESSION_TYPES
 _TERMINATE_TYPE: Final = codes.TERMINATE
+_PARSE_TYPE: Final = codes.PARSE
 
 
 class TxLogin(NamedTuple):
@@ -207,7 +208,10 @@ class TransactionClient(ClientConnection):
         data = self._rest
         if len(data) < 5:
             return
-        if data[0] in _LOCAL_TYPES and self.ctx.config.main.max_prepared_statements > 0:
+        first = data[0]
+        if first in _LOCAL_TYPES and (first != _PARSE_TYPE or len(data) < 6 or data[5] != 0) and (
+                self.ctx.config.main.max_prepared_statements > 0):
+            # (an unnamed Parse, the usual start of an extended-protocol batch, never is)
             self._answer_locally()
             data = self._rest
             if len(data) < 5:
@@ -449,8 +453,10 @@ class TransactionClient(ClientConnection):
                      server.slot.id, server.pid, len(extra))
             server.poolable = False
         self._unlink(server)
-        track = self.named_parse and self.ctx.config.main.track_prepared_statements
-        self.named_parse = False
+        track = False
+        if self.named_parse:
+            track = self.ctx.config.main.track_prepared_statements
+            self.named_parse = False
         if not server.poolable:
             self.ctx.release_server(server, clean=False)
         elif track:  # pgagroal's track_prepared_statements (mapping off)
