@@ -7,17 +7,22 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.unit.txhelpers import EXECUTE, SYNC, Side, bind, close, msg, parse, query, split
+from tests.unit.txhelpers import (
+    EXECUTE,
+    SYNC,
+    FakePostgres,
+    Side,
+    bind,
+    close,
+    msg,
+    parse,
+    query,
+    split,
+)
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import PASS, ReplyPlan
-from pgcorral.protocol.rewrite import (
-    CLOSE_COMPLETE,
-    PARSE_COMPLETE,
-    parse_bind,
-    parse_parse,
-    parse_target,
-)
+from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 from pgcorral.protocol.txforward import DISCARD_ALL, ClientForwarder
 
@@ -98,65 +103,6 @@ def test_syncs_ignored_during_copy_in_get_no_step() -> None:
 
 
 # --- model test: several clients over simulated servers ---------------------------------------
-
-class FakePostgres:
-    """Named statements, error skipping until Sync, and the few replies the model needs."""
-
-    def __init__(self) -> None:
-        self.statements: dict[bytes, bytes] = {}
-        self.skipping = False
-        self.bound: list[bytes] = []  # identity of every successful Bind
-
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        for type_, body in split(data):
-            if self.skipping and type_ != ord("S"):
-                continue
-            out += self._one(chr(type_), body)
-        return out
-
-    def _error(self) -> list[bytes]:
-        self.skipping = True
-        return [msg(b"E", b"\0")]
-
-    def _one(self, kind: str, body: bytes) -> list[bytes]:
-        if kind == "P":
-            name, identity = parse_parse(body)
-            if name and name in self.statements:
-                return self._error()  # 42P05 (the mapper causes it for a client's second Parse)
-            if identity.startswith(b"BAD"):
-                return self._error()  # a statement PostgreSQL refuses
-            self.statements[name] = identity
-            return [msg(b"1")]
-        if kind == "B":
-            _, stmt, _ = parse_bind(body)
-            if stmt not in self.statements:
-                return self._error()
-            self.bound.append(self.statements[stmt])
-            return [msg(b"2")]
-        if kind == "E":
-            return [msg(b"C", b"SELECT 1\0")]
-        if kind == "C":
-            self.statements.pop(parse_target(body, "Close")[1], None)
-            return [msg(b"3")]
-        if kind == "S":
-            self.skipping = False
-            return [msg(b"Z", b"I")]
-        sql = body[:-1]
-        if sql == b"":
-            return [msg(b"I"), msg(b"Z", b"I")]
-        if sql == b"DISCARD ALL":
-            self.statements.clear()
-            return [msg(b"C", b"DISCARD ALL\0"), msg(b"Z", b"I")]
-        if sql == b"DEALLOCATE ALL":
-            self.statements.clear()
-            return [msg(b"C", b"DEALLOCATE ALL\0"), msg(b"Z", b"I")]
-        name = sql.split()[-1]
-        if name in self.statements:
-            del self.statements[name]
-            return [msg(b"C", b"DEALLOCATE\0"), msg(b"Z", b"I")]
-        return [msg(b"E", b"\0"), msg(b"Z", b"I")]
-
 
 QUERIES = [b"SELECT 1", b"SELECT 2", b"SELECT 3", b"SELECT 4"]
 NAMES = [b"s1", b"s2", b"s3"]

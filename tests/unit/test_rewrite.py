@@ -209,19 +209,27 @@ def test_body_helpers() -> None:
     assert parse_target(b"Sname\0") == (ord("S"), b"name")
 
 
+def _bind_fast(side: Side, message: bytes, before: bytes = b"Q\0\0\0\x05\0",
+               after: bytes = b"S\0\0\0\x04") -> bytes | None:
+    """``bind_fast`` of ``message`` read in place inside a chunk, between other messages."""
+    data = before + message + after
+    pos, end = len(before), len(before) + len(message)
+    name_at = data.index(b"\0", pos + 5) + 1
+    return bind_fast(data, pos, name_at, end, side.client, side.server, side.registry)
+
+
 def test_bind_fast_renames_only_a_statement_the_server_has() -> None:
     side = Side()
     side.send(parse(b"a", b"SELECT 1"), SYNC)
     side.plan.on_server_reply(ord("1"))
     side.plan.on_server_reply(ord("Z"))
-    body = bind(b"a", b"portal")[5:]
-    renamed = bind_fast(body, side.client, side.server, side.registry)
-    assert renamed is not None and renamed == bind(b"pgc_1", b"portal")
-    assert bind_fast(bind(b"")[5:], side.client, side.server, side.registry) is None
-    assert bind_fast(bind(b"nope")[5:], side.client, side.server, side.registry) is None
+    message = bind(b"a", b"portal")
+    assert _bind_fast(side, message) == bind(b"pgc_1", b"portal")
+    assert _bind_fast(side, message, b"", b"") == bind(b"pgc_1", b"portal")
+    assert _bind_fast(side, bind(b"nope")) is None
     side.server.discard("pgc_1")  # not on this server: rewrite() must re-Parse it
-    assert bind_fast(body, side.client, side.server, side.registry) is None
-    assert bind_fast(b"\0", side.client, side.server, side.registry) is None  # malformed
+    assert _bind_fast(side, message) is None
+    assert _bind_fast(side, msg(b"B", b"\0a"), b"", b"") is None  # malformed: no end of name
 
 
 def test_parse_and_close_answered_locally() -> None:

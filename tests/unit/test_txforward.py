@@ -45,7 +45,9 @@ class Pipe:
     makes itself, and what was seen; then answers as a fake PostgreSQL and collects what the
     client gets."""
 
-    def __init__(self, capacity: int, status: int = codes.TX_IDLE) -> None:
+    def __init__(self, capacity: int, status: int = codes.TX_IDLE,
+                 general: bool = False) -> None:
+        self.general = general  # every chunk through ``feed_general`` (no fast path)
         self.registry = StatementRegistry()
         self.client = ClientStatements()
         self.server = ServerStatements(capacity)
@@ -54,6 +56,7 @@ class Pipe:
         self.forwarder.link()
         self.status = status
         self.rest = b""
+        self.trace: list[tuple[object, ...]] = []  # what each chunk did, and the state after
         self.sent: list[bytes] = []
         self.fabricated: list[bytes] = []
         self.seen = 0
@@ -67,12 +70,16 @@ class Pipe:
         if self.seen & (TERMINATE | VIOLATION):
             return b""  # the client is gone
         fwd = self.forwarder
-        send, self.rest, seen = fwd.feed(self.rest + chunk, self.plan, self.status)
+        feed = fwd.feed_general if self.general else fwd.feed
+        send, self.rest, seen = feed(self.rest + chunk, self.plan, self.status)
         assert fwd.at_rest == (not fwd.batch_open and not fwd.pending)
         assert not self.rest or not fwd.pending  # a kept message is never streaming
         self.sent.append(send)
         self.seen |= seen
         self.fabricated.append(self.plan.fabricated_before_next())
+        self.trace.append((send, self.rest, seen, fwd.batch_open, fwd.at_sync, fwd.at_rest,
+                           fwd.pending, len(self.plan), self.server.names(),
+                           list(self.server.pending_close), dict(self.client.names)))
         return send
 
     def state(self) -> dict[str, object]:
@@ -126,9 +133,11 @@ def _replies(sent: bytes) -> list[bytes]:
     return out
 
 
-def run(stream: bytes, cuts: list[int], capacity: int) -> dict[str, object]:
-    """Feed ``stream`` cut at ``cuts``: everything the forwarder did, and the replies."""
-    pipe = Pipe(capacity)
+def run(stream: bytes, cuts: list[int], capacity: int, status: int = codes.TX_IDLE,
+        general: bool = False, trace: bool = False) -> dict[str, object]:
+    """Feed ``stream`` cut at ``cuts``: everything the forwarder did, and the replies (and,
+    with ``trace``, what each chunk did and the state after it)."""
+    pipe = Pipe(capacity, status, general)
     start = 0
     for end in [*sorted(set(cuts)), len(stream)]:
         if start < end:
@@ -136,6 +145,8 @@ def run(stream: bytes, cuts: list[int], capacity: int) -> dict[str, object]:
             start = end
     result = pipe.state()
     result["verdicts"], result["to_client"] = pipe.answer()
+    if trace:
+        result["trace"] = pipe.trace
     return result
 
 
@@ -346,3 +357,60 @@ def test_any_chunking(name: str, capacity: int, cuts: list[int]) -> None:
 def test_any_chunking_of_a_large_copy(capacity: int, cuts: list[int]) -> None:
     stream = _copy()
     assert run(stream, cuts, capacity) == run(stream, [], capacity)
+
+
+# --- the fast path gives what the general path gives -----------------------------------------
+
+#: Client messages the fast path must tell apart (whole Queries that pass, that are translated,
+#: that start with whitespace, an empty one) mixed with the rest.
+MESSAGES = [
+    query(b"SELECT 1"), query(b"select 2"), query(b" SELECT 3"), query(b"\tdiscard all"),
+    query(b"DISCARD ALL"), query(b"discard plans"), query(b"DEALLOCATE s1"),
+    query(b"deallocate ALL"), query(b"Deallocate prepare s2"), query(b"do $$ $$"),
+    query(b""), msg(b"Q", b"no terminator"), msg(b"Q"),
+    parse(b"s1", b"SELECT 1"), parse(b"s2", b"SELECT 2"), parse(b"s3", b"SELECT 3"),
+    parse(b"", b"SELECT 4"), bind(b"s1"), bind(b"s2", b"portal"), bind(b"s3"), bind(b""),
+    bind(b"nope"), msg(b"B", b"\0"), describe(b"S", b"s1"), describe(b"P", b""),
+    close(b"S", b"s2"), close(b"P", b"portal"), EXECUTE, SYNC, FLUSH,
+    msg(b"d", b"row\n"), msg(b"c"),
+]
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 10])
+@pytest.mark.parametrize("messages", [
+    # an evicted statement's Close goes before the next batch, a lone Query included
+    [parse(b"s1", b"SELECT 1"), parse(b"s2", b"SELECT 2"), SYNC, query(b"SELECT 1")],
+    [parse(b"s1", b"SELECT 1"), bind(b"s1"), parse(b"s2", b"SELECT 2"), bind(b"s2"), SYNC,
+     query(b"SELECT 1"), query(b"SELECT 2")],
+    [query(b"DISCARD ALL"), query(b" discard all"), query(b"DEALLOCATE ALL")],
+])
+def test_fast_path_gives_the_general_result_cases(messages: list[bytes], capacity: int) -> None:
+    cuts = [len(b"".join(messages[:i])) for i in range(1, len(messages))]
+    stream = b"".join(messages)
+    assert run(stream, cuts, capacity, trace=True) == run(stream, cuts, capacity, general=True,
+                                                          trace=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(MESSAGES), min_size=1, max_size=14),
+       st.sampled_from([0, 1, 2, 10]),
+       st.sampled_from([codes.TX_IDLE, codes.TX_IN_BLOCK, codes.TX_FAILED]),
+       st.lists(st.integers(min_value=1, max_value=300), max_size=8), st.booleans())
+def test_fast_path_gives_the_general_result(messages: list[bytes], capacity: int, status: int,
+                                            cuts: list[int], one_per_chunk: bool) -> None:
+    """``feed`` (with its fast paths) and ``feed_general`` give the same bytes and leave the
+    same plan, names and state after every chunk, whether each message comes in a chunk of its
+    own or the stream is cut anywhere."""
+    stream = b"".join(messages)
+    if one_per_chunk:
+        cuts = [len(b"".join(messages[:i])) for i in range(1, len(messages))]
+    assert run(stream, cuts, capacity, status, trace=True) == run(
+        stream, cuts, capacity, status, general=True, trace=True)
+
+
+def test_the_fast_path_takes_a_lone_query() -> None:
+    pipe = Pipe(capacity=10)
+    data = query(b"SELECT 1")
+    send, rest, seen = pipe.forwarder.feed(data, pipe.plan, codes.TX_IDLE)
+    assert send is data and rest == b"" and seen == 0 and len(pipe.plan) == 1
+    assert not pipe.forwarder.at_sync and pipe.forwarder.at_rest

@@ -9,10 +9,24 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.unit.txhelpers import EXECUTE, SYNC, bind, msg, parse, ready
+from tests.unit.txhelpers import (
+    EXECUTE,
+    FLUSH,
+    SYNC,
+    FakePostgres,
+    bind,
+    close,
+    describe,
+    msg,
+    parse,
+    query,
+    ready,
+    split,
+)
 
+from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.replyplan import ReplyPlan, own_query_step
+from pgcorral.protocol.replyplan import PASS, ReplyPlan, own_query_step
 from pgcorral.protocol.rewrite import PARSE_COMPLETE, parse_locally
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 from pgcorral.protocol.txforward import STREAM_FROM, ClientForwarder
@@ -172,6 +186,16 @@ def test_bytes_after_the_free_point_are_reported() -> None:
     assert free_at == len(SELECT_1) + 6 and out == SELECT_1 + ready(b"I")
 
 
+def test_a_ready_for_query_nobody_asked_for() -> None:
+    """With nothing expected it frees an idle link (what follows is not passed); it does not
+    while the client's batch is open."""
+    link = Link()
+    assert link.feed(ready(b"I") + NOTICE) == (ready(b"I"), 6)
+    link = Link()
+    link.send(parse(b"", b"SELECT 1"))  # no Sync: the batch is open
+    assert link.feed(PARSE_OK + ready(b"I") + NOTICE) == (PARSE_OK + ready(b"I") + NOTICE, -1)
+
+
 @pytest.mark.parametrize("length", [0, 3, 0x7FFFFFFF])
 def test_bad_server_lengths_raise(length: int) -> None:
     link = Link()
@@ -236,3 +260,86 @@ def test_a_half_forwarded_client_message_keeps_the_link() -> None:
     assert free_at == -1 and link.router.free and not link.free
     assert link.send(copy[100:]) == copy[100:]
     assert link.free
+
+
+# --- the hot path gives what the general path gives ------------------------------------------
+
+#: Client batches: simple queries (rows, DEALLOCATE answered here, errors), extended batches
+#: (renames, re-Parses, fabricated replies, errors skipping to Sync), pipelined ones.
+BATCHES = [
+    [query(b"SELECT 1")], [query(b"")], [query(b"nope")], [query(b"DEALLOCATE s1")],
+    [parse(b"s1", b"SELECT 1"), SYNC], [parse(b"s2", b"SELECT 2"), bind(b"s2"), EXECUTE, SYNC],
+    [bind(b"s1"), EXECUTE, SYNC], [bind(b"s1"), describe(b"P", b""), EXECUTE, SYNC],
+    [parse(b"", b"SELECT 3"), bind(b""), describe(b"P", b""), EXECUTE, SYNC],
+    [describe(b"S", b"s1"), FLUSH, SYNC], [close(b"S", b"s2"), SYNC],
+    [parse(b"s3", b"BAD"), bind(b"s3"), EXECUTE, SYNC], [bind(b"nope"), EXECUTE, SYNC],
+    [query(b"SELECT 1"), query(b"SELECT 2")],
+    [parse(b"", b"SELECT 3"), bind(b""), EXECUTE, FLUSH],  # no Sync: the batch stays open
+]
+#: What PostgreSQL may slip in between replies (a ReadyForQuery nobody asked for, too).
+ASYNC = [NOTICE, param(b"application_name", b"x"), msg(b"A", b"\0\0\0\x01chan\0\0"),
+         ready(b"I")]
+
+
+def _link_with_replies(capacity: int, rows: int, own_first: bool, batches: list[int],
+                       slipped: list[tuple[int, int]]) -> tuple[Link, bytes]:
+    """A link whose plan holds the steps of ``batches`` (indexes into BATCHES; maybe after an
+    own query), and the server's replies to all of them with ``slipped`` (position, index into
+    ASYNC) messages slipped in. The same arguments give the same link and stream."""
+    link = Link(capacity)
+    fake = FakePostgres(rows)
+    replies: list[bytes] = []
+    if own_first:
+        link.router.plan.extend((own_query_step(),))
+        replies += [msg(b"C", b"SELECT 1\0"), ready(b"I")]
+    for i in batches:
+        sent, rest, _ = link.forwarder.feed(b"".join(BATCHES[i]), link.router.plan,
+                                            link.router.status)
+        assert rest == b""
+        replies += fake.feed(sent)
+    for at, i in slipped:
+        replies.insert(at % (len(replies) + 1), ASYNC[i])
+    return link, b"".join(replies)
+
+
+def reference(link: Link, stream: bytes) -> tuple[bytes, int]:
+    """The router's answer the slow way: every whole message asks the plan."""
+    plan, out, pos = link.router.plan, b"", 0
+    for type_, body in split(stream):
+        end = pos + 5 + len(body)
+        if plan.on_server_reply(type_) == PASS:
+            out += stream[pos:end]
+        out += plan.fabricated_before_next()
+        pos = end
+        if type_ == codes.READY_FOR_QUERY and body == b"I" and link.forwarder.at_rest and (
+                plan.idle):
+            return out, pos
+    return out, -1
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([0, 1, 10]), st.integers(0, 3), st.booleans(),
+       st.lists(st.integers(0, len(BATCHES) - 1), min_size=1, max_size=5),
+       st.lists(st.tuples(st.integers(0, 100), st.integers(0, len(ASYNC) - 1)), max_size=3),
+       st.lists(st.integers(min_value=1, max_value=200), max_size=6))
+def test_whole_messages_give_the_general_result(
+        capacity: int, rows: int, own_first: bool, batches: list[int],
+        slipped: list[tuple[int, int]], cuts: list[int]) -> None:
+    """Whole messages take the router's hot path (the plan's quiet types are not asked about);
+    byte by byte every message goes through the general path; the reference asks the plan
+    about every message. They agree on the bytes, the free offset, and the state left."""
+    def outcome(how: str) -> tuple[object, ...]:
+        link, stream = _link_with_replies(capacity, rows, own_first, batches, slipped)
+        if how == "reference":
+            got = reference(link, stream)
+        else:
+            got = feed_chunks(link, stream, list(range(1, len(stream))) if how == "bytes"
+                              else cuts)
+        plan = link.router.plan
+        return (got, link.router.status if how != "reference" else None, len(plan),
+                plan.idle, link.server.names(), list(link.server.pending_close),
+                dict(link.client.names), sorted(link.registry.known))
+
+    whole, by_bytes, slow = outcome("cuts"), outcome("bytes"), outcome("reference")
+    assert whole == by_bytes
+    assert whole[0] == slow[0] and whole[2:] == slow[2:]

@@ -1,5 +1,7 @@
-"""Helpers of the transaction pipeline's unit tests: client and server messages as bytes, and
-``Side``, one client on one server connection through the statement mapper and a reply plan."""
+"""Helpers of the transaction pipeline's unit tests: client and server messages as bytes,
+``Side``, one client on one server connection through the statement mapper and a reply plan,
+and ``FakePostgres``, the replies of a server that keeps its statements and skips after
+errors."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import struct
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import PASS, ReplyPlan
-from pgcorral.protocol.rewrite import REQUESTS, rewrite
+from pgcorral.protocol.rewrite import REQUESTS, parse_bind, parse_parse, parse_target, rewrite
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 
 
@@ -44,6 +46,7 @@ def ready(status: bytes) -> bytes:
 
 
 EXECUTE = msg(b"E", b"\0\0\0\0\0")
+ROW_DESCRIPTION = msg(b"T", b"\0\x01x\0" + b"\0" * 6 + b"\0\x17\0\x04\xff\xff\xff\xff\0\0")
 SYNC = msg(b"S")
 FLUSH = msg(b"H")
 TERMINATE = msg(b"X")
@@ -95,3 +98,71 @@ class Side:
                 self.to_client += m
             self.to_client += self.plan.fabricated_before_next()
         return verdicts
+
+
+class FakePostgres:
+    """Named statements, error skipping until Sync, and the few replies the tests need."""
+
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows  # DataRows per Execute or SELECT
+        self.statements: dict[bytes, bytes] = {}
+        self.skipping = False
+        self.bound: list[bytes] = []  # identity of every successful Bind
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for type_, body in split(data):
+            if self.skipping and type_ != ord("S"):
+                continue
+            out += self._one(chr(type_), body)
+        return out
+
+    def _error(self) -> list[bytes]:
+        self.skipping = True
+        return [msg(b"E", b"\0")]
+
+    def _one(self, kind: str, body: bytes) -> list[bytes]:
+        if kind == "P":
+            name, identity = parse_parse(body)
+            if name and name in self.statements:
+                return self._error()  # 42P05 (the mapper causes it for a client's second Parse)
+            if identity.startswith(b"BAD"):
+                return self._error()  # a statement PostgreSQL refuses
+            self.statements[name] = identity
+            return [msg(b"1")]
+        if kind == "B":
+            _, stmt, _ = parse_bind(body)
+            if stmt not in self.statements:
+                return self._error()
+            self.bound.append(self.statements[stmt])
+            return [msg(b"2")]
+        if kind == "E":
+            return [msg(b"D", b"\0\x01\0\0\0\x011")] * self.rows + [msg(b"C", b"SELECT 1\0")]
+        if kind == "D":
+            rows = [ROW_DESCRIPTION] if body[:1] == b"P" else [msg(b"t", b"\0\0"), msg(b"n")]
+            return rows
+        if kind == "H":
+            return []
+        if kind == "C":
+            self.statements.pop(parse_target(body, "Close")[1], None)
+            return [msg(b"3")]
+        if kind == "S":
+            self.skipping = False
+            return [msg(b"Z", b"I")]
+        sql = body[:-1]
+        if sql.startswith(b"SELECT"):
+            return [ROW_DESCRIPTION, *[msg(b"D", b"\0\x01\0\0\0\x011")] * self.rows,
+                    msg(b"C", b"SELECT 1\0"), msg(b"Z", b"I")]
+        if sql == b"":
+            return [msg(b"I"), msg(b"Z", b"I")]
+        if sql == b"DISCARD ALL":
+            self.statements.clear()
+            return [msg(b"C", b"DISCARD ALL\0"), msg(b"Z", b"I")]
+        if sql == b"DEALLOCATE ALL":
+            self.statements.clear()
+            return [msg(b"C", b"DEALLOCATE ALL\0"), msg(b"Z", b"I")]
+        name = sql.split()[-1]
+        if name in self.statements:
+            del self.statements[name]
+            return [msg(b"C", b"DEALLOCATE\0"), msg(b"Z", b"I")]
+        return [msg(b"E", b"\0"), msg(b"Z", b"I")]

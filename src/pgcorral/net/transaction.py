@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -44,7 +44,7 @@ from pgcorral.net.client import ClientConnection
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
 from pgcorral.pipelines.session import RESET_TIMEOUT
-from pgcorral.pool.pool import Grant, Waiter
+from pgcorral.pool.pool import Grant, Slot, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.replyplan import own_query_step
@@ -65,14 +65,21 @@ if TYPE_CHECKING:
     from pgcorral.net.server import ServerConnection
     from pgcorral.net.txserver import TxServerConnection
 
-log = logging.getLogger("pgcorral.transaction")
-_header_unpack_from = struct.Struct("!BI").unpack_from
+# Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
+# lookup in the module's dict.
+log: Final = logging.getLogger("pgcorral.transaction")
+_header_unpack_from: Final = struct.Struct("!BI").unpack_from
 
 #: Reported parameters a client cannot set (set_config would fail).
-READ_ONLY_PARAMS = frozenset(["server_version", "server_encoding", "integer_datetimes",
-                              "is_superuser", "session_authorization", "in_hot_standby"])
-_STATEMENT_RESETS = ("DISCARD ALL", "DEALLOCATE ALL")
-_READY_IDLE = msg.ready_for_query(b"I")
+READ_ONLY_PARAMS: Final = frozenset(["server_version", "server_encoding", "integer_datetimes",
+                                     "is_superuser", "session_authorization", "in_hot_standby"])
+_STATEMENT_RESETS: Final = ("DISCARD ALL", "DEALLOCATE ALL")
+#: What ``_answer_locally`` may answer (a chunk starting with anything else needs a server).
+_LOCAL_TYPES: Final = frozenset([codes.PARSE, codes.CLOSE, codes.SYNC, codes.FLUSH])
+_READY_IDLE: Final = msg.ready_for_query(b"I")
+_SESSION_TYPES: Final = SESSION_TYPES
+_TERMINATE_TYPE: Final = codes.TERMINATE
+_PARSE_TYPE: Final = codes.PARSE
 
 
 class TxLogin(NamedTuple):
@@ -167,6 +174,11 @@ class TransactionClient(ClientConnection):
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
         self.forwarder = ClientForwarder(self.statements, ctx.registry, self.tracker.max_length)
         self.named_parse = False  # a named Parse went through unmapped in this transaction
+        #: ``server`` with its type (the hot path reads it without a cast)
+        self.linked: TxServerConnection | None = None
+        # the pool's callbacks, bound once (not a new bound method per wait)
+        self._on_granted = self._granted_tx
+        self._on_expired = self._wait_expired
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -179,8 +191,9 @@ class TransactionClient(ClientConnection):
         if rest:
             data = rest + data
             self._rest = b""
-        if self.server is not None:
-            self._forward(data)
+        server = self.linked
+        if server is not None:
+            self._forward(server, data)
         else:
             self._rest = data
             if len(data) > FRAMED_BUFFER_LIMIT and not self._rest_paused:
@@ -192,19 +205,27 @@ class TransactionClient(ClientConnection):
         """Unlinked with bytes waiting: get a server connection once a whole message is here."""
         if self._acquiring or self.closed or self.terminating:
             return
-        if self.ctx.config.main.max_prepared_statements > 0:
-            self._answer_locally()
         data = self._rest
         if len(data) < 5:
             return
+        first = data[0]
+        if first in _LOCAL_TYPES and (first != _PARSE_TYPE or len(data) < 6 or data[5] != 0) and (
+                self.ctx.config.main.max_prepared_statements > 0):
+            # (an unnamed Parse, the usual start of an extended-protocol batch, never is)
+            self._answer_locally()
+            data = self._rest
+            if len(data) < 5:
+                return
+        type_: int
+        length: int
         type_, length = _header_unpack_from(data, 0)
         if length < 4 or length - 4 > self.tracker.max_length:
             self._protocol_violation(f"invalid message length {length}")
             return
-        if type_ == codes.TERMINATE:
+        if type_ == _TERMINATE_TYPE:
             self.end("terminate")
             return
-        if type_ not in SESSION_TYPES:
+        if type_ not in _SESSION_TYPES:
             self._protocol_violation(f"invalid frontend message type {type_}")
             return
         if len(data) < 1 + length:
@@ -215,7 +236,7 @@ class TransactionClient(ClientConnection):
             return
         slot = ctx.pool.take_idle(self.key)
         if slot is not None:
-            self._take(Grant(slot, new=False))
+            self._take(slot)
             return
         # No idle connection: a new one, or a place in line. The wait is driven by callbacks
         # (``_granted_tx``, ``_wait_expired``), not by the client's coroutine: a server
@@ -225,9 +246,9 @@ class TransactionClient(ClientConnection):
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
         self._acquiring = True
-        result = ctx.pool.request(self.key, timeout, self._granted_tx, self._wait_expired)
+        result = ctx.pool.request(self.key, timeout, self._on_granted, self._on_expired)
         if isinstance(result, Grant):
-            self._take(result)
+            self._use_grant(result)
             return
         self._waiter = result
         self._wait_timeout = timeout
@@ -241,7 +262,7 @@ class TransactionClient(ClientConnection):
         its bookkeeping; a transaction linked here cannot end before a server reply comes, so
         the pool is not re-entered from here.)"""
         self._waiter = None
-        self._take(grant)
+        self._use_grant(grant)
 
     def _wait_expired(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -253,30 +274,49 @@ class TransactionClient(ClientConnection):
             f'database "{self.key[0]}" became free within {self._wait_timeout:g} s'))
         self.end("pool exhausted")
 
-    def _take(self, grant: Grant) -> None:
-        """A slot for the client's next transaction: link it now, or let the coroutine open
-        (or validate) it."""
-        ctx = self.ctx
-        self._acquiring = True
-        ended = self._ended
-        if self.closed or (ended is not None and ended.done()):
-            self._acquiring = False
-            _give_back(ctx, grant)
-            return
+    def _use_grant(self, grant: Grant) -> None:
+        """A slot from the pool for the client's next transaction: an idle one is linked now;
+        a new one (or one to validate) is for the coroutine."""
         if grant.victim is not None and grant.victim.conn is not None:
             grant.victim.conn.terminate()
         if not grant.new:
-            server: TxServerConnection = grant.slot.conn
-            server.idle = False
-            if server.closed:
-                ctx.pool.discard(grant.slot)
-                self._acquiring = False
-                self._want_server()
-                return
-            if ctx.config.main.validation != "foreground":
-                server.router.reset()
-                self._link(server)
-                return
+            self._take(grant.slot)
+            return
+        self._acquiring = True
+        if self._client_gone():
+            self._acquiring = False
+            _give_back(self.ctx, grant)
+            return
+        self._serve_in_coroutine(grant)
+
+    def _take(self, slot: Slot) -> None:
+        """An idle slot (its connection logged in) for the client's next transaction: linked
+        now, unless it must be validated first (the coroutine does that)."""
+        ctx = self.ctx
+        server: TxServerConnection = slot.conn
+        if self._client_gone():
+            self._acquiring = False
+            ctx.release_server(server, clean=True)
+            return
+        server.idle = False
+        if server.closed:
+            ctx.pool.discard(slot)
+            self._acquiring = False
+            self._want_server()
+            return
+        if ctx.config.main.validation != "foreground":
+            server.router.reset()
+            self._link(server)
+            return
+        self._acquiring = True
+        self._serve_in_coroutine(Grant(slot, new=False))
+
+    def _client_gone(self) -> bool:
+        ended = self._ended
+        return self.closed or (ended is not None and ended.done())
+
+    def _serve_in_coroutine(self, grant: Grant) -> None:
+        """Open (or validate) the slot in the client's coroutine (``_serve``)."""
         self._grant_pending = grant
         need = self._need
         if need is not None and not need.done():
@@ -316,15 +356,18 @@ class TransactionClient(ClientConnection):
             self._rest = data[pos:]
             self.write(b"".join(out))
 
-    def _forward(self, data: bytes) -> None:
-        """Linked: forward every whole message of ``data``, keep a partial one."""
-        server = cast("TxServerConnection", self.server)
+    def _forward(self, server: TxServerConnection, data: bytes) -> None:
+        """Linked to ``server``: forward every whole message of ``data``, keep a partial one."""
         router = server.router
         plan = router.plan
         forwarder = self.forwarder
         send, self._rest, seen = forwarder.feed(data, plan, router.status)
         if send:
-            self._send(server, send)
+            server.status = -1
+            try:
+                server.transport.write(send)
+            except RuntimeError:  # the server's transport closed under us (uvloop raises)
+                self.end("server lost")
         if seen:
             if seen & NAMED_PARSE:
                 self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
@@ -334,53 +377,55 @@ class TransactionClient(ClientConnection):
             if seen & VIOLATION:
                 self._protocol_violation(forwarder.violation)
                 return
-        if plan.has_fabricated and router.at_boundary:
+        if plan.out and router.at_boundary:  # replies pgcorral answered itself are due
             self.write(plan.fabricated_before_next())
         if seen & TERMINATE:
             self.terminating = True
             if plan.idle and router.at_boundary:
                 self.end("terminate")
-        elif forwarder.at_rest and router.free and self.server is server:
-            self.server_free(server, b"")
-
-    def _send(self, server: TxServerConnection, data: bytes) -> None:
-        server.status = -1
-        try:
-            server.transport.write(data)
-        except RuntimeError:  # the server's transport closed under us (uvloop raises)
-            self.end("server lost")
+        elif not plan.steps and forwarder.at_rest and router.free and self.linked is server:
+            self.server_free(server, b"")  # everything was answered here
 
     # --- linking -----------------------------------------------------------------------------
 
     def _link(self, server: TxServerConnection) -> None:
         self._acquiring = False
-        self.server = server
-        self.peer = server
-        server.peer = self
+        self.server = self.peer = self.linked = server
+        server.peer = server.client = self
         self.forwarder.link()
         if self.writing_paused:  # flow control follows the link
             server.transport.pause_reading()
         if server.writing_paused:
             self.transport.pause_reading()
-        pairs = self._settings_for(server)
-        if pairs:
-            server.transport.write(msg.set_config_statement(pairs))
-            server.router.plan.extend((own_query_step(),))
+        if self.params is not server.params or self.extra != server.extra:
+            pairs = self._settings_for(server)
+            if pairs:
+                server.transport.write(msg.set_config_statement(pairs))
+                server.router.plan.extend((own_query_step(),))
         data, self._rest = self._rest, b""
         if self._rest_paused:
             self._rest_paused = False
             self.transport.resume_reading()
-        self._forward(data)
+        self._forward(server, data)
 
     def _settings_for(self, server: TxServerConnection) -> list[tuple[str, str | None]]:
         """What to set on ``server`` so that it shows this client's settings."""
         pairs: list[tuple[str, str | None]] = []
         mine, theirs = self.params, server.params
-        if mine is not theirs and mine != theirs:
-            for name, value in mine.items():
-                now = theirs.get(name)
-                if now is not None and now != value and name not in READ_ONLY_PARAMS:
-                    pairs.append((name, value))
+        if mine is not theirs:
+            if mine == theirs:
+                # The same values: both keep the older dict (the lower id), so that equal
+                # parameters end up in one dict everywhere and ``_link`` finds them equal by
+                # identity. (Parameter dicts are replaced, never changed in place.)
+                if id(theirs) < id(mine):
+                    self.params = theirs
+                else:
+                    server.params = mine
+            else:
+                for name, value in mine.items():
+                    now = theirs.get(name)
+                    if now is not None and now != value and name not in READ_ONLY_PARAMS:
+                        pairs.append((name, value))
         mine_extra, their_extra = self.extra, server.extra
         if mine_extra != their_extra:
             for name, value in mine_extra.items():
@@ -393,9 +438,8 @@ class TransactionClient(ClientConnection):
         return pairs
 
     def _unlink(self, server: TxServerConnection) -> None:
-        self.server = None
-        self.peer = None
-        server.peer = None
+        self.server = self.peer = self.linked = None
+        server.peer = server.client = None
         self.params = server.params  # replaced, never changed in place: shared safely
         if server.writing_paused:
             self.transport.resume_reading()
@@ -409,8 +453,10 @@ class TransactionClient(ClientConnection):
                      server.slot.id, server.pid, len(extra))
             server.poolable = False
         self._unlink(server)
-        track = self.named_parse and self.ctx.config.main.track_prepared_statements
-        self.named_parse = False
+        track = False
+        if self.named_parse:
+            track = self.ctx.config.main.track_prepared_statements
+            self.named_parse = False
         if not server.poolable:
             self.ctx.release_server(server, clean=False)
         elif track:  # pgagroal's track_prepared_statements (mapping off)
@@ -553,7 +599,7 @@ class TransactionClient(ClientConnection):
             self._grant_pending = None
         ended = self._ended
         reason = ended.result() if ended is not None and ended.done() else "error"
-        server = cast("TxServerConnection | None", self.server)
+        server = self.linked
         if server is None:
             return
         if reason == "server lost":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final
 
 from pgcorral.net.server import ServerConnection
 from pgcorral.protocol.framing import FramingError
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pgcorral.net.transaction import TransactionClient
     from pgcorral.pool.pool import Slot
 
-log = logging.getLogger("pgcorral.server")
+log: Final = logging.getLogger("pgcorral.server")
 
 
 class TxServerConnection(ServerConnection):
@@ -40,9 +40,11 @@ class TxServerConnection(ServerConnection):
         self.extra: dict[str, str] = {}  # lower-case name -> value pgcorral set, not reported
         self.cancels = 0  # cancel requests being forwarded to this backend
         self.after_cancels: Callable[[], None] | None = None  # release held for them
+        #: ``peer`` with its type, set with it by the client (the hot path reads it)
+        self.client: TransactionClient | None = None
 
     def data_received(self, data: bytes) -> None:
-        client = cast("TransactionClient | None", self.peer)
+        client = self.client
         if client is None:
             super().data_received(data)
             return

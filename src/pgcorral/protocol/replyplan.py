@@ -33,26 +33,48 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.messages import message
 from pgcorral.protocol.statements import ClientStatements, ServerStatements
 
-PASS = "pass"
-DROP = "drop"
+PASS: Final = "pass"
+DROP: Final = "drop"
 
+# ``Final``: compiled, a C static load instead of a lookup in the module's dict.
 #: Reply types that end a step, by request. A step of a Query or Sync ends with ``READY_ENDS``
 #: (the plan tells it by identity).
-READY_ENDS = frozenset([codes.READY_FOR_QUERY])
-PARSE_ENDS = frozenset([codes.PARSE_COMPLETE])
-BIND_ENDS = frozenset([codes.BIND_COMPLETE])
-CLOSE_ENDS = frozenset([codes.CLOSE_COMPLETE])
-DESCRIBE_ENDS = frozenset([codes.ROW_DESCRIPTION, codes.NO_DATA])
-_EXECUTE_ENDS = frozenset([codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE,
-                           codes.PORTAL_SUSPENDED])
-_ASYNC = frozenset([codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS, codes.NOTIFICATION_RESPONSE])
-_COPY_END = frozenset([codes.COPY_DONE, codes.COPY_FAIL])
+READY_ENDS: Final = frozenset([codes.READY_FOR_QUERY])
+PARSE_ENDS: Final = frozenset([codes.PARSE_COMPLETE])
+BIND_ENDS: Final = frozenset([codes.BIND_COMPLETE])
+CLOSE_ENDS: Final = frozenset([codes.CLOSE_COMPLETE])
+DESCRIBE_ENDS: Final = frozenset([codes.ROW_DESCRIPTION, codes.NO_DATA])
+_EXECUTE_ENDS: Final = frozenset([codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE,
+                                  codes.PORTAL_SUSPENDED])
+_ASYNC: Final = frozenset([codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS,
+                           codes.NOTIFICATION_RESPONSE])
+_COPY_END: Final = frozenset([codes.COPY_DONE, codes.COPY_FAIL])
+#: Reply types ``on_server_reply`` acts on whatever the head step ends with.
+_ATTENTION: Final = frozenset([codes.ERROR_RESPONSE, codes.COPY_IN_RESPONSE,
+                               codes.EMPTY_QUERY_RESPONSE])
+
+
+def type_table(types: frozenset[int]) -> bytes:
+    """A table by message type byte: 1 for the types in ``types``, else 0 (indexing one is
+    cheaper than a set lookup, the more so compiled)."""
+    return bytes(1 if t in types else 0 for t in range(256))
+
+
+#: The ``ReplyStep.quiet`` table when nothing is expected: every type passes quietly.
+ALL_QUIET: Final = type_table(frozenset(range(256)))
+_ASYNC_QUIET: Final = type_table(_ASYNC)
+#: ``ReplyStep.quiet`` by ``ends`` (a handful of distinct sets).
+_QUIET: Final[dict[frozenset[int], bytes]] = {}
+_ERROR: Final = codes.ERROR_RESPONSE
+_COPY_IN: Final = codes.COPY_IN_RESPONSE
+_EMPTY_QUERY: Final = codes.EMPTY_QUERY_RESPONSE
 
 
 @dataclass(slots=True)
@@ -73,6 +95,24 @@ class ReplyStep:
     client_undo: tuple[ClientStatements, bytes, bytes | None, bytes | None] | None = None
     # a DISCARD ALL: the client's names before it, put back if it fails
     client_names: tuple[ClientStatements, dict[bytes, bytes]] | None = None
+    #: the reply types that ``ReplyPlan.on_server_reply`` answers "pass" without changing
+    #: anything while this step is at the head (rows, command tags, notices, ...): a table
+    #: by type byte (``type_table``), from ``ends`` and ``drop``; the router forwards them
+    #: without asking
+    quiet: bytes = field(default=b"", init=False, repr=False, compare=False)
+    #: one of ``DEFAULT_STEPS`` (never changed): a reply in ``ends`` only removes it, so the
+    #: router does that itself (``ReplyPlan.pop_plain``)
+    plain: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.drop:
+            self.quiet = _ASYNC_QUIET
+            return
+        quiet = _QUIET.get(self.ends)
+        if quiet is None:
+            quiet = _QUIET[self.ends] = type_table(
+                frozenset(range(256)) - self.ends - _ATTENTION)
+        self.quiet = quiet
 
 
 _ENDS = {codes.PARSE: PARSE_ENDS, codes.BIND: BIND_ENDS, codes.CLOSE: CLOSE_ENDS,
@@ -81,18 +121,19 @@ _ENDS = {codes.PARSE: PARSE_ENDS, codes.BIND: BIND_ENDS, codes.CLOSE: CLOSE_ENDS
 
 def _make_default_steps(type_: int) -> tuple[ReplyStep, ...]:
     if type_ == codes.SYNC:
-        return (ReplyStep(READY_ENDS, sync=True),)
+        return (ReplyStep(READY_ENDS, sync=True, plain=True),)
     if type_ in (codes.QUERY, codes.FUNCTION_CALL):
-        return (ReplyStep(READY_ENDS),)
+        return (ReplyStep(READY_ENDS, plain=True),)
     if type_ in _COPY_END:
         return (ReplyStep(frozenset(), copy_end=True),)
     ends = _ENDS.get(type_)
-    return (ReplyStep(ends),) if ends is not None else ()
+    return (ReplyStep(ends, plain=True),) if ends is not None else ()
 
 
 #: The steps of a message passed unchanged, by type. Shared: a plan never mutates a step that
 #: has no ``restore`` (the only field it changes), and these have none.
-DEFAULT_STEPS: dict[int, tuple[ReplyStep, ...]] = {t: _make_default_steps(t) for t in range(256)}
+DEFAULT_STEPS: Final[dict[int, tuple[ReplyStep, ...]]] = {
+    t: _make_default_steps(t) for t in range(256)}
 
 
 def own_query_step() -> ReplyStep:
@@ -108,23 +149,24 @@ def _command_complete(tag: bytes) -> bytes:
 class ReplyPlan:
     """The FIFO of reply steps of one server connection (see the module docstring)."""
 
-    __slots__ = ("_copy_in", "_skipping", "_steps", "known", "out", "server")
+    __slots__ = ("_copy_in", "_skipping", "known", "out", "server", "steps")
 
     def __init__(self, server: ServerStatements, known: set[str] | None = None) -> None:
         self.server = server
         self.known = known  # StatementRegistry.known: names a server accepted
-        self._steps: deque[ReplyStep] = deque()
+        #: the expected replies, oldest first (read by the router; changed only here)
+        self.steps: deque[ReplyStep] = deque()
         self.out = bytearray()  # fabricated replies due now (``fabricated_before_next``)
         self._skipping = False  # after an error: steps up to the next Sync get no reply
         self._copy_in = False  # copy-in started: Syncs before the CopyDone/CopyFail are ignored
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self.steps)
 
     @property
     def idle(self) -> bool:
         """Every reply expected has been handled (and fabricated bytes taken)."""
-        return not self._steps and not self.out
+        return not self.steps and not self.out
 
     @property
     def has_fabricated(self) -> bool:
@@ -134,15 +176,24 @@ class ReplyPlan:
 
     def reset(self) -> None:
         """Forget every step (the server connection is being reset or closed)."""
-        self._steps.clear()
-        self.out.clear()
+        if self.steps:
+            self.steps.clear()
+        if self.out:
+            self.out.clear()
         self._skipping = False
         self._copy_in = False
 
+    def quiet(self) -> bytes:
+        """The types that pass now with no effect on the plan (``ReplyStep.quiet`` of the
+        head): the router forwards them without asking ``on_server_reply``. Valid until the
+        plan changes (a call of ``on_server_reply``, ``extend``, ``reset``)."""
+        steps = self.steps
+        return steps[0].quiet if steps else ALL_QUIET
+
     def extend(self, steps: Iterable[ReplyStep]) -> None:
         if not self._copy_in and not self._skipping:
-            self._steps.extend(steps)
-            if self._steps and (self._steps[0].fabricate or self._steps[0].copy_end):
+            self.steps.extend(steps)
+            if self.steps and (self.steps[0].fabricate or self.steps[0].copy_end):
                 self._settle()
             return
         for step in steps:
@@ -152,8 +203,20 @@ class ReplyPlan:
                     continue
                 if step.sync:
                     continue
-            self._steps.append(step)
+            self.steps.append(step)
         self._settle()
+
+    def pop_plain(self) -> None:
+        """What ``on_server_reply`` does with a reply in the ``ends`` of a plain head step
+        (``ReplyStep.plain``; such a reply is never an error or a CopyInResponse, and a plain
+        step has no tag): the step is done, with nothing to record or undo. The router's hot
+        path for the replies that end requests (the extended protocol has one per message)."""
+        steps = self.steps
+        steps.popleft()
+        if steps:
+            head = steps[0]
+            if head.fabricate or head.copy_end:
+                self._settle()
 
     def fabricated_before_next(self) -> bytes:
         """Bytes pgcorral answers itself whose turn has come; write them to the client now."""
@@ -167,11 +230,11 @@ class ReplyPlan:
 
         Every method leaves the plan settled (no fabricated step or copy marker at the head,
         no skipping with a request at the head), so there is nothing to settle first."""
-        steps = self._steps
+        steps = self.steps
         if not steps or type_ in _ASYNC:
             return PASS
         head = steps[0]
-        if type_ == codes.ERROR_RESPONSE:
+        if type_ == _ERROR:
             if head.ends is READY_ENDS:  # a Query or Sync goes on to its ReadyForQuery
                 if head.restore:
                     self._restore(head.restore)
@@ -191,9 +254,9 @@ class ReplyPlan:
             self._skipping = True
             self._settle()
             return PASS  # the error answers the client's request (ours only when it failed)
-        if type_ == codes.COPY_IN_RESPONSE:
+        if type_ == _COPY_IN:
             self._start_copy_in()
-        elif type_ == codes.EMPTY_QUERY_RESPONSE and head.tag:
+        elif type_ == _EMPTY_QUERY and head.tag:
             self.out += _command_complete(head.tag)
             return DROP
         if type_ in head.ends:
@@ -206,7 +269,7 @@ class ReplyPlan:
     def _start_copy_in(self) -> None:
         """The head request entered copy-in: the Syncs queued after it, up to the client's
         CopyDone/CopyFail, get no reply (PostgreSQL ignores them)."""
-        head, *after = self._steps
+        head, *after = self.steps
         for i, step in enumerate(after):
             if step.copy_end:
                 kept = [s for s in after[:i] if not s.sync] + after[i + 1:]
@@ -214,11 +277,14 @@ class ReplyPlan:
         else:
             kept = [s for s in after if not s.sync]
             self._copy_in = True
-        self._steps = deque([head, *kept])
+        steps = self.steps  # changed in place: the router holds it
+        steps.clear()
+        steps.append(head)
+        steps.extend(kept)
 
     def _settle(self) -> None:
         """Apply skipping, drop stray markers, collect fabricated replies at the head."""
-        steps = self._steps
+        steps = self.steps
         while steps:
             head = steps[0]
             if self._skipping and not head.sync:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
@@ -56,24 +57,26 @@ from pgcorral.protocol.replyplan import (
 )
 from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
 
-_I16 = struct.Struct("!h")
-_header = struct.Struct("!BI")
+# ``Final``: compiled, a C static load instead of a lookup in the module's dict.
+_I16: Final = struct.Struct("!h")
+_header: Final = struct.Struct("!BI")
 
-PARSE_COMPLETE = message(b"1")
-CLOSE_COMPLETE = message(b"3")
-EMPTY_QUERY = message(b"Q", b"\0")
+PARSE_COMPLETE: Final = message(b"1")
+CLOSE_COMPLETE: Final = message(b"3")
+EMPTY_QUERY: Final = message(b"Q", b"\0")
 
 #: requests that may open a batch (Close messages of evicted names go before them); after one,
 #: the server connection is no longer at a batch start, until the next Sync
-REQUESTS = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE,
-                       codes.QUERY, codes.FUNCTION_CALL])
-_KIND_STATEMENT = ord("S")
-_KIND_PORTAL = ord("P")
+REQUESTS: Final = frozenset([codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE,
+                             codes.EXECUTE, codes.QUERY, codes.FUNCTION_CALL])
+_KIND_STATEMENT: Final = ord("S")
+_KIND_PORTAL: Final = ord("P")
+_BIND: Final = codes.BIND
 
-_DEALLOCATE = re.compile(
+_DEALLOCATE: Final = re.compile(
     rb'\s*deallocate\s+(?:prepare\s+)?(?:(all)|([a-z_\x80-\xff][a-z0-9_$\x80-\xff]*)'
     rb'|"((?:[^"]|"")+)")\s*;?\s*\Z', re.I)
-_DISCARD_ALL = re.compile(rb"\s*discard\s+all\s*;?\s*\Z", re.I)
+_DISCARD_ALL: Final = re.compile(rb"\s*discard\s+all\s*;?\s*\Z", re.I)
 
 
 # --- message bodies --------------------------------------------------------------------------
@@ -253,26 +256,27 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
     return False
 
 
-def bind_fast(body: bytes, client: ClientStatements, server: ServerStatements,
-              registry: StatementRegistry) -> bytes | None:
-    """The hot path of ``rewrite`` for a Bind: a mapped statement the server connection
-    already has, renamed in place (the caller plans one BindComplete). None: go through
-    ``rewrite`` (unnamed, unknown or missing statement, malformed body)."""
-    p1 = body.find(b"\0")
-    if p1 < 0:
+def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientStatements,
+              server: ServerStatements, registry: StatementRegistry) -> bytes | None:
+    """The hot path of ``rewrite`` for the Bind ``data[pos:end]`` whose statement name starts
+    at ``name_at``: a mapped statement the server connection already has, renamed (the
+    caller plans one BindComplete). None: go through ``rewrite`` (unknown or missing
+    statement, malformed body). Reads the chunk in place: only the name is copied."""
+    name_end = data.find(b"\0", name_at, end)
+    if name_end < 0:
         return None
-    p2 = body.find(b"\0", p1 + 1)
-    if p2 <= p1 + 1:
-        return None
-    identity = client.names.get(body[p1 + 1:p2])
+    identity = client.names.get(data[name_at:name_end])
     if identity is None:
         return None
-    pooled = registry.name_for(identity)
-    if pooled not in server:
+    pooled = registry.names.get(identity)
+    lru = server.lru
+    if pooled is None or pooled not in lru:
         return None
-    server.touch(pooled)
-    new = body[:p1 + 1] + pooled.encode() + body[p2:]
-    return _header.pack(codes.BIND, len(new) + 4) + new
+    lru.move_to_end(pooled)  # ServerStatements.touch
+    wire = registry.encoded[pooled]
+    length = end - pos - 1 - (name_end - name_at) + len(wire)
+    return b"".join((_header.pack(_BIND, length), data[pos + 5:name_at], wire,
+                     data[name_end:end]))
 
 
 def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegistry) -> bool:

@@ -21,67 +21,73 @@ NAME_PREFIX = "pgc_"
 class StatementRegistry:
     """Identity -> pooler name, shared by every client and server connection of a worker."""
 
-    __slots__ = ("_names", "known")
+    __slots__ = ("encoded", "known", "names")
 
     def __init__(self) -> None:
-        self._names: dict[bytes, str] = {}
+        #: identity -> pooler name (read directly by the mapper's hot path, ``bind_fast``)
+        self.names: dict[bytes, str] = {}
+        #: pooler name -> its bytes on the wire
+        self.encoded: dict[str, bytes] = {}
         #: pooler names some server has accepted (ParseComplete): a later Parse of the same
         #: statement outside a transaction may be answered without a server (``parse_locally``)
         self.known: set[str] = set()
 
     def lookup(self, identity: bytes) -> str | None:
-        return self._names.get(identity)
+        return self.names.get(identity)
 
     def name_for(self, identity: bytes) -> str:
-        name = self._names.get(identity)
+        name = self.names.get(identity)
         if name is None:
-            name = self._names[identity] = f"{NAME_PREFIX}{len(self._names) + 1}"
+            name = self.names[identity] = f"{NAME_PREFIX}{len(self.names) + 1}"
+            self.encoded[name] = name.encode()
         return name
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self.names)
 
 
 class ServerStatements:
     """The pooler names prepared on one server connection (LRU, most recent last)."""
 
-    __slots__ = ("_lru", "capacity", "pending_close")
+    __slots__ = ("capacity", "lru", "pending_close")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._lru: OrderedDict[str, None] = OrderedDict()
+        #: the names, least recently used first (the mapper's hot path, ``bind_fast``, looks
+        #: names up and touches them here directly)
+        self.lru: OrderedDict[str, None] = OrderedDict()
         #: evicted names still prepared on the server, closed at the start of the next batch
         self.pending_close: dict[str, None] = {}
 
     def __contains__(self, name: object) -> bool:
-        return name in self._lru
+        return name in self.lru
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self.lru)
 
     def names(self) -> list[str]:
         """Least recently used first."""
-        return list(self._lru)
+        return list(self.lru)
 
     def touch(self, name: str) -> None:
-        self._lru.move_to_end(name)
+        self.lru.move_to_end(name)
 
     def add(self, name: str) -> list[str]:
         """Record ``name`` as prepared; the names evicted beyond the bound, oldest first."""
-        self._lru[name] = None
-        self._lru.move_to_end(name)
+        self.lru[name] = None
+        self.lru.move_to_end(name)
         evicted: list[str] = []
-        while len(self._lru) > self.capacity:
-            evicted.append(self._lru.popitem(last=False)[0])
+        while len(self.lru) > self.capacity:
+            evicted.append(self.lru.popitem(last=False)[0])
         return evicted
 
     def discard(self, name: str) -> None:
-        self._lru.pop(name, None)
+        self.lru.pop(name, None)
 
     def clear(self) -> list[str]:
         """Forget every statement (DISCARD ALL, DEALLOCATE ALL, a reset); the names forgotten."""
-        gone = list(self._lru) + list(self.pending_close)
-        self._lru.clear()
+        gone = list(self.lru) + list(self.pending_close)
+        self.lru.clear()
         self.pending_close.clear()
         return gone
 

@@ -13,24 +13,36 @@ Bodies are not kept, except the one byte of a ReadyForQuery and ParameterStatus 
 settings a client changed, to follow it to its next server connection: ``changes``). A message
 that passes is forwarded as its bytes arrive, whatever the chunking, so large rows and COPY
 data stream through. Pure: no I/O, no clock.
+
+Hot path (pooler CPU per transaction, issue 10): whole messages are walked in one loop; a
+type the plan's head step ignores (``ReplyStep.quiet``: rows, command tags, notices) passes
+without asking the plan, and a reply that ends a plain (default) step pops it
+(``ReplyPlan.pop_plain``). Only a message split across chunks goes through the state machine
+(``_start``/``_end``). The unit tests compare whole chunks with byte-by-byte feeding and with
+a reference that asks the plan about every message.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import parse_parameter_status
-from pgcorral.protocol.replyplan import DROP, ReplyPlan
+from pgcorral.protocol.replyplan import ALL_QUIET, DROP, ReplyPlan
 
-_header = struct.Struct("!BI").unpack_from
+# ``Final``: compiled, a C static load instead of a lookup in the module's dict.
+_header: Final = struct.Struct("!BI").unpack_from
 #: ParameterStatus bodies are small; a larger one is forwarded but not collected.
-_MAX_COLLECTED = 64 * 1024
-_length = struct.Struct("!I").unpack_from
-_READY = codes.READY_FOR_QUERY
-_PARAM = codes.PARAMETER_STATUS
-_STREAMED = frozenset([codes.DATA_ROW, codes.COPY_DATA])
+_MAX_COLLECTED: Final = 64 * 1024
+_length: Final = struct.Struct("!I").unpack_from
+_READY: Final = codes.READY_FOR_QUERY
+_PARAM: Final = codes.PARAMETER_STATUS
+_DATA_ROW: Final = codes.DATA_ROW
+_COPY_DATA: Final = codes.COPY_DATA
+_ALL_QUIET: Final = ALL_QUIET
+_TX_IDLE: Final = codes.TX_IDLE
 
 
 class ReplyRouter:
@@ -81,7 +93,10 @@ class ReplyRouter:
         out: list[bytes] = []
         n = len(data)
         pos = run = 0  # run: start of the bytes to pass not yet appended to out
-        if self._header:
+        plan = self.plan
+        steps = plan.steps
+        fabricated = plan.out
+        if self._header:  # the rest of a split header
             need = 5 - len(self._header)
             header = self._header + data[:need]
             if len(header) < 5:
@@ -91,68 +106,112 @@ class ReplyRouter:
             pos = run = need
             if self._start(*_header(header, 0)):
                 out.append(header)
-        plan = self.plan
-        on_reply = plan.on_server_reply
-        fabricated = plan.out
+        if self._in_body:  # the rest of a split message
+            take = self._skip if self._skip <= n - pos else n - pos
+            if self._body is not None:
+                self._body += data[pos:pos + take]
+            pos += take
+            self._skip -= take
+            if self._drop:
+                run = pos
+            if self._skip:  # the rest comes in a later chunk
+                if run == 0 and not out:
+                    return data, -1
+                out.append(data[run:pos])
+                return b"".join(out), -1
+            self._in_body = False
+            ready = self._end()
+            if fabricated:
+                out.append(data[run:pos])
+                out.append(plan.fabricated_before_next())
+                run = pos
+            if ready and client_at_rest and not steps and self.status == _TX_IDLE:
+                out.append(data[run:pos])
+                return b"".join(out), pos
         max_length = self.max_length
-        while True:
-            if self._in_body:
-                take = self._skip if self._skip <= n - pos else n - pos
-                if self._body is not None:
-                    self._body += data[pos:pos + take]
-                pos += take
+        type_: int  # (typed: compiled, they stay machine integers)
+        length: int
+        # The types that pass without the plan's attention now (rows, command tags, ...):
+        # forwarded without a call. Read again after anything that may change the plan.
+        quiet = steps[0].quiet if steps else _ALL_QUIET  # (plan.quiet())
+        while pos < n:  # whole messages, and maybe a split one at the end
+            if pos + 5 > n:
+                out.append(data[run:pos])
+                self._header = data[pos:]
+                return b"".join(out), -1
+            type_, length = _header(data, pos)
+            end = pos + 1 + length
+            if length < 4 or length - 4 > max_length:
+                raise FramingError(f"invalid message length {length} from the server")
+            if end > n:  # split: the general path follows it to its end in later chunks
+                if not self._start(type_, length):
+                    out.append(data[run:pos])
+                    run = pos + 5
+                take = n - pos - 5
                 self._skip -= take
+                if self._body is not None:
+                    self._body += data[pos + 5:n]
+                pos = n
                 if self._drop:
-                    run = pos
-                if self._skip:
-                    break  # the rest of this message comes in a later chunk
-                self._in_body = False
-                ready = self._end()
-            else:
-                if pos >= n:
-                    break
-                if pos + 5 > n:
-                    out.append(data[run:pos])
-                    self._header = data[pos:]
-                    return b"".join(out), -1
-                type_, length = _header(data, pos)
-                end = pos + 1 + length
-                if end > n or type_ == _PARAM or length < 4 or length - 4 > max_length:
-                    # split, collected or bad: the general path
-                    if not self._start(type_, length):
-                        out.append(data[run:pos])
-                        run = pos + 5
-                    pos += 5
-                    continue
-                # the common case: a whole message in this chunk
-                if on_reply(type_) == DROP:
-                    out.append(data[run:pos])
-                    run = end
-                elif type_ in _STREAMED:
-                    # rows and COPY data end no request and are no error: the ones that
-                    # follow get the same answer, so they are skipped by their headers only
+                    run = n
+                break
+            if quiet[type_]:  # the common case: it passes, the plan has nothing to do
+                if type_ in (_DATA_ROW, _COPY_DATA):
+                    # the rows (or COPY data) that follow get the same answer: skipped by
+                    # their headers only
                     while end + 5 <= n and data[end] == type_:
                         (length,) = _length(data, end + 1)
                         if length < 4 or length - 4 > max_length or end + 1 + length > n:
                             break
                         end += 1 + length
-                ready = type_ == _READY
-                if ready:
+                    pos = end
+                    continue
+                pos = end
+                if type_ == _READY:
                     if length != 5:
                         raise FramingError("ReadyForQuery with a body that is not one byte")
-                    self.status = data[end - 1]
-                pos = end
-            if fabricated:
+                    status = data[end - 1]
+                    self.status = status
+                    # free when nothing is expected (and so nothing fabricated is due)
+                    if client_at_rest and status == _TX_IDLE and not steps:
+                        return (data if run == 0 and not out and pos == n else
+                                b"".join([*out, data[run:pos]])), pos
+                elif type_ == _PARAM and length - 4 <= _MAX_COLLECTED:
+                    self._collect_parameter(data[end - length + 4:end])
+                continue
+            # the plan's attention: the reply ends a request, is an error, is dropped, ...
+            head = steps[0]  # (quiet is ALL_QUIET when nothing is expected)
+            if head.plain and type_ in head.ends:
+                plan.pop_plain()  # a request passed unchanged is answered
+            elif plan.on_server_reply(type_) == DROP:
+                out.append(data[run:pos])
+                run = end
+            quiet = steps[0].quiet if steps else _ALL_QUIET
+            pos = end
+            if fabricated:  # (taking them leaves the plan's steps as they are)
                 out.append(data[run:pos])
                 out.append(plan.fabricated_before_next())
                 run = pos
-            if ready and client_at_rest and self.free:
-                out.append(data[run:pos])
-                return b"".join(out), pos
-        if run == 0 and pos == n and not out:
+            if type_ == _READY:
+                if length != 5:
+                    raise FramingError("ReadyForQuery with a body that is not one byte")
+                status = data[end - 1]
+                self.status = status
+                if client_at_rest and status == _TX_IDLE and not steps:
+                    out.append(data[run:pos])
+                    return b"".join(out), pos
+        if run == 0 and not out:
             return data, -1
         out.append(data[run:pos])
         return b"".join(out), -1
+
+    def _collect_parameter(self, body: bytes) -> None:
+        """A ParameterStatus passed: its value is remembered (``changes``)."""
+        try:
+            name, value = parse_parameter_status(body)
+        except ValueError as exc:
+            raise FramingError(str(exc)) from None
+        self.changes[name] = value
 
     def _start(self, type_: int, length: int) -> bool:
         """A message header: decide pass or drop; True if it passes."""
@@ -177,9 +236,5 @@ class ReplyRouter:
                 raise FramingError("ReadyForQuery with a body that is not one byte")
             self.status = body[0]
             return True
-        try:
-            name, value = parse_parameter_status(bytes(body))
-        except ValueError as exc:
-            raise FramingError(str(exc)) from None
-        self.changes[name] = value
+        self._collect_parameter(bytes(body))
         return False
