@@ -67,8 +67,21 @@ def parameter_status(name: str, value: str) -> bytes:
     return message(b"S", _cstr(name) + _cstr(value))
 
 
+def parameter_statuses(params: Mapping[str, str]) -> bytes:
+    """A ParameterStatus message for each setting, in order."""
+    return b"".join(parameter_status(k, v) for k, v in params.items())
+
+
 def backend_key_data(pid: int, secret: int) -> bytes:
     return message(b"K", _I32x2.pack(pid, secret))
+
+
+_KEY_AND_READY = struct.Struct("!cIiicIB")
+
+
+def key_and_ready(pid: int, secret: int, status: int) -> bytes:
+    """BackendKeyData and ReadyForQuery(``status``), the end of every greeting, in one pack."""
+    return _KEY_AND_READY.pack(b"K", 12, pid, secret, b"Z", 5, status)
 
 
 def ready_for_query(status: bytes = b"I") -> bytes:
