@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -82,8 +82,8 @@ _AUTH_OK = msg.authentication_ok()
 # Who drives the client (``ClientConnection._phase``).
 _STARTUP = 0  # callbacks: startup packets (``_advance``)
 _TASK = 1  # the coroutine ``run``: the rest of the cold path, or the whole client
-_LINKED = 2  # a session linked in callbacks; ``end`` schedules ``_end_session``
-_ENDING = 3  # ``_end_session`` is scheduled
+_LINKED = 2  # a session linked in callbacks; ``end`` calls ``_end_session``
+_ENDING = 3  # in ``_end_session``
 _DONE = 4  # gone (``_done``)
 
 
@@ -91,7 +91,9 @@ class ClientConnection(Endpoint):
     side = "client"
 
     def __init__(self, ctx: Context, conn_type: str) -> None:
-        super().__init__(StartupReader())
+        startup = StartupReader()
+        super().__init__(startup)
+        self._startup_rx = startup  # the reader until the StartupMessage (``_advance``)
         self.ctx = ctx
         self.conn_type = conn_type  # "host" (TCP) or "local" (unix socket)
         self.server: ServerConnection | None = None
@@ -110,7 +112,6 @@ class ClientConnection(Endpoint):
         self._phase = _STARTUP
         self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
         self._timer: asyncio.TimerHandle | None = None  # authentication_timeout of the startup
-        self._reason = ""  # why a linked session ended (``end``)
         # created with the coroutine (``_start``): ``end`` sets it, the coroutine watches it
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
@@ -187,7 +188,7 @@ class ClientConnection(Endpoint):
         """Bytes while unlinked: startup packets are answered here; later ones are kept for
         the coroutine (or, pipelined behind the StartupMessage, for the session)."""
         if self._phase == _STARTUP:
-            self._rx.feed(data)
+            self._startup_rx.feed(data)
             self._advance()
         else:
             super().buffer(data)
@@ -205,13 +206,13 @@ class ClientConnection(Endpoint):
         self.end("server lost")
 
     def end(self, reason: str) -> None:
-        """End the client: a linked session is finished in the next callback
-        (``_end_session``), a coroutine sees ``_ended``, a client in its startup goes at once."""
+        """End the client: a linked session at once (``_end_session``: every caller returns
+        right after ``end``, and a call_soon would cost a loop iteration, an epoll_wait more),
+        a client in its startup at once, a coroutine through ``_ended``."""
         phase = self._phase
         if phase == _LINKED:
             self._phase = _ENDING
-            self._reason = reason
-            self.ctx.loop.call_soon(self._end_session)
+            self._end_session(reason)
         elif phase == _STARTUP:
             self._done()
         ended = self._ended
@@ -222,7 +223,7 @@ class ClientConnection(Endpoint):
 
     def _advance(self) -> None:
         """Answer the startup packets received so far, up to the StartupMessage."""
-        rx = cast(StartupReader, self._rx)
+        rx = self._startup_rx
         try:
             while self._phase == _STARTUP:
                 packet = rx.next_packet()
@@ -264,8 +265,6 @@ class ClientConnection(Endpoint):
         ctx = self.ctx
         if startup.needs_negotiation:
             self.write(msg.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized))
-        # authentication messages: PostgreSQL reads up to PG_MAX_AUTH_TOKEN_LENGTH bytes
-        self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
         params = startup.params
         self.user, self.database = startup.user, startup.database
         replication = params.get("replication")
@@ -331,6 +330,10 @@ class ClientConnection(Endpoint):
 
     def _start(self, work: Coroutine[Any, Any, object]) -> None:
         """The rest of the cold path waits for something: the client's coroutine takes it."""
+        # it reads authentication messages: PostgreSQL reads up to PG_MAX_AUTH_TOKEN_LENGTH
+        # bytes (pipelined bytes move over; a login in callbacks takes them from the startup
+        # reader, ``take_buffered``)
+        self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
         self._phase = _TASK
         loop = self.ctx.loop
         self._ended = loop.create_future()
@@ -631,13 +634,13 @@ class ClientConnection(Endpoint):
         elif pipelined:
             self.data_received(pipelined)
 
-    def _end_session(self) -> None:
+    def _end_session(self, reason: str) -> None:
         """The session is over (``end``): the server connection goes back (reset in the
         background), the client goes."""
         server = self.server
         if server is not None:
             self.ctx.cancels.drop(self, server.pid)
-            if self._reason == "server lost":
+            if reason == "server lost":
                 self.write(msg.error_response("08006",
                                               "server closed the connection unexpectedly"))
             self.release(server, clean=True)

@@ -294,9 +294,13 @@ class ServerConnection(Endpoint):
         if known is None or not self._knows_replies(plan) or len(self._rx) or self.closed:
             self.loop.create_task(self._reset_task(reset_query, timeout, release))
             return
+        try:
+            self.transport.write(plan.payload)
+        except RuntimeError:  # the transport closed under us (uvloop raises)
+            release(self, False)
+            return
         timer = self.loop.call_later(timeout, self.abort)
         self._expected = _Expected(plan, known[2], self.params, release, timer)
-        self.write(plan.payload)
 
     async def _reset_task(self, reset_query: str, timeout: float, release: Release) -> None:
         release(self, await self.reset(reset_query, timeout))
