@@ -110,6 +110,7 @@ class ClientConnection(Endpoint):
         self.settings: dict[str, str] = {}  # asked for at startup (options included)
         self.hba_rule: HbaRule | None = None
         self._phase = _STARTUP
+        self._held = b""  # sent with the next write (``hold``)
         self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
         self._timer: asyncio.TimerHandle | None = None  # authentication_timeout of the startup
         # created with the coroutine (``_start``): ``end`` sets it, the coroutine watches it
@@ -122,6 +123,7 @@ class ClientConnection(Endpoint):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         ctx = self.ctx
+        self.loop = ctx.loop
         main = ctx.config.main
         if self.conn_type == "host":
             peer = transport.get_extra_info("peername")  # uvloop got it at accept
@@ -132,8 +134,8 @@ class ClientConnection(Endpoint):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         ctx.clients.add(self)
         if main.authentication_timeout > 0:
-            self._timer = ctx.loop.call_later(main.authentication_timeout,
-                                              self._startup_timed_out)
+            self._timer = self.loop.call_later(main.authentication_timeout,
+                                               self._startup_timed_out)
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -196,6 +198,18 @@ class ClientConnection(Endpoint):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.end("client lost")
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        super().write(data)
+
+    def hold(self, data: bytes) -> None:
+        """Send ``data`` with the next write: the end of an authentication exchange goes out
+        with the greeting (or the error) in one segment."""
+        self._held += data
 
     def shutdown_started(self) -> None:
         """Graceful shutdown began (the transaction pipeline closes clients between
@@ -335,7 +349,7 @@ class ClientConnection(Endpoint):
         # reader, ``take_buffered``)
         self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
         self._phase = _TASK
-        loop = self.ctx.loop
+        loop = self.loop
         self._ended = loop.create_future()
         self._task = loop.create_task(self.run(work))
 
@@ -347,6 +361,8 @@ class ClientConnection(Endpoint):
         self._stop_timer()
         ctx = self.ctx
         ctx.clients.discard(self)
+        if self._held:
+            self.write(b"")
         self.close()
         if not ctx.clients:
             ctx.all_idle.set()
@@ -490,7 +506,7 @@ class ClientConnection(Endpoint):
         timeout = main.blocking_timeout
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
-        granted: asyncio.Future[Grant] = ctx.loop.create_future()
+        granted: asyncio.Future[Grant] = self.loop.create_future()
         self._grant = granted
 
         def exhausted() -> PoolExhausted:
@@ -564,15 +580,21 @@ class ClientConnection(Endpoint):
     async def read_password(self, sasl: bool = False) -> bytes:
         """The client's next authentication message ('p'), with PostgreSQL's answers to a bad
         length (28P01 in SASL, a silent close otherwise) and to any other message (08P01)."""
-        timeout = self.ctx.config.main.authentication_timeout or None
+        timeout = self.ctx.config.main.authentication_timeout
+        # a timer that wakes the read with TimeoutError (asyncio.timeout costs several times
+        # as much: a Timeout object, the current task, its cancellation)
+        timer = (self.loop.call_later(timeout, self._wake, TimeoutError())
+                 if timeout > 0 else None)
         try:
-            async with asyncio.timeout(timeout):
-                type_, body = await self.read_message()
+            type_, body = await self.read_message()
         except TimeoutError:
             raise AuthenticationError("canceling authentication due to timeout",
                                       sqlstate="08006") from None
         except ClientProtocolError:  # a length out of range
             raise auth_message_length_error(self.user, sasl=sasl) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         if type_ != codes.PASSWORD:
             raise ClientProtocolError(
                 f"expected password response, got message type {type_}")

@@ -32,6 +32,7 @@ class ConnectionLost(Exception):
 
 class Endpoint(asyncio.Protocol):
     transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop  # set at connection_made (get_running_loop costs a getpid)
     peer: Endpoint | None
     side = "?"
 
@@ -109,7 +110,7 @@ class Endpoint(asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = self.loop.create_future()
         try:
             await self._wakeup
         finally:

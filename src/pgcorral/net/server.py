@@ -83,7 +83,6 @@ class _Expected(NamedTuple):
 
 class ServerConnection(Endpoint):
     side = "server"
-    loop: asyncio.AbstractEventLoop  # kept at connection_made (get_running_loop costs a getpid)
 
     def __init__(self, slot: Slot, on_lost: Callable[[ServerConnection], None]) -> None:
         super().__init__(MessageReader(codes.LARGE_MESSAGE_LIMIT))
