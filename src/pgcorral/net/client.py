@@ -4,10 +4,10 @@ The cold path runs in callbacks as far as nothing must be waited for, and in one
 client (``run``) from the first wait on:
 
 * callbacks (``_advance``, ``_begin``, ``_login_now``): the startup packets as they arrive, the
-  hba rule, and, for the usual session login (hba ``trust``, an idle server connection of the
-  database/user that already shows the client's settings), the greeting, from the
-  ``data_received`` that brought the StartupMessage. No task, no future: on this machine a
-  coroutine with its task and futures cost more than the rest of the login together.
+  hba rule, and, for the usual session login (nothing to ask the client: hba ``trust`` or a
+  user PostgreSQL checks itself, and an idle server connection of the database/user that
+  already shows the client's settings), the greeting, from the ``data_received`` that brought
+  the StartupMessage. No task, no futures, no loop iteration between the steps.
 * the coroutine (``_start``): a password exchange, a wait in line, a new server connection
   (relaying the server's authentication requests to the client), the check of a reused one,
   settings to apply, a cancel to forward, and the transaction pipeline's login (its
