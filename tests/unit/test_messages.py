@@ -171,6 +171,22 @@ def test_backend_key_data_round_trip(pid: int, secret: int) -> None:
     assert m.parse_backend_key_data(memoryview(body)) == (pid, secret)
 
 
+@given(pid=st.integers(-(2**31), 2**31 - 1), secret=st.integers(-(2**31), 2**31 - 1),
+       status=st.sampled_from(b"ITE"))
+@SETTINGS
+def test_key_and_ready_is_backend_key_data_then_ready_for_query(pid: int, secret: int,
+                                                                 status: int) -> None:
+    assert m.key_and_ready(pid, secret, status) == (
+        m.backend_key_data(pid, secret) + m.ready_for_query(bytes([status])))
+
+
+def test_parameter_statuses_are_the_messages_in_order() -> None:
+    params = {"application_name": "x", "DateStyle": "ISO, MDY", "TimeZone": "UTC"}
+    assert m.parameter_statuses(params) == b"".join(
+        m.parameter_status(k, v) for k, v in params.items())
+    assert m.parameter_statuses({}) == b""
+
+
 @pytest.mark.parametrize("size", [0, 4, 7, 9, 36])
 def test_parse_backend_key_data_wrong_length(size: int) -> None:
     with pytest.raises(ValueError):

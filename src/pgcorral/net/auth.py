@@ -5,7 +5,10 @@ The exchanges themselves are the pure state machines of ``protocol.auth_md5``,
 ``protocol.scram_server`` and ``protocol.scram_client``; this module only moves their messages.
 PBKDF2 for a password is computed once per (password, salt, iterations) in a worker thread, so a
 first SCRAM login does not stall other clients' traffic; the salt pgcorral offers a user is
-stable for the life of the process, so every later login of that user hits the cache.
+stable for the life of the process, so every later login of that user hits the cache. The
+verifier built from it (StoredKey, ServerKey) is kept per (user, password) as well: a login
+then costs the two HMACs of the proof and the signature, not SASLprep, PBKDF2 cache lookups and
+two more HMACs.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ if TYPE_CHECKING:
 #: A per-process secret: the salts offered to clients and the mock salts of unknown users.
 _PROCESS_SECRET = os.urandom(32)
 _AUTH_OK = msg.authentication_ok()
+#: Bound of the per-worker verifier cache (cleared when full; a miss costs no PBKDF2, only the
+#: keys from the cached SaltedPassword).
+VERIFIER_CACHE_LIMIT = 4096
+#: (user, vault password) -> the verifier pgcorral checks that user's SCRAM logins against. The
+#: password is part of the key, so a reload that changes it never meets a stale verifier.
+_verifiers: dict[tuple[str, str], ScramVerifier] = {}
 
 ReadAnswer = Callable[[], Awaitable[bytes]]
 
@@ -82,11 +91,24 @@ async def _scram(client: ClientConnection, user: str, password: str | None) -> N
     if password is None:
         server = ScramServer.mock(user, _PROCESS_SECRET)
     else:
-        salt = user_salt(user)
-        if not is_derived(password, salt, DEFAULT_ITERATIONS):
-            await asyncio.to_thread(salted_password, password, salt, DEFAULT_ITERATIONS)
-        server = ScramServer.from_password(user, password, salt=salt)
+        verifier = _verifiers.get((user, password))
+        if verifier is None:
+            verifier = await vault_verifier(user, password)
+        server = ScramServer(user, verifier)
     await _run_scram(client, server)
+
+
+async def vault_verifier(user: str, password: str) -> ScramVerifier:
+    """The verifier of a vault password with the salt offered to ``user`` (PBKDF2 in a worker
+    thread the first time), kept for the next login."""
+    salt = user_salt(user)
+    if not is_derived(password, salt, DEFAULT_ITERATIONS):
+        await asyncio.to_thread(salted_password, password, salt, DEFAULT_ITERATIONS)
+    verifier = ScramVerifier.from_password(password, salt, DEFAULT_ITERATIONS)
+    if len(_verifiers) >= VERIFIER_CACHE_LIMIT:
+        _verifiers.clear()
+    _verifiers[(user, password)] = verifier
+    return verifier
 
 
 async def _run_scram(client: ClientConnection, server: ScramServer) -> None:
@@ -100,7 +122,7 @@ async def _run_scram(client: ClientConnection, server: ScramServer) -> None:
         final = server.handle_response(await read())
     if final.endswith(_AUTH_OK):  # the greeting sends AuthenticationOk itself
         final = final[:-len(_AUTH_OK)]
-    client.write(final)
+    client.hold(final)  # AuthenticationSASLFinal goes out with the greeting: one write
 
 
 async def authenticate_with_verifier(client: ClientConnection, user: str, secret: str | None,

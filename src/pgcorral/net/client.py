@@ -1,11 +1,21 @@
 """Client connections: startup, hba, getting a server connection, the session, the release.
 
-One coroutine (``ClientConnection.run``) per client walks the cold path: the startup packets,
-the hba rule, a slot from the pool, the login of a new server connection (relaying the server's
-authentication requests to the client) or the check of a reused one, the client's settings, the
-greeting. Then the client and server are linked and ``data_received`` on both sides relays bytes
-without a task switch until the client leaves; the coroutine then releases the server connection
-through ``pipelines.session``.
+The cold path runs in callbacks as far as nothing must be waited for, and in one coroutine per
+client (``run``) from the first wait on:
+
+* callbacks (``_advance``, ``_begin``, ``_login_now``): the startup packets as they arrive, the
+  hba rule, and, for the usual session login (nothing to ask the client: hba ``trust`` or a
+  user PostgreSQL checks itself, and an idle server connection of the database/user that
+  already shows the client's settings), the greeting, from the ``data_received`` that brought
+  the StartupMessage. No task, no futures, no loop iteration between the steps.
+* the coroutine (``_start``): a password exchange, a wait in line, a new server connection
+  (relaying the server's authentication requests to the client), the check of a reused one,
+  settings to apply, a cancel to forward, and the transaction pipeline's login (its
+  ``_login`` / ``_link_and_serve`` overrides run there, as before).
+
+Linked, ``data_received`` on both sides relays bytes without a task switch until the client
+leaves (``end``); the server connection is then reset and released through
+``pipelines.session`` in callbacks too (``ServerConnection.reset_then``).
 
 Every PgCorralError that ends a client becomes one ErrorResponse here (``_fail``).
 """
@@ -17,6 +27,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.errors import (
@@ -46,8 +57,6 @@ from pgcorral.protocol.framing import TERMINATE_SPLIT, BoundaryTracker, FramingE
 from pgcorral.protocol.startup import (
     NEWEST_MINOR,
     CancelRequest,
-    GSSENCRequest,
-    SSLRequest,
     Startup,
     StartupReader,
     parse_options,
@@ -67,14 +76,24 @@ HBA_CACHE_LIMIT = 4096
 
 #: Startup parameters that are not settings to apply on the server connection.
 _NOT_SETTINGS = frozenset(["user", "database", "options", "replication"])
+_NOT_REPLICATION = frozenset(["false", "off", "no", "0"])
 _AUTH_OK = msg.authentication_ok()
+
+# Who drives the client (``ClientConnection._phase``).
+_STARTUP = 0  # callbacks: startup packets (``_advance``)
+_TASK = 1  # the coroutine ``run``: the rest of the cold path, or the whole client
+_LINKED = 2  # a session linked in callbacks; ``end`` calls ``_end_session``
+_ENDING = 3  # in ``_end_session``
+_DONE = 4  # gone (``_done``)
 
 
 class ClientConnection(Endpoint):
     side = "client"
 
     def __init__(self, ctx: Context, conn_type: str) -> None:
-        super().__init__()
+        startup = StartupReader()
+        super().__init__(startup)
+        self._startup_rx = startup  # the reader until the StartupMessage (``_advance``)
         self.ctx = ctx
         self.conn_type = conn_type  # "host" (TCP) or "local" (unix socket)
         self.server: ServerConnection | None = None
@@ -90,7 +109,11 @@ class ClientConnection(Endpoint):
         self.seen_activity = (0, 0.0)  # (activity, when) at the last sample that saw a change
         self.settings: dict[str, str] = {}  # asked for at startup (options included)
         self.hba_rule: HbaRule | None = None
-        self._rx = StartupReader()
+        self._phase = _STARTUP
+        self._held = b""  # sent with the next write (``hold``)
+        self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
+        self._timer: asyncio.TimerHandle | None = None  # authentication_timeout of the startup
+        # created with the coroutine (``_start``): ``end`` sets it, the coroutine watches it
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -99,17 +122,20 @@ class ClientConnection(Endpoint):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        ctx = self.ctx
+        self.loop = ctx.loop
+        main = ctx.config.main
         if self.conn_type == "host":
-            peer = transport.get_extra_info("peername")
+            peer = transport.get_extra_info("peername")  # uvloop got it at accept
             self.address = peer[0] if peer else None
-            if not self.ctx.config.main.nodelay:  # uvloop and asyncio set TCP_NODELAY
+            if not main.nodelay:  # uvloop and asyncio set TCP_NODELAY
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        loop = asyncio.get_running_loop()
-        self._ended = loop.create_future()
-        self.ctx.clients.add(self)
-        self._task = loop.create_task(self.run())
+        ctx.clients.add(self)
+        if main.authentication_timeout > 0:
+            self._timer = self.loop.call_later(main.authentication_timeout,
+                                               self._startup_timed_out)
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -160,9 +186,30 @@ class ClientConnection(Endpoint):
             return
         self.buffer(data)
 
+    def buffer(self, data: bytes) -> None:
+        """Bytes while unlinked: startup packets are answered here; later ones are kept for
+        the coroutine (or, pipelined behind the StartupMessage, for the session)."""
+        if self._phase == _STARTUP:
+            self._startup_rx.feed(data)
+            self._advance()
+        else:
+            super().buffer(data)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.end("client lost")
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        super().write(data)
+
+    def hold(self, data: bytes) -> None:
+        """Send ``data`` with the next write: the end of an authentication exchange goes out
+        with the greeting (or the error) in one segment."""
+        self._held += data
 
     def shutdown_started(self) -> None:
         """Graceful shutdown began (the transaction pipeline closes clients between
@@ -173,84 +220,189 @@ class ClientConnection(Endpoint):
         self.end("server lost")
 
     def end(self, reason: str) -> None:
+        """End the client: a linked session at once (``_end_session``: every caller returns
+        right after ``end``, and a call_soon would cost a loop iteration, an epoll_wait more),
+        a client in its startup at once, a coroutine through ``_ended``."""
+        phase = self._phase
+        if phase == _LINKED:
+            self._phase = _ENDING
+            self._end_session(reason)
+        elif phase == _STARTUP:
+            self._done()
         ended = self._ended
         if ended is not None and not ended.done():
             ended.set_result(reason)
 
-    # --- the cold path -----------------------------------------------------------------------
+    # --- the cold path in callbacks ----------------------------------------------------------
 
-    async def run(self) -> None:
+    def _advance(self) -> None:
+        """Answer the startup packets received so far, up to the StartupMessage."""
+        rx = self._startup_rx
         try:
-            startup = await self._startup()
-            if startup is not None:
-                await self._session(startup)
-        except PgCorralError as exc:
-            self._fail(exc)
-        except (ConnectionLost, ConnectionError):
-            pass
-        except Exception:
-            log.exception("internal error serving client %s", self.address or "[local]")
-            self._fail(PgCorralError("internal error in pgcorral"))
-        finally:
-            self.ctx.clients.discard(self)
-            self.close()
-            if not self.ctx.clients:
-                self.ctx.all_idle.set()
-            if self.linked_once and self.ctx.config.main.log_disconnections:
-                log.info("disconnection: user=%s database=%s host=%s", self.user,
-                         self.database, self.address or "[local]")
-
-    async def _startup(self) -> Startup | None:
-        """Read startup packets until a StartupMessage, within authentication_timeout."""
-        timeout = self.ctx.config.main.authentication_timeout
-        timer = (asyncio.get_running_loop().call_later(timeout, self._startup_timed_out)
-                 if timeout > 0 else None)
-        encryption_requests = 0
-        try:
-            while True:
-                packet = await self.read_packet()
-                if isinstance(packet, (SSLRequest, GSSENCRequest)):
-                    encryption_requests += 1
-                    if encryption_requests > 2:
+            while self._phase == _STARTUP:
+                packet = rx.next_packet()
+                if packet is None:
+                    return
+                if isinstance(packet, Startup):
+                    self._stop_timer()
+                    self._begin(packet)
+                elif isinstance(packet, CancelRequest):
+                    self._stop_timer()
+                    self._start(self.ctx.forward_cancel(packet.pid, packet.secret))
+                else:  # SSLRequest, GSSENCRequest: no encryption (yet)
+                    self._encryption_requests += 1
+                    if self._encryption_requests > 2:
                         raise ClientProtocolError("too many encryption requests")
                     self.write(b"N")
-                elif isinstance(packet, CancelRequest):
-                    await self.ctx.forward_cancel(packet.pid, packet.secret)
-                    return None
-                else:
-                    return packet
-        finally:
-            if timer is not None:
-                timer.cancel()
+        except Exception as exc:
+            self._report(exc)
+            if self._phase == _LINKED:  # a bug after the greeting: the server is not reused
+                self.dirty = True
+                self.end("internal error")
+            elif self._phase == _STARTUP:
+                self._done()
+
+    def _stop_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
 
     def _startup_timed_out(self) -> None:
+        self._timer = None
         log.info("client %s did not finish startup in time", self.address or "[local]")
         self.abort()
 
-    async def _session(self, startup: Startup) -> None:
+    def _begin(self, startup: Startup) -> None:
+        """The StartupMessage: the checks, then the login, here when nothing must be waited
+        for, else in the coroutine."""
         ctx = self.ctx
         if startup.needs_negotiation:
             self.write(msg.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized))
-        # authentication messages: PostgreSQL reads up to PG_MAX_AUTH_TOKEN_LENGTH bytes
-        self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
+        params = startup.params
         self.user, self.database = startup.user, startup.database
-        replication = startup.params.get("replication", "false").lower()
-        if replication not in ("false", "off", "no", "0"):
+        replication = params.get("replication")
+        if replication is not None and replication.lower() not in _NOT_REPLICATION:
             raise StartupRejected("replication connections are not supported by pgcorral",
                                   sqlstate="0A000")
-        settings = self.settings = _client_settings(startup.params)
+        settings = self.settings = _client_settings(params)
         rule = self.hba_rule = self._hba_rule()
         if ctx.shutting_down:
             raise ShuttingDown("pgcorral is shutting down")
         ctx.check_enabled(self.database)  # a disabled database: DatabaseDisabled 57P03
+        if not self._asks_nothing(rule):
+            self._start(self._authenticate_and_login(settings, rule))
+        elif not self._login_now(settings, rule):
+            self._start(self._login(settings, rule))
+
+    def _asks_nothing(self, rule: HbaRule) -> bool:
+        """Does pgcorral let the client in without a message exchange (``_authenticate``
+        otherwise)? hba ``trust``, and users PostgreSQL checks itself (pass-through, when
+        ``allow_unknown_users``). Users in the vault log in to PostgreSQL with the vault
+        password (``vault_login``), checked by pgcorral with the hba method (``all``: SCRAM)."""
+        ctx = self.ctx
+        password = ctx.secrets.backend_password(self.user)
+        trust = rule.method == "trust"
+        if password is not None:
+            self.vault_login = VaultLogin(self.user, password)
+            return trust
+        if trust:
+            return True
+        main = ctx.config.main
+        if main.auth_query and ctx.secrets.superuser_login() is not None:
+            return False  # checked against the verifier PostgreSQL stores
+        return main.allow_unknown_users  # else the mock exchange that ends in 28P01
+
+    def _login_now(self, settings: dict[str, str], rule: HbaRule) -> bool:
+        """The usual session login, without a task: an idle server connection of the client's
+        database/user that nobody waits for, which asks the client nothing (``_check_reused``)
+        and already shows its settings. False: nothing was taken, the coroutine logs in.
+        Subclasses log in through their own ``_login`` (they may override this)."""
+        if type(self) is not ClientConnection:
+            return False
+        ctx = self.ctx
+        if ctx.config.main.validation == "foreground":
+            return False
+        slot = ctx.pool.take_idle((ctx.config.real_database(self.database), self.user))
+        if slot is None:
+            return False
+        server: ServerConnection = slot.conn
+        server.idle = False
+        if server.closed:
+            ctx.pool.discard(slot)
+            return False
+        if not self._reuse_asks_nothing(server, rule):
+            self._start(self._check_and_use(server, settings, rule))
+        elif settings_plan(settings, server.params, server.baseline, server.names,
+                           ctx.learned):
+            self._start(self._use_server(server, settings))  # settings to apply first
+        else:
+            # re-applied after the reset for the next client (ServerConnection.reset_then)
+            server.requests = reported_requests(settings, server.names)
+            self._link_session(server)
+        return True
+
+    def _start(self, work: Coroutine[Any, Any, object]) -> None:
+        """The rest of the cold path waits for something: the client's coroutine takes it."""
+        # it reads authentication messages: PostgreSQL reads up to PG_MAX_AUTH_TOKEN_LENGTH
+        # bytes (pipelined bytes move over; a login in callbacks takes them from the startup
+        # reader, ``take_buffered``)
+        self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
+        self._phase = _TASK
+        loop = self.loop
+        self._ended = loop.create_future()
+        self._task = loop.create_task(self.run(work))
+
+    def _done(self) -> None:
+        """The client is gone: out of the worker's clients, its connection closed."""
+        if self._phase == _DONE:
+            return
+        self._phase = _DONE
+        self._stop_timer()
+        ctx = self.ctx
+        ctx.clients.discard(self)
+        if self._held:
+            self.write(b"")
+        self.close()
+        if not ctx.clients:
+            ctx.all_idle.set()
+        if self.linked_once and ctx.config.main.log_disconnections:
+            log.info("disconnection: user=%s database=%s host=%s", self.user,
+                     self.database, self.address or "[local]")
+
+    def _report(self, exc: Exception) -> None:
+        """What ends a client becomes one ErrorResponse (a lost connection, nothing)."""
+        if isinstance(exc, PgCorralError):
+            self._fail(exc)
+        elif not isinstance(exc, (ConnectionLost, ConnectionError)):
+            log.error("internal error serving client %s", self.address or "[local]",
+                      exc_info=exc)
+            self._fail(PgCorralError("internal error in pgcorral"))
+
+    # --- the cold path in the coroutine ------------------------------------------------------
+
+    async def run(self, work: Coroutine[Any, Any, object]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            self._report(exc)
+        finally:
+            if self._phase == _TASK:  # not handed on to callbacks (a linked session)
+                self._done()
+
+    async def _authenticate_and_login(self, settings: dict[str, str], rule: HbaRule) -> None:
         await self._authenticate(rule)
         await self._login(settings, rule)
 
     async def _login(self, settings: dict[str, str], rule: HbaRule) -> None:
         """A server connection for the client, its startup settings applied, then the session."""
-        ctx = self.ctx
-        real_db = ctx.config.real_database(self.database)
+        real_db = self.ctx.config.real_database(self.database)
         server = await self._get_server((real_db, self.user), rule)
+        await self._use_server(server, settings)
+
+    async def _use_server(self, server: ServerConnection, settings: dict[str, str]) -> None:
+        """The client's startup settings applied on ``server``, then the session."""
+        ctx = self.ctx
         try:
             pairs = settings_plan(settings, server.params, server.baseline, server.names,
                                   ctx.learned)
@@ -260,29 +412,28 @@ class ClientConnection(Endpoint):
                     error["S"] = error["V"] = "FATAL"
                     raise ServerError(error)
                 learn(ctx.learned, pairs, server.params)
-            # re-applied after the reset for the next client (ServerConnection.reset)
+            # re-applied after the reset for the next client (ServerConnection.reset_then)
             server.requests = reported_requests(settings, server.names)
         except BaseException:
-            await self.release(server, clean=not server.closed)
+            self.release(server, clean=not server.closed)
             raise
         await self._link_and_serve(server)
 
     async def _authenticate(self, rule: HbaRule) -> None:
-        """Users in the vault are checked by pgcorral itself (and logged in to PostgreSQL with
-        the vault password); others go through to PostgreSQL, if allow_unknown_users."""
-        secrets = self.ctx.secrets
-        password = secrets.backend_password(self.user)
+        """pgcorral asks the client (``_asks_nothing`` said so): users in the vault prove their
+        vault password with the hba method; with ``auth_query``, others prove the password
+        PostgreSQL stores for them; unknown users (not ``allow_unknown_users``) go through the
+        same exchange as a known user, ending in the same 28P01."""
+        ctx = self.ctx
+        secrets = ctx.secrets
         method = "scram-sha-256" if rule.method == "all" else rule.method
-        if password is not None:
-            self.vault_login = VaultLogin(self.user, password)
-            if method != "trust":
-                await authenticate_client(self, method, self.user,
-                                          secrets.client_password(self.user))
-        elif (self.ctx.config.main.auth_query and secrets.superuser_login() is not None
-              and method != "trust"):
+        if self.vault_login is not None:
+            await authenticate_client(self, method, self.user,
+                                      secrets.client_password(self.user))
+        elif ctx.config.main.auth_query and secrets.superuser_login() is not None:
             try:
-                secret = await self.ctx.auth_query.fetch_secret(
-                    self.ctx, self.ctx.config.real_database(self.database), self.user)
+                secret = await ctx.auth_query.fetch_secret(
+                    ctx, ctx.config.real_database(self.database), self.user)
             except (ServerError, ServerUnavailable, ServerProtocolError, ConnectionLost,
                     TimeoutError, AuthenticationError) as exc:
                 # the superuser's own trouble is for the log, not for the client
@@ -290,8 +441,7 @@ class ClientConnection(Endpoint):
                 raise ServerUnavailable("authentication lookup failed") from None
             self.vault_login = await authenticate_with_verifier(self, self.user, secret,
                                                                 rule.method)
-        elif not self.ctx.config.main.allow_unknown_users and method != "trust":
-            # the same exchange as for a known user, ending in the same 28P01
+        else:
             await authenticate_client(self, method, self.user, None)
 
     def _hba_rule(self) -> HbaRule:
@@ -334,12 +484,21 @@ class ClientConnection(Endpoint):
                     VALIDATION_TIMEOUT):
                 ctx.release_server(server, clean=False)
                 continue
-            try:
-                await self._check_reused(server, rule)
-            except BaseException:
-                ctx.release_server(server, clean=not server.closed)
-                raise
+            await self._checked(server, rule)
             return server
+
+    async def _checked(self, server: ServerConnection, rule: HbaRule) -> None:
+        """``_check_reused``; a refused client gives the connection back."""
+        try:
+            await self._check_reused(server, rule)
+        except BaseException:
+            self.ctx.release_server(server, clean=not server.closed)
+            raise
+
+    async def _check_and_use(self, server: ServerConnection, settings: dict[str, str],
+                             rule: HbaRule) -> None:
+        await self._checked(server, rule)
+        await self._use_server(server, settings)
 
     async def _acquire(self, key: tuple[str, str]) -> Grant:
         ctx = self.ctx
@@ -347,7 +506,7 @@ class ClientConnection(Endpoint):
         timeout = main.blocking_timeout
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
-        granted: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        granted: asyncio.Future[Grant] = self.loop.create_future()
         self._grant = granted
 
         def exhausted() -> PoolExhausted:
@@ -421,26 +580,38 @@ class ClientConnection(Endpoint):
     async def read_password(self, sasl: bool = False) -> bytes:
         """The client's next authentication message ('p'), with PostgreSQL's answers to a bad
         length (28P01 in SASL, a silent close otherwise) and to any other message (08P01)."""
-        timeout = self.ctx.config.main.authentication_timeout or None
+        timeout = self.ctx.config.main.authentication_timeout
+        # a timer that wakes the read with TimeoutError (asyncio.timeout costs several times
+        # as much: a Timeout object, the current task, its cancellation)
+        timer = (self.loop.call_later(timeout, self._wake, TimeoutError())
+                 if timeout > 0 else None)
         try:
-            async with asyncio.timeout(timeout):
-                type_, body = await self.read_message()
+            type_, body = await self.read_message()
         except TimeoutError:
             raise AuthenticationError("canceling authentication due to timeout",
                                       sqlstate="08006") from None
         except ClientProtocolError:  # a length out of range
             raise auth_message_length_error(self.user, sasl=sasl) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         if type_ != codes.PASSWORD:
             raise ClientProtocolError(
                 f"expected password response, got message type {type_}")
         return body
 
+    def _reuse_asks_nothing(self, server: ServerConnection, rule: HbaRule) -> bool:
+        """Need a client prove nothing to use ``server`` (see ``_check_reused``)?"""
+        memento = server.memento
+        return (self.vault_login is not None or rule.method == "trust" or memento is None
+                or memento[0] == "trust")
+
     async def _check_reused(self, server: ServerConnection, rule: HbaRule) -> None:
         """A reused pass-through connection: the client proves the password it logged in with."""
-        memento = server.memento
-        if (self.vault_login is not None or rule.method == "trust" or memento is None
-                or memento[0] == "trust"):
+        if self._reuse_asks_nothing(server, rule):
             return
+        memento = server.memento
+        assert memento is not None
         if memento[0] == "password":
             self.write(msg.authentication_cleartext())
         elif memento[0] == "md5":
@@ -454,46 +625,63 @@ class ClientConnection(Endpoint):
     def _greet(self, params: bytes, pid: int, secret: int, status: int) -> bytes:
         """The login succeeded: log it, send AuthenticationOk, the ParameterStatus messages
         ``params``, BackendKeyData and ReadyForQuery. Returns what the client pipelined."""
+        return self._send_greeting(_AUTH_OK + params, pid, secret, status)
+
+    def _send_greeting(self, head: bytes, pid: int, secret: int, status: int) -> bytes:
+        """``_greet`` with AuthenticationOk and the ParameterStatus messages in ``head``."""
         self.linked_once = True
         self.seen_activity = (self.activity, time.monotonic())
         if self.ctx.config.main.log_connections:
             log.info("connection authorized: user=%s database=%s host=%s", self.user,
                      self.database, self.address or "[local]")
         pipelined = self.take_buffered()
-        self.write(_AUTH_OK + params + msg.backend_key_data(pid, secret)
-                   + msg.ready_for_query(bytes([status])))
+        self.write(head + msg.key_and_ready(pid, secret, status))  # one write, one segment
         return pipelined
 
     async def _link_and_serve(self, server: ServerConnection) -> None:
-        ctx = self.ctx
-        secret = ctx.cancels.issue(self, server.pid)
+        """Session pooling: greet and link; the session goes on in callbacks (``end``)."""
+        self._link_session(server)
+
+    def _link_session(self, server: ServerConnection) -> None:
+        secret = self.ctx.cancels.issue(self, server.pid)
         status = server.status if server.status > 0 else codes.TX_IDLE
-        pipelined = self._greet(server.greeting_params(), server.pid, secret, status)
+        pipelined = self._send_greeting(server.greeting(), server.pid, secret, status)
         self.server = server
         self.peer = server
         server.peer = self
-        if pipelined:
+        self._phase = _LINKED
+        ended = self._ended
+        if ended is not None and ended.done():  # the client left while the coroutine worked
+            self.end(ended.result())
+        elif pipelined:
             self.data_received(pipelined)
-        assert self._ended is not None
-        reason = await self._ended
-        ctx.cancels.drop(self, server.pid)
-        if reason == "server lost":
-            self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
-        await self.release(server, clean=True)
 
-    async def release(self, server: ServerConnection, clean: bool) -> None:
-        """Unlink ``server`` and return it to the pool (reset first), or close it."""
+    def _end_session(self, reason: str) -> None:
+        """The session is over (``end``): the server connection goes back (reset in the
+        background), the client goes."""
+        server = self.server
+        if server is not None:
+            self.ctx.cancels.drop(self, server.pid)
+            if reason == "server lost":
+                self.write(msg.error_response("08006",
+                                              "server closed the connection unexpectedly"))
+            self.release(server, clean=True)
+        self._done()
+
+    def release(self, server: ServerConnection, clean: bool) -> None:
+        """Unlink ``server`` and give it back to the pool: after its reset (in callbacks, see
+        ``ServerConnection.reset_then``), or closed."""
         self.server = None
         self.peer = None
         server.peer = None
+        ctx = self.ctx
         if session.reusable(clean, self.dirty, self.tracker.at_boundary, server.status,
                             server.poolable, server.closed):
             server.transport.resume_reading()  # the client may have left it paused
-            clean = await server.reset(self.ctx.config.main.server_reset_query,
-                                       session.RESET_TIMEOUT)
+            server.reset_then(ctx.config.main.server_reset_query, session.RESET_TIMEOUT,
+                              ctx.release_server)
         else:
-            clean = False
-        self.ctx.release_server(server, clean)
+            ctx.release_server(server, False)
 
     # --- errors ------------------------------------------------------------------------------
 

@@ -85,6 +85,16 @@ class Context:
         self.tx_logins: dict[tuple[str, str], TxLogin] = {}
         # blocking_timeout of every waiting client, both pipelines
         self.waits = WaitTimer(self.pool)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop, kept: ``asyncio.get_running_loop`` asks the kernel for the
+        process id each time, and every connection needs the loop a few times."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def server(self) -> ServerConfig:

@@ -1,8 +1,9 @@
 """What client and server connections share: an asyncio.Protocol with two modes.
 
-* **framed**: bytes are buffered in a reader (``StartupReader`` or ``MessageReader``) and a
-  coroutine of pgcorral reads whole packets with ``read_packet`` / ``read_message``. Used while
-  pgcorral itself talks: startup, authentication, reset, settings.
+* **framed**: bytes are buffered in a reader (``StartupReader`` or ``MessageReader``) and
+  pgcorral reads whole packets from it: a coroutine with ``read_message``, or a callback the
+  subclass runs when ``buffer`` woke nobody (the client's startup, the server's reset). Used
+  while pgcorral itself talks: startup, authentication, reset, settings.
 * **relay**: the subclass's ``data_received`` writes each chunk straight to the linked peer.
 
 Flow control is cross-wired: when our transport's write buffer is full, the peer stops reading
@@ -17,7 +18,7 @@ from typing import Any, cast
 
 from pgcorral.errors import ClientProtocolError, ServerProtocolError
 from pgcorral.protocol.framing import FramingError, MessageReader
-from pgcorral.protocol.startup import Packet, StartupReader
+from pgcorral.protocol.startup import StartupReader
 
 log = logging.getLogger("pgcorral.net")
 
@@ -31,13 +32,14 @@ class ConnectionLost(Exception):
 
 class Endpoint(asyncio.Protocol):
     transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop  # set at connection_made (get_running_loop costs a getpid)
     peer: Endpoint | None
     side = "?"
 
-    def __init__(self) -> None:
+    def __init__(self, rx: StartupReader | MessageReader) -> None:
         self.peer = None
         self.closed = False
-        self._rx: StartupReader | MessageReader = MessageReader()
+        self._rx: StartupReader | MessageReader = rx
         self._wakeup: asyncio.Future[None] | None = None
         self._reading_paused = False
         # our transport's write buffer is over its high-water mark: whoever is linked to us
@@ -108,20 +110,11 @@ class Endpoint(asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = self.loop.create_future()
         try:
             await self._wakeup
         finally:
             self._wakeup = None
-
-    async def read_packet(self) -> Packet:
-        reader = self._rx
-        assert isinstance(reader, StartupReader)
-        while True:
-            packet = reader.next_packet()
-            if packet is not None:
-                return packet
-            await self._wait_data()
 
     async def read_message(self) -> tuple[int, bytes]:
         reader = self._rx

@@ -4,6 +4,11 @@ A ``ServerConnection`` is linked to at most one client at a time. While linked (
 chunk from PostgreSQL is written to the client as is; the only look at it is whether the chunk
 ends with a ReadyForQuery, which gives the transaction status pgcorral needs when the client
 leaves (``status``, -1 when unknown). Everything else here runs outside the data path.
+
+The reset after a session client left usually runs in callbacks (``reset_then``): the same
+request in the same state gets the same reply bytes as at the last checked reset, so the bytes
+are compared as they arrive, without a task; anything else is checked message by message in a
+coroutine (``reset``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from pgcorral.errors import AuthenticationError, ServerError, ServerProtocolError
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
@@ -33,14 +38,54 @@ DRAIN_TIMEOUT = 2.0
 
 #: Called with an Authentication request body from the server; returns the client's answer.
 AuthRelay = Callable[[bytes], Awaitable[bytes]]
+#: Called when a reset is over: (the connection, clean).
+Release = Callable[["ServerConnection", bool], None]
 T = TypeVar("T")
+_AUTH_OK = msg.authentication_ok()
+
+
+class ResetPlan(NamedTuple):
+    """What a reset sends and which replies it must get, built once per (rollback, reset
+    query, settings to re-apply) and kept by the connection."""
+
+    rollback: bool  # the connection was in a transaction block
+    reset_query: str
+    requests: Pairs  # the last client's reported startup settings (re-applied after DISCARD ALL)
+    payload: bytes
+    expected_ready: int
+    tags: list[str] | None  # the command tags DISCARD ALL must give; None: not checked
+
+
+def plan_reset(rollback: bool, reset_query: str, requests: Pairs) -> ResetPlan:
+    queries = ["ROLLBACK"] if rollback else []
+    if reset_query:
+        queries.append(reset_query)
+    discard_all = reset_query.strip().upper().rstrip(";") == "DISCARD ALL"
+    reapply = requests if discard_all else []
+    payload = b"".join(msg.query(q) for q in queries)
+    if reapply:
+        payload += msg.set_config_statement(reapply)
+    tags = [q.upper() for q in queries] + (["SELECT 1"] if reapply else []) if discard_all \
+        else None
+    return ResetPlan(rollback, reset_query, requests, payload,
+                     len(queries) + (1 if reapply else 0), tags)
+
+
+class _Expected(NamedTuple):
+    """A reset in callbacks: the reply bytes it waits for and what to do next."""
+
+    plan: ResetPlan
+    replies: bytes  # exactly what the last checked reset got
+    before: dict[str, str]  # the parameters when it was sent
+    release: Release
+    timer: asyncio.TimerHandle
 
 
 class ServerConnection(Endpoint):
     side = "server"
 
     def __init__(self, slot: Slot, on_lost: Callable[[ServerConnection], None]) -> None:
-        super().__init__()
+        super().__init__(MessageReader(codes.LARGE_MESSAGE_LIMIT))
         self.slot = slot
         self._on_lost = on_lost
         self.idle = False  # True while it sits in the pool
@@ -55,12 +100,12 @@ class ServerConnection(Endpoint):
         self.poolable = True
         self.names: dict[str, str] = {}  # lower-case setting name -> reported spelling
         self.requests: Pairs = []  # the linked client's startup requests for reported settings
-        self._greeting: bytes | None = None
-        self._reapply: tuple[Pairs, bytes] = ([], b"")
+        self._greeting: bytes | None = None  # AuthenticationOk + ParameterStatus of params
+        self._reset_plan: ResetPlan | None = None  # the last one (the next is usually the same)
         # (reset payload, params before, exact reply bytes) of the last checked reset that left
         # the parameters as they were: the same request in the same state gets the same bytes.
         self._known_replies: tuple[bytes, dict[str, str], bytes] | None = None
-        self._rx = MessageReader(codes.LARGE_MESSAGE_LIMIT)
+        self._expected: _Expected | None = None  # a reset running in callbacks
         self.draining = False  # terminated; waiting for PostgreSQL to close its end
         self._drain_timer: asyncio.TimerHandle | None = None
         self._gone: asyncio.Future[None] | None = None
@@ -91,6 +136,10 @@ class ServerConnection(Endpoint):
             return
         self.buffer(data)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.loop = asyncio.get_running_loop()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.poolable = False
@@ -106,7 +155,7 @@ class ServerConnection(Endpoint):
         if self._lost:
             return
         if self._gone is None:
-            self._gone = asyncio.get_running_loop().create_future()
+            self._gone = self.loop.create_future()
         await self._gone
 
     # --- login -------------------------------------------------------------------------------
@@ -189,6 +238,23 @@ class ServerConnection(Endpoint):
             self.params = params
             self._greeting = None
 
+    def _plan_reset(self, reset_query: str) -> ResetPlan | None:
+        """The reset for the connection's state; None when there is nothing to send."""
+        rollback = self.status in (codes.TX_IN_BLOCK, codes.TX_FAILED)
+        if not rollback and not reset_query:
+            return None
+        plan = self._reset_plan
+        if (plan is None or plan.rollback != rollback or plan.reset_query != reset_query
+                or plan.requests != self.requests):
+            plan = self._reset_plan = plan_reset(rollback, reset_query, self.requests)
+        return plan
+
+    def _knows_replies(self, plan: ResetPlan) -> bool:
+        """Did the last checked reset send this request in this state (same reply bytes)?"""
+        known = self._known_replies
+        return (known is not None and known[0] == plan.payload
+                and (known[1] is self.params or known[1] == self.params))
+
     async def reset(self, reset_query: str, timeout: float) -> bool:
         """Make the connection clean for the next client. False if it must be closed instead.
 
@@ -196,46 +262,101 @@ class ServerConnection(Endpoint):
         applied again in the same round trip: the next client of the same application then
         finds the connection ready (see ``pipelines.settings``).
         """
-        queries = ["ROLLBACK"] if self.status in (codes.TX_IN_BLOCK, codes.TX_FAILED) else []
-        if reset_query:
-            queries.append(reset_query)
-        if not queries:
+        plan = self._plan_reset(reset_query)
+        if plan is None:
             return self.status == codes.TX_IDLE
-        discard_all = reset_query.strip().upper().rstrip(";") == "DISCARD ALL"
-        payload = b"".join(msg.query(q) for q in queries)
-        reapply = self.requests if discard_all else []
-        if reapply:
-            if self._reapply[0] != reapply:
-                self._reapply = (reapply, msg.set_config_statement(reapply))
-            payload += self._reapply[1]
-        replies = Replies(len(queries) + (1 if reapply else 0), EXTENDED_ROW_REPLIES)
-        timer = asyncio.get_running_loop().call_later(timeout, self.abort)
+        timer = self.loop.call_later(timeout, self.abort)
         try:
-            known = self._known_replies
             before = self.params
-            raw: list[bytes] = []
-            if known is not None and known[0] == payload and known[1] == before:
-                if await self._expect_exactly(payload, known[2]):
+            known = self._known_replies
+            if known is None or not self._knows_replies(plan):
+                return await self._check_reset(plan, before, sent=False)
+            try:
+                if await self._expect_exactly(plan.payload, known[2]):
                     return True  # byte for byte the replies checked below last time
-                await self._exchange(b"", replies, raw)  # already sent: check what came
-            else:
-                await self._exchange(payload, replies, raw)
+            except Exception as exc:  # closed or timed out (abort): not reusable
+                log.info("reset of server connection %d failed: %s", self.slot.id, exc)
+                return False
+            return await self._check_reset(plan, before, sent=True)  # already sent
+        finally:
+            timer.cancel()
+
+    def reset_then(self, reset_query: str, timeout: float, release: Release) -> None:
+        """``reset``, then ``release(self, clean)``. The usual case (the replies known byte for
+        byte) runs in callbacks: the bytes are compared in ``_wake`` as they arrive. Else, and
+        from the first differing byte on, the replies are checked in a task."""
+        plan = self._plan_reset(reset_query)
+        if plan is None:
+            release(self, self.status == codes.TX_IDLE)
+            return
+        known = self._known_replies
+        if known is None or not self._knows_replies(plan) or len(self._rx) or self.closed:
+            self.loop.create_task(self._reset_task(reset_query, timeout, release))
+            return
+        try:
+            self.transport.write(plan.payload)
+        except RuntimeError:  # the transport closed under us (uvloop raises)
+            release(self, False)
+            return
+        timer = self.loop.call_later(timeout, self.abort)
+        self._expected = _Expected(plan, known[2], self.params, release, timer)
+
+    async def _reset_task(self, reset_query: str, timeout: float, release: Release) -> None:
+        release(self, await self.reset(reset_query, timeout))
+
+    def _wake(self, exc: Exception | None) -> None:
+        super()._wake(exc)
+        expected = self._expected
+        if expected is None:
+            return
+        rx = self._rx
+        assert isinstance(rx, MessageReader)
+        replies = expected.replies
+        if exc is None and rx.matches_prefix(replies):
+            if len(rx) < len(replies):
+                return  # more to come
+            rx.consume(len(replies))
+            self._expected = None
+            self.status = codes.TX_IDLE
+            expected.timer.cancel()
+            expected.release(self, True)
+            return
+        self._expected = None
+        if exc is not None or self.closed:  # lost, closed, or aborted by the timer
+            expected.timer.cancel()
+            log.info("reset of server connection %d failed: %s", self.slot.id, exc)
+            expected.release(self, False)
+            return
+        # other bytes than last time: check them message by message
+        self.loop.create_task(self._finish_reset(expected))
+
+    async def _finish_reset(self, expected: _Expected) -> None:
+        try:
+            clean = await self._check_reset(expected.plan, expected.before, sent=True)
+        finally:
+            expected.timer.cancel()
+        expected.release(self, clean)
+
+    async def _check_reset(self, plan: ResetPlan, before: dict[str, str], sent: bool) -> bool:
+        """Send the reset (unless ``sent``) and check every reply; remember the exact bytes
+        when they left the parameters as they were."""
+        replies = Replies(plan.expected_ready, EXTENDED_ROW_REPLIES)
+        raw: list[bytes] = []
+        try:
+            await self._exchange(b"" if sent else plan.payload, replies, raw)
         except Exception as exc:  # broken stream, closed or timed out (abort): not reusable
             log.info("reset of server connection %d failed: %s", self.slot.id, exc)
             return False
-        finally:
-            timer.cancel()
         if replies.error is not None or replies.status != codes.TX_IDLE or len(self._rx):
             return False
-        if discard_all:
-            expected = [q.upper() for q in queries] + (["SELECT 1"] if reapply else [])
-            if replies.tags != expected:
+        if plan.tags is not None:  # DISCARD ALL
+            if replies.tags != plan.tags:
                 return False
             # DISCARD ALL ran RESET ALL: every setting is back at its login value, then the
             # re-applied ones reported their new values.
             self._set_params({**self.baseline, **replies.params})
             if self.params == before:
-                self._known_replies = (payload, before, b"".join(raw))
+                self._known_replies = (plan.payload, before, b"".join(raw))
         return True
 
     async def _expect_exactly(self, payload: bytes, expected: bytes) -> bool:
@@ -281,7 +402,7 @@ class ServerConnection(Endpoint):
 
     async def validate(self, timeout: float) -> bool:
         """Is the connection alive and idle? An empty query must come back clean."""
-        timer = asyncio.get_running_loop().call_later(timeout, self.abort)
+        timer = self.loop.call_later(timeout, self.abort)
         try:
             replies = await self._exchange(msg.query(""), Replies(1))
         except Exception as exc:  # broken stream, closed or timed out (abort)
@@ -291,11 +412,13 @@ class ServerConnection(Endpoint):
             timer.cancel()
         return replies.error is None and replies.status == codes.TX_IDLE and not len(self._rx)
 
-    def greeting_params(self) -> bytes:
-        """ParameterStatus messages for every reported setting, built once per change."""
+    def greeting(self) -> bytes:
+        """The start of a client's greeting on this connection: AuthenticationOk and a
+        ParameterStatus message for every reported setting. Built once per change of
+        ``params`` (``_set_params``); the client adds BackendKeyData and ReadyForQuery."""
         greeting = self._greeting
         if greeting is None:
-            greeting = b"".join(msg.parameter_status(k, v) for k, v in self.params.items())
+            greeting = _AUTH_OK + msg.parameter_statuses(self.params)
             self._greeting = greeting
         return greeting
 
@@ -321,7 +444,7 @@ class ServerConnection(Endpoint):
             transport.write(msg.terminate())
             if transport.can_write_eof():
                 transport.write_eof()
-                self._drain_timer = asyncio.get_running_loop().call_later(
+                self._drain_timer = self.loop.call_later(
                     DRAIN_TIMEOUT, transport.abort)
             else:  # pragma: no cover - TCP and unix sockets both can
                 transport.close()

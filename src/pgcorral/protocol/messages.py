@@ -63,12 +63,38 @@ def notice_response(sqlstate: str, message_text: str, *, severity: str = "NOTICE
     return message(b"N", _fields_body(error_fields(severity, sqlstate, message_text)))
 
 
+#: ParameterStatus messages by (name, value): every greeting repeats the same dozen or so
+#: (bounded: cleared when full, as application_name values are the client's to choose).
+_STATUS_CACHE: dict[tuple[str, str], bytes] = {}
+STATUS_CACHE_LIMIT = 4096
+
+
 def parameter_status(name: str, value: str) -> bytes:
-    return message(b"S", _cstr(name) + _cstr(value))
+    key = (name, value)
+    status = _STATUS_CACHE.get(key)
+    if status is None:
+        status = message(b"S", _cstr(name) + _cstr(value))
+        if len(_STATUS_CACHE) >= STATUS_CACHE_LIMIT:
+            _STATUS_CACHE.clear()
+        _STATUS_CACHE[key] = status
+    return status
+
+
+def parameter_statuses(params: Mapping[str, str]) -> bytes:
+    """A ParameterStatus message for each setting, in order."""
+    return b"".join(parameter_status(k, v) for k, v in params.items())
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:
     return message(b"K", _I32x2.pack(pid, secret))
+
+
+_KEY_AND_READY = struct.Struct("!cIiicIB")
+
+
+def key_and_ready(pid: int, secret: int, status: int) -> bytes:
+    """BackendKeyData and ReadyForQuery(``status``), the end of every greeting, in one pack."""
+    return _KEY_AND_READY.pack(b"K", 12, pid, secret, b"Z", 5, status)
 
 
 def ready_for_query(status: bytes = b"I") -> bytes:
