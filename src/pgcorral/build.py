@@ -76,28 +76,44 @@ def _in_checkout() -> bool:
     )
 
 
-def _stale(name: str, path: str) -> bool:
-    """True when ``path`` (a compiled module) is older than the .py source beside it."""
-    source = os.path.join(os.path.dirname(path), name.rsplit(".", 1)[-1] + ".py")
-    try:
-        return os.stat(source).st_mtime > os.stat(path).st_mtime
-    except OSError:
-        return False
+def _stale_modules(src: str) -> list[str]:
+    """The modules of COMPILED (under ``src``) whose .py is newer than their compiled form, or
+    that have none: the in-place build predates an edit.
+
+    With ``separate=True`` mypyc puts a module's code in ``<name>__mypyc.*.so`` beside a small
+    shim ``<name>.*.so`` that the linker leaves untouched when only the code changed: the
+    newest of the two counts."""
+    stale: list[str] = []
+    for entry in COMPILED:
+        path = os.path.join(src, entry)
+        sources = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
+                   if os.path.isdir(path) else [path])
+        for source in sources:
+            directory, base = os.path.split(source[:-3])
+            built = [os.path.join(directory, f) for f in os.listdir(directory)
+                     if f.endswith(_EXTENSION_SUFFIXES)
+                     and (f.startswith(base + ".") or f.startswith(base + "__mypyc."))]
+            try:
+                if not built or os.stat(source).st_mtime > max(
+                        os.stat(p).st_mtime for p in built):
+                    stale.append(os.path.relpath(source[:-3], src).replace(os.sep, "."))
+            except OSError:
+                continue
+    return stale
 
 
 def info() -> BuildInfo:
     compiled: list[str] = []
     pure: list[str] = []
     stale: list[str] = []
-    checkout = _in_checkout()
     for name in _PROBES:
         path = getattr(importlib.import_module(name), "__file__", None)
         if path is not None and _is_extension(path):
             compiled.append(name)
-            if checkout and _stale(name, path):
-                stale.append(name)
         else:
             pure.append(name)
+    if compiled and _in_checkout():
+        stale = _stale_modules(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return BuildInfo(tuple(compiled), tuple(pure), tuple(stale))
 
 
