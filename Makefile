@@ -45,6 +45,9 @@ build: $(BUILD_STAMP)
 
 $(BUILD_STAMP): $(STAMP) setup.py $(PY_SOURCES)
 	PGCORRAL_BUILD=compiled $(VPY) setup.py -q build_ext --inplace
+	@# build_ext leaves a module it found up to date (same C) untouched: after a good build
+	@# every .so is current, so mark them so (pgcorral.build's stale check compares mtimes).
+	find src/pgcorral -name '*.so' -exec touch {} +
 	@mkdir -p build && touch $(BUILD_STAMP)
 
 lint: venv
