@@ -31,6 +31,17 @@ from pgcorral.build import info as build_info  # noqa: E402
 PGCORRAL_PATH = str(Path(pgcorral.__file__).resolve().parent.parent)
 
 
+def wait_reset(pg: PgCluster, pid: int, timeout: float = 10.0) -> None:
+    """Wait until pgcorral's reset (DISCARD ALL) of backend ``pid`` has run. The release of a
+    session's server connection ends after its client has gone, so a test that expects the
+    next client to get the same backend waits for it first."""
+    sql = f"select state || ' ' || query from pg_stat_activity where pid = {pid}"
+    deadline = time.monotonic() + timeout
+    while pg.psql(sql).strip() != "idle DISCARD ALL":
+        assert time.monotonic() < deadline, f"backend {pid} was not reset"
+        time.sleep(0.01)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"pgcorral: {build_info().describe()} from {PGCORRAL_PATH}"
 

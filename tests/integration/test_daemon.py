@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
+from tests.conftest import wait_reset
 from tests.pgwire import connect_error
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def test_pgbench_initialises_through_pgcorral(pgcorral: DaemonFactory, pg: PgClu
 
 
 @pytest.mark.single_worker
-def test_plain_asyncio_event_loop_works_too(pgcorral: DaemonFactory) -> None:
+def test_plain_asyncio_event_loop_works_too(pgcorral: DaemonFactory, pg: PgCluster) -> None:
     d = pgcorral(env={"PGCORRAL_EVENT_LOOP": "asyncio"})
     with psycopg.connect(d.dsn()) as conn:
         pid = conn.info.backend_pid
@@ -75,6 +76,7 @@ def test_plain_asyncio_event_loop_works_too(pgcorral: DaemonFactory) -> None:
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(20)")
         conn.rollback()
+    wait_reset(pg, pid)
     with psycopg.connect(d.dsn()) as conn:
         assert conn.info.backend_pid == pid
     assert "event loop asyncio" in d.log()

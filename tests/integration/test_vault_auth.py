@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import psycopg
 import pytest
+from tests.conftest import wait_reset
 from tests.pgwire import read_message, startup_packet
 
 from pgcorral.security.vault import MasterKey, Vault
@@ -57,16 +58,6 @@ def _client_password(user: str) -> str:
     return FRONTEND.get(user, ROLES[user])
 
 
-def _wait_reset(pg: PgCluster, pid: int) -> None:
-    """Wait until pgcorral's reset (DISCARD ALL) of backend ``pid`` has run: the release of a
-    session's server connection ends after its client has gone."""
-    sql = f"select state || ' ' || query from pg_stat_activity where pid = {pid}"
-    deadline = time.monotonic() + 10
-    while pg.psql(sql).strip() != "idle DISCARD ALL":
-        assert time.monotonic() < deadline, f"backend {pid} was not reset"
-        time.sleep(0.01)
-
-
 @pytest.mark.single_worker
 @pytest.mark.parametrize("method", ["password", "md5", "scram-sha-256", "all"])
 def test_every_client_method_against_every_server_method(
@@ -77,7 +68,7 @@ def test_every_client_method_against_every_server_method(
         with psycopg.connect(d.dsn(user=user, password=good)) as conn:
             pid = conn.info.backend_pid
             assert conn.execute("select current_user").fetchone() == (user,)
-        _wait_reset(pg, pid)
+        wait_reset(pg, pid)
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
             psycopg.connect(d.dsn(user=user, password=good + "x"))
         with psycopg.connect(d.dsn(user=user, password=good)) as conn:
