@@ -72,7 +72,9 @@ wheel: venv
 	$(VPY) -m build --outdir dist . >build-wheel.log 2>&1 \
 	    || { tail -30 build-wheel.log; exit 1; }
 	$(VPY) -m pip install -q --no-deps --target build/wheel-check dist/*.whl
-	PYTHONPATH=build/wheel-check $(VPY) -m pgcorral -V | tee /dev/stderr | grep -q "(compiled with mypyc)"
+	@# (not `tee /dev/stderr`: when stderr is a log file, tee truncates it)
+	v=$$(PYTHONPATH=build/wheel-check $(VPY) -m pgcorral -V) && echo "$$v" \
+	    && echo "$$v" | grep -q "(compiled with mypyc)"
 
 # The fallback: built where no C compiler works (CC=false), pgcorral installs as pure Python,
 # says so, and passes a smoke run of the suite.
@@ -85,7 +87,8 @@ smoke-pure: venv
 	CC=false $(VPY) -m pip install -v --no-deps --target build/pure build/pure-src \
 	    >build-pure.log 2>&1 || { tail -30 build-pure.log; exit 1; }
 	grep -q "installing pure Python" build-pure.log
-	PYTHONPATH=build/pure $(VPY) -m pgcorral -V | tee /dev/stderr | grep -q "(pure Python)"
+	v=$$(PYTHONPATH=build/pure $(VPY) -m pgcorral -V) && echo "$$v" \
+	    && echo "$$v" | grep -q "(pure Python)"
 	PYTHONPATH=build/pure PGCORRAL_EXPECT_BUILD=pure $(VENV)/bin/pytest -q -p no:cacheprovider \
 	    $(SMOKE_TESTS)
 
