@@ -35,6 +35,8 @@ class Key:
     required: bool = False
     minimum: int | None = None
     maximum: int | None = None
+    #: enum only: other spellings accepted for a choice, (spelling, choice)
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 _OURS = "pgcorral only. "
@@ -118,10 +120,24 @@ KEYS: tuple[Key, ...] = (
         "Regenerate frontend users' passwords on this period; 0 = never."),
     Key("rotate_frontend_password_length", "int", 8, _LIVE,
         "Length of generated frontend passwords.", minimum=8, maximum=1024),
-    Key("tls", "bool", False, _LIVE, "TLS for clients (and remote management)."),
-    Key("tls_cert_file", "path", "", _LIVE, "Server certificate for client TLS."),
-    Key("tls_key_file", "path", "", _LIVE, "Private key for client TLS."),
-    Key("tls_ca_file", "path", "", _LIVE, "CA that client certificates are verified against."),
+    Key("tls", "bool", False, _LIVE,
+        "TLS for clients: SSLRequest is answered 'S' and direct TLS is accepted (docs/TLS.md)."),
+    Key("tls_cert_file", "path", "", _LIVE,
+        "Certificate (chain, PEM) pgcorral presents to clients; re-read on reload."),
+    Key("tls_key_file", "path", "", _LIVE, "Private key of tls_cert_file (PEM)."),
+    Key("tls_ca_file", "path", "", _LIVE,
+        "CA(s) that client certificates are verified against; set, clients may present one "
+        "(hba `cert`, `clientcert=`)."),
+    Key("tls_crl_file", "path", "", _LIVE,
+        _OURS + "Certificate revocation list checked for client certificates."),
+    Key("tls_min_protocol_version", "enum", "tlsv1.2", _LIVE,
+        _OURS + "Oldest TLS version accepted from clients (PostgreSQL's "
+        "ssl_min_protocol_version).", choices=("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3")),
+    Key("tls_max_protocol_version", "enum", "", _LIVE,
+        _OURS + "Newest TLS version offered to clients; empty = the newest OpenSSL has.",
+        choices=("", "tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3")),
+    Key("tls_ciphers", "string", "HIGH:MEDIUM:+3DES:!aNULL", _LIVE,
+        _OURS + "OpenSSL cipher list for TLS 1.2 and older (PostgreSQL's ssl_ciphers)."),
     # -- failover and health ---------------------------------------------------------------
     Key("failover", "bool", False, _LIVE, "Enable failover (needs 2 servers and a script)."),
     Key("failover_script", "path", "", _LIVE, "Executable run when the primary fails."),
@@ -178,15 +194,24 @@ KEYS: tuple[Key, ...] = (
         minimum=1, maximum=65535),
     Key("primary", "bool", False, _LIVE, "This server is the primary (at most one).",
         section="server"),
-    Key("tls", "bool", False, _NOT_LIVE, "TLS from pgcorral to this server.", section="server"),
-    Key("tls_cert_file", "path", "", _NOT_LIVE, "Client certificate used toward the server.",
-        section="server"),
-    Key("tls_key_file", "path", "", _NOT_LIVE, "Client key used toward the server.",
-        section="server"),
-    Key("tls_ca_file", "path", "", _NOT_LIVE, "CA the server certificate is verified against.",
-        section="server"),
-    Key("channel_binding", "enum", "prefer", _LIVE, "SCRAM channel binding toward a TLS server.",
-        section="server", choices=("disabled", "prefer", "require")),
+    Key("tls", "enum", "disable", _LIVE,
+        "TLS from pgcorral to this server, with libpq's sslmode meanings; `on` = require, "
+        "`off` = disable. Not used over a Unix socket.", section="server",
+        choices=("disable", "prefer", "require", "verify-ca", "verify-full"),
+        aliases=(("on", "require"), ("off", "disable"), ("true", "require"),
+                 ("false", "disable"), ("yes", "require"), ("no", "disable"),
+                 ("1", "require"), ("0", "disable"), ("allow", "prefer"))),
+    Key("tls_cert_file", "path", "", _LIVE,
+        "Client certificate pgcorral presents to this server.", section="server"),
+    Key("tls_key_file", "path", "", _LIVE, "Private key of the server section's "
+        "tls_cert_file.", section="server"),
+    Key("tls_ca_file", "path", "", _LIVE,
+        "CA the server certificate is verified against (verify-ca, verify-full; `require` "
+        "with a CA verifies too, as libpq does); empty = the system's CAs.", section="server"),
+    Key("channel_binding", "enum", "prefer", _LIVE,
+        "SCRAM channel binding toward a TLS server (libpq's channel_binding).",
+        section="server", choices=("disable", "prefer", "require"),
+        aliases=(("disabled", "disable"),)),
 )
 
 MAIN_KEYS: dict[str, Key] = {k.name: k for k in KEYS if k.section == "main"}

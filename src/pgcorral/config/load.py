@@ -10,7 +10,7 @@ from __future__ import annotations
 from pgcorral.config.hba import parse_hba
 from pgcorral.config.limits import parse_limits
 from pgcorral.config.model import Config, HbaRule, LimitRule, MainConfig, ServerConfig
-from pgcorral.config.parse import parse_main_config, problem
+from pgcorral.config.parse import parse_main_config, problem, read_ini
 from pgcorral.errors import ConfigError
 
 DEFAULT_MAX_CONNECTIONS = 100
@@ -31,6 +31,32 @@ def read_text(path: str, problems: list[str]) -> str | None:
     return None
 
 
+def _check_tls(path: str, text: str, main: MainConfig, servers: list[ServerConfig],
+               problems: list[str]) -> None:
+    """Every TLS context builds (certificates, keys, CAs, ciphers); a problem names the key's
+    line."""
+    from pgcorral.security.tls import TlsFileError, client_side, server_side
+
+    def line_of(section: str | None, key: str) -> int | None:
+        for found in read_ini(path, text, []):
+            if section is None or found.name == section:
+                for name, _, number in found.entries:
+                    if name == key:
+                        return number
+        return None
+
+    try:
+        client_side(main)
+    except TlsFileError as exc:
+        problems.append(problem(path, line_of(None, exc.key), None, str(exc)))
+    for server in servers:
+        try:
+            server_side(server)
+        except TlsFileError as exc:
+            problems.append(problem(path, line_of(server.name, exc.key), None,
+                                    f"[{server.name}] {exc}"))
+
+
 def load_config(config_path: str, hba_path: str | None = None,
                 limits_path: str | None = None) -> Config:
     """Read and check every file; raise ConfigError listing every problem found."""
@@ -41,6 +67,8 @@ def load_config(config_path: str, hba_path: str | None = None,
     text = read_text(config_path, problems)
     if text is not None:
         main, servers = parse_main_config(config_path, text, problems, warnings)
+        if main is not None and not problems:
+            _check_tls(config_path, text, main, servers, problems)
     hba: list[HbaRule] = []
     if hba_path is not None:
         text = read_text(hba_path, problems)

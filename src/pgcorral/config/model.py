@@ -19,7 +19,7 @@ class ServerConfig:
     host: str
     port: int
     primary: bool = False
-    tls: bool = False
+    tls: str = "disable"
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
@@ -33,8 +33,9 @@ class HbaRule:
     database: str
     user: str
     address: str  # as written; '' for 'local' lines
-    method: str  # trust, reject, password, md5, scram-sha-256, all
+    method: str  # trust, reject, password, md5, scram-sha-256, all, cert
     network: IPNetwork | None  # None means 'all' or a local line
+    clientcert: str = ""  # '', 'verify-ca' or 'verify-full' (hostssl only; cert: verify-full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,10 @@ class MainConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    tls_crl_file: str = ""
+    tls_min_protocol_version: str = "tlsv1.2"
+    tls_max_protocol_version: str = ""
+    tls_ciphers: str = "HIGH:MEDIUM:+3DES:!aNULL"
     # failover and health
     failover: bool = False
     failover_script: str = ""

@@ -102,6 +102,7 @@ def convert(key: Key, text: str) -> object:
         value = parse_size(text)
     elif key.type == "enum":
         lowered = text.strip().lower()
+        lowered = dict(key.aliases).get(lowered, lowered)
         if key.choices is None or lowered not in key.choices:
             raise ValueError(f"{text!r} is not one of {', '.join(key.choices or ())}")
         return lowered

@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -46,6 +46,7 @@ from pgcorral.errors import (
 from pgcorral.net.auth import VaultLogin, authenticate_client, authenticate_with_verifier
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
+from pgcorral.net.tls import TlsLink
 from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
 from pgcorral.pipelines.settings import plan as settings_plan
@@ -58,12 +59,16 @@ from pgcorral.protocol.startup import (
     NEWEST_MINOR,
     CancelRequest,
     Startup,
+    SSLRequest,
     StartupReader,
     parse_options,
 )
 from pgcorral.security.hba import match_hba
+from pgcorral.security.tls import ALPN, peer_common_name
 
 if TYPE_CHECKING:
+    import ssl
+
     from pgcorral.config import HbaRule
     from pgcorral.net.context import Context
     from pgcorral.net.server import ServerConnection
@@ -78,6 +83,11 @@ HBA_CACHE_LIMIT = 4096
 _NOT_SETTINGS = frozenset(["user", "database", "options", "replication"])
 _NOT_REPLICATION = frozenset(["false", "off", "no", "0"])
 _AUTH_OK = msg.authentication_ok()
+#: The first byte of a TLS handshake record: a ClientHello where a startup packet belongs.
+_TLS_HANDSHAKE_RECORD = 0x16
+#: hba methods after which pgcorral asks the client no password (``cert``: the certificate
+#: was the proof, checked in ``_check_client_cert``).
+_ASKS_NOTHING = frozenset(["trust", "cert"])
 
 # Who drives the client (``ClientConnection._phase``).
 _STARTUP = 0  # callbacks: startup packets (``_advance``)
@@ -109,6 +119,8 @@ class ClientConnection(Endpoint):
         self.seen_activity = (0, 0.0)  # (activity, when) at the last sample that saw a change
         self.settings: dict[str, str] = {}  # asked for at startup (options included)
         self.hba_rule: HbaRule | None = None
+        self.tls: ssl.SSLObject | None = None  # set once a TLS handshake finished
+        self._direct_tls = False  # the handshake began without an SSLRequest
         self._phase = _STARTUP
         self._held = b""  # sent with the next write (``hold``)
         self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
@@ -190,6 +202,11 @@ class ClientConnection(Endpoint):
         """Bytes while unlinked: startup packets are answered here; later ones are kept for
         the coroutine (or, pipelined behind the StartupMessage, for the session)."""
         if self._phase == _STARTUP:
+            if (data[0] == _TLS_HANDSHAKE_RECORD and not self._encryption_requests
+                    and self.tls is None and not len(self._startup_rx)
+                    and self.ctx.client_tls is not None and self.conn_type == "host"):
+                self._start_tls(data, direct=True)  # direct TLS: a ClientHello came first
+                return
             self._startup_rx.feed(data)
             self._advance()
         else:
@@ -249,11 +266,18 @@ class ClientConnection(Endpoint):
                 elif isinstance(packet, CancelRequest):
                     self._stop_timer()
                     self._start(self.ctx.forward_cancel(packet.pid, packet.secret))
-                else:  # SSLRequest, GSSENCRequest: no encryption (yet)
+                else:  # SSLRequest, GSSENCRequest
                     self._encryption_requests += 1
                     if self._encryption_requests > 2:
                         raise ClientProtocolError("too many encryption requests")
-                    self.write(b"N")
+                    if isinstance(packet, SSLRequest) and self.tls is not None:
+                        raise ClientProtocolError("SSLRequest over a TLS connection")
+                    if (isinstance(packet, SSLRequest) and self.ctx.client_tls is not None
+                            and self.conn_type == "host"):
+                        self.write(b"S")  # no bytes followed it (StartupReader checked)
+                        self._start_tls(b"", direct=False)
+                        return
+                    self.write(b"N")  # GSSENCRequest, or TLS is off
         except Exception as exc:
             self._report(exc)
             if self._phase == _LINKED:  # a bug after the greeting: the server is not reused
@@ -261,6 +285,56 @@ class ClientConnection(Endpoint):
                 self.end("internal error")
             elif self._phase == _STARTUP:
                 self._done()
+
+    # --- TLS -------------------------------------------------------------------------------
+
+    def _start_tls(self, received: bytes, direct: bool) -> None:
+        """The TLS handshake, under ``authentication_timeout`` like the rest of the startup;
+        its plaintext then comes to ``data_received`` as before."""
+        tls = self.ctx.client_tls
+        assert tls is not None
+        self._direct_tls = direct
+        link = TlsLink(self.transport, tls.context, server_side=True, app=self,
+                       on_ready=self._tls_ready, on_failed=self._tls_failed)
+        self.transport = cast(asyncio.Transport, link)  # TlsLink quacks like one
+        link.start(received)
+
+    def _tls_ready(self, link: TlsLink) -> None:
+        self.tls = link.ssl
+        if self._direct_tls and link.ssl.selected_alpn_protocol() != ALPN:
+            # PostgreSQL 17 refuses direct TLS without ALPN (no cross-protocol confusion)
+            self._fail(ClientProtocolError("received direct SSL connection request without "
+                                           "ALPN protocol negotiation extension"))
+            self._done()
+
+    def _tls_failed(self, link: TlsLink, exc: Exception) -> None:
+        if self._phase == _DONE:
+            return
+        log.info("TLS handshake with client %s failed: %s", self.address or "[local]",
+                 getattr(exc, "reason", None) or exc)
+        self.closed = True
+        self._done()
+
+    def _check_client_cert(self, rule: HbaRule) -> None:
+        """hba ``cert`` and ``clientcert=``: a verified certificate (``verify-ca``) whose CN
+        is the user name (``verify-full``), with PostgreSQL's messages."""
+        tls = self.tls
+        cert = tls.getpeercert() if tls is not None and self.ctx.client_tls is not None \
+            and self.ctx.client_tls.verifies else None
+        if not cert:
+            raise AuthenticationError("connection requires a valid client certificate")
+        if rule.clientcert != "verify-full":
+            return
+        name = peer_common_name(tls) if tls is not None else None
+        if name == self.user:
+            return
+        log.info('certificate CN "%s" is not user "%s" (hba line %d)', name, self.user,
+                 rule.line)
+        if rule.method == "cert":
+            raise AuthenticationError(f'certificate authentication failed for user '
+                                      f'"{self.user}"')
+        raise AuthenticationError(f'certificate validation (clientcert=verify-full) failed '
+                                  f'for user "{self.user}": CN mismatch')
 
     def _stop_timer(self) -> None:
         timer = self._timer
@@ -287,6 +361,8 @@ class ClientConnection(Endpoint):
                                   sqlstate="0A000")
         settings = self.settings = _client_settings(params)
         rule = self.hba_rule = self._hba_rule()
+        if rule.clientcert:
+            self._check_client_cert(rule)
         if ctx.shutting_down:
             raise ShuttingDown("pgcorral is shutting down")
         ctx.check_enabled(self.database)  # a disabled database: DatabaseDisabled 57P03
@@ -302,7 +378,7 @@ class ClientConnection(Endpoint):
         password (``vault_login``), checked by pgcorral with the hba method (``all``: SCRAM)."""
         ctx = self.ctx
         password = ctx.secrets.backend_password(self.user)
-        trust = rule.method == "trust"
+        trust = rule.method in _ASKS_NOTHING
         if password is not None:
             self.vault_login = VaultLogin(self.user, password)
             return trust
@@ -446,12 +522,14 @@ class ClientConnection(Endpoint):
 
     def _hba_rule(self) -> HbaRule:
         ctx = self.ctx
-        key = (self.conn_type, self.database, self.user, self.address)
+        tls = self.tls is not None
+        key = (self.conn_type, self.database, self.user, self.address, tls)
         try:
             rule = ctx.hba_cache[key]
         except KeyError:
             rule = match_hba(ctx.config.hba, conn_type=self.conn_type, database=self.database,
-                             user=self.user, address=self.address, aliases=ctx.aliases)
+                             user=self.user, address=self.address, aliases=ctx.aliases,
+                             tls=tls)
             if len(ctx.hba_cache) >= HBA_CACHE_LIMIT:
                 ctx.hba_cache.clear()
             ctx.hba_cache[key] = rule
@@ -459,6 +537,8 @@ class ClientConnection(Endpoint):
             return rule
         where = (f'host "{self.address or "[local]"}", user "{self.user}", '
                  f'database "{self.database}"')
+        if self.conn_type == "host":  # as PostgreSQL 14 and later say it
+            where += ", SSL encryption" if tls else ", no encryption"
         if rule is None:
             raise NoHbaEntry(f"no pgcorral_hba.conf entry for {where}")
         raise NoHbaEntry(f"pgcorral_hba.conf rejects connection for {where}")
@@ -603,7 +683,7 @@ class ClientConnection(Endpoint):
     def _reuse_asks_nothing(self, server: ServerConnection, rule: HbaRule) -> bool:
         """Need a client prove nothing to use ``server`` (see ``_check_reused``)?"""
         memento = server.memento
-        return (self.vault_login is not None or rule.method == "trust" or memento is None
+        return (self.vault_login is not None or rule.method in _ASKS_NOTHING or memento is None
                 or memento[0] == "trust")
 
     async def _check_reused(self, server: ServerConnection, rule: HbaRule) -> None:

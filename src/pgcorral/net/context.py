@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.config import Config, HbaRule, ServerConfig
-from pgcorral.errors import DatabaseDisabled
+from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net import dial
 from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
@@ -28,6 +28,7 @@ from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
 from pgcorral.pool.pool import Pool, Slot
 from pgcorral.protocol.statements import StatementRegistry
+from pgcorral.security import tls
 from pgcorral.security.secrets import Secrets
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Context:
         self.aliases = config.aliases()
         self.auth_query = AuthQuery()
         self.prefill_initial = False  # set by a flush: prefill INITIAL_SIZE, not just MIN_SIZE
-        self.hba_cache: dict[tuple[str, str, str, str | None], HbaRule | None] = {}
+        self.hba_cache: dict[tuple[str, str, str, str | None, bool], HbaRule | None] = {}
         # (setting, requested value) -> the value PostgreSQL reported (pipelines.settings)
         self.learned: dict[tuple[str, str], str] = {}
         self.disabled: set[str] = set()  # databases refusing new logins; "*" = all
@@ -86,6 +87,11 @@ class Context:
         # blocking_timeout of every waiting client, both pipelines
         self.waits = WaitTimer(self.pool)
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: TLS toward clients (None: tls off) and toward each server, by section name; built
+        #: again at every reload (``apply``: new files for new connections)
+        self.client_tls: tls.ClientSideTls | None = None
+        self.server_tls: dict[str, tls.ServerSideTls] = {}
+        self._load_tls(config, startup=True)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -109,6 +115,38 @@ class Context:
         self.hba_cache.clear()
         self.tx_logins.clear()  # a changed vault or hba: logins go through a server again
         self.pool.set_limits(config.limits)
+        self._load_tls(config, startup=False)
+
+    def _load_tls(self, config: Config, startup: bool) -> None:
+        """The TLS contexts of ``config``, read from their files again. At a reload, a file
+        that does not load keeps the context in use (one log line naming it, from worker 0:
+        every worker reads the same files); at startup the configuration check
+        (``config.load``) already refused it, so this raises."""
+        try:
+            client = tls.client_side(config.main)
+        except tls.TlsFileError as exc:
+            if startup:
+                raise
+            self._tls_not_reloaded(exc)
+        else:
+            self.client_tls = client
+        servers: dict[str, tls.ServerSideTls] = {}
+        for server in config.servers:
+            try:
+                servers[server.name] = tls.server_side(server)
+            except tls.TlsFileError as exc:
+                if startup:
+                    raise
+                self._tls_not_reloaded(exc, server.name)
+                old = self.server_tls.get(server.name)
+                if old is not None:
+                    servers[server.name] = old
+        self.server_tls = servers
+
+    def _tls_not_reloaded(self, exc: tls.TlsFileError, server: str | None = None) -> None:
+        if self.worker == 0:
+            where = f"server [{server}] " if server else ""
+            log.error("reload: %s%s; keeping the TLS settings in use", where, exc)
 
     def is_disabled(self, database: str) -> bool:
         disabled = self.disabled
@@ -134,8 +172,10 @@ class Context:
         def factory() -> ServerConnection:
             return new_server(self, slot, lost)
 
-        conn = await dial.connect(self.server, factory,
-                                  self.config.main.server_connect_timeout or None)
+        server = self.server
+        conn = await dial.connect(server, factory,
+                                  self.config.main.server_connect_timeout or None,
+                                  self.server_tls.get(server.name))
         slot.conn = conn
         return conn
 
@@ -193,8 +233,9 @@ class Context:
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
         try:
-            await dial.send_cancel(self.server, server.pid, server.secret)
-        except (OSError, TimeoutError) as exc:
+            await dial.send_cancel(self.server, server.pid, server.secret,
+                                   self.server_tls.get(self.server.name))
+        except (OSError, TimeoutError, ServerUnavailable) as exc:
             log.warning("could not forward cancel request for pid %d: %s", pid, exc)
         finally:
             if held is not None:

@@ -36,8 +36,10 @@ def _ignore(_: ServerConnection) -> None:
 
 
 def hands_over(ctx: Context) -> bool:
-    """Does this worker's pipeline hand connections over?"""
-    return ctx.new_server is session_server
+    """Does this worker's pipeline hand connections over? Not over TLS: the session keys
+    live in this process, only the socket could travel."""
+    tls = ctx.server_tls.get(ctx.server.name)
+    return ctx.new_server is session_server and (tls is None or tls.context is None)
 
 
 def detach(ctx: Context, key: tuple[str, str],

@@ -144,6 +144,10 @@ def startup_message(params: Mapping[str, str], version: int = codes.PROTOCOL_3_0
     return _I32.pack(len(body) + 4) + body
 
 
+def ssl_request() -> bytes:
+    return struct.pack("!ii", 8, codes.SSL_REQUEST_CODE)
+
+
 def cancel_request(pid: int, secret: int) -> bytes:
     return struct.pack("!iiii", 16, codes.CANCEL_REQUEST_CODE, pid, secret)
 

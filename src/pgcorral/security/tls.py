@@ -1,0 +1,198 @@
+"""TLS contexts built from the configuration: one toward clients (pgcorral is the TLS server)
+and one per server section toward PostgreSQL (pgcorral is the TLS client).
+
+Owns the OpenSSL settings and the certificate files: which versions and ciphers, which CA
+verifies whom, renegotiation off, ALPN ``postgresql``, and the channel-binding data of
+pgcorral's own certificate. It opens no socket; the TLS records themselves are
+``net.tls``'s. A file that does not load raises ``TlsFileError`` naming the key and the
+file: at startup that is a configuration error (``config.parse``), at a reload the running
+contexts stay (``net.context``).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pgcorral.config.model import MainConfig, ServerConfig
+
+
+def tls_server_end_point(der: bytes) -> bytes:  # TEMPORARY until protocol.scram has it
+    from cryptography.hazmat.primitives import hashes
+    cert = x509.load_der_x509_certificate(der)
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:
+        raise ValueError("no hash")
+    if isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    return digest.finalize()
+
+#: The ALPN protocol of PostgreSQL 17 (required for direct TLS).
+ALPN = "postgresql"
+
+_VERSIONS = {
+    "tlsv1": ssl.TLSVersion.TLSv1,
+    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
+    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+#: libpq's sslmode values that verify the server certificate.
+VERIFYING = ("verify-ca", "verify-full")
+
+
+class TlsFileError(Exception):
+    """A TLS setting or file that does not load: ``key`` names the configuration key."""
+
+    def __init__(self, key: str, path: str, what: str) -> None:
+        self.key = key
+        self.path = path
+        super().__init__(f'{key}: "{path}": {what}' if path else f"{key}: {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSideTls:
+    """What serves TLS clients."""
+
+    context: ssl.SSLContext
+    #: tls-server-end-point data of pgcorral's certificate (SCRAM-SHA-256-PLUS); None when the
+    #: certificate's signature has no hash (Ed25519): then no -PLUS is offered
+    cbind: bytes | None
+    #: tls_ca_file is set: a client may present a certificate, and a presented one is verified
+    verifies: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSideTls:
+    """How to reach one server: libpq's sslmode, and the context when it may use TLS."""
+
+    mode: str  # disable, prefer, require, verify-ca, verify-full
+    context: ssl.SSLContext | None
+    hostname: str | None  # the name checked under verify-full (and sent as SNI)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
+        return exc.strerror
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).lower().replace("_", " ")
+
+
+def _first_certificate(key: str, path: str) -> x509.Certificate:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise TlsFileError(key, path, f"cannot read: {_reason(exc)}") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise TlsFileError(key, path, "no PEM certificate in the file") from None
+
+
+def _load_chain(context: ssl.SSLContext, cert_key: str, cert: str, key_key: str,
+                key: str) -> x509.Certificate:
+    certificate = _first_certificate(cert_key, cert)
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise TlsFileError(key_key, key, f"cannot read: {_reason(exc)}") from None
+    except PermissionError as exc:
+        raise TlsFileError(key_key, key, f"cannot read: {_reason(exc)}") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise TlsFileError(key_key, key, f'does not match the certificate in "{cert}"'
+                               ) from None
+        raise TlsFileError(key_key, key, f"cannot load the private key: {_reason(exc)}"
+                           ) from None
+    return certificate
+
+
+def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
+    try:
+        context.load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsFileError(key, path, f"cannot load: {_reason(exc)}") from None
+
+
+def client_side(main: MainConfig) -> ClientSideTls | None:
+    """The context for TLS clients, None when ``tls`` is off; TlsFileError when a file or
+    setting does not load."""
+    if not main.tls:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _VERSIONS[main.tls_min_protocol_version]
+    if main.tls_max_protocol_version:
+        context.maximum_version = _VERSIONS[main.tls_max_protocol_version]
+    # as PostgreSQL: no renegotiation, no compression, the server's cipher order
+    context.options |= (ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+                        | ssl.OP_CIPHER_SERVER_PREFERENCE)
+    try:
+        context.set_ciphers(main.tls_ciphers)
+    except ssl.SSLError:
+        raise TlsFileError("tls_ciphers", "", f"{main.tls_ciphers!r} selects no cipher"
+                           ) from None
+    certificate = _load_chain(context, "tls_cert_file", main.tls_cert_file, "tls_key_file",
+                              main.tls_key_file)
+    verifies = bool(main.tls_ca_file)
+    if verifies:
+        _load_ca(context, "tls_ca_file", main.tls_ca_file)
+        # a certificate is asked for and checked when given, not required: the hba rule
+        # decides who needs one (``cert``, ``clientcert=``), as in PostgreSQL
+        context.verify_mode = ssl.CERT_OPTIONAL
+    if main.tls_crl_file:
+        _load_ca(context, "tls_crl_file", main.tls_crl_file)
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.set_alpn_protocols([ALPN])
+    try:
+        cbind: bytes | None = tls_server_end_point(
+            certificate.public_bytes(Encoding.DER))
+    except ValueError:
+        cbind = None
+    return ClientSideTls(context, cbind, verifies)
+
+
+def server_side(server: ServerConfig) -> ServerSideTls:
+    """How to reach ``server``; TlsFileError when one of its files does not load. Over a Unix
+    socket TLS is never used (libpq ignores sslmode there too)."""
+    mode = server.tls
+    if mode == "disable" or server.host.startswith("/"):
+        return ServerSideTls("disable", None, None)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    if mode == "require" and server.tls_ca_file:
+        mode = "verify-ca"  # libpq: require with a root certificate verifies it
+    if mode in VERIFYING:
+        if server.tls_ca_file:
+            _load_ca(context, "tls_ca_file", server.tls_ca_file)
+        else:
+            context.load_default_certs()
+        context.check_hostname = mode == "verify-full"
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if server.tls_cert_file or server.tls_key_file:
+        _load_chain(context, "tls_cert_file", server.tls_cert_file, "tls_key_file",
+                    server.tls_key_file or server.tls_cert_file)
+    context.set_alpn_protocols([ALPN])
+    return ServerSideTls(mode, context, server.host)
+
+
+def peer_common_name(ssl_object: ssl.SSLObject) -> str | None:
+    """The CN of the verified client certificate, None without one (PostgreSQL maps the CN to
+    the user name: hba ``cert`` and ``clientcert=verify-full``)."""
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
