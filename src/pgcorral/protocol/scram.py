@@ -4,7 +4,8 @@ Owns: the key schedule of RFC 5802 / RFC 7677 (SaltedPassword, ClientKey, Stored
 SASLprep of passwords as PostgreSQL applies it, the PBKDF2 cache, PostgreSQL's verifier string
 ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` (``ScramVerifier``), the key set
 that logs in without the plaintext (``ScramKeys``), and the attribute reader both sides parse
-SCRAM messages with.
+SCRAM messages with; and the channel-binding data of a certificate for SCRAM-SHA-256-PLUS
+(``tls_server_end_point``, RFC 5929 section 4.1, the only binding type PostgreSQL supports).
 
 PBKDF2 costs about 1 ms per 1000 iterations here; ``salted_password`` computes it at most once per
 (password, salt, iterations), in a bounded LRU (``CACHE_SIZE`` entries) keyed by the SHA-256 of
@@ -31,6 +32,10 @@ from dataclasses import dataclass, field
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
+#: The channel-binding type of SCRAM-SHA-256-PLUS (RFC 5929), the only one PostgreSQL knows.
+TLS_SERVER_END_POINT = "tls-server-end-point"
+#: The gs2-header of a channel-bound exchange (no authzid: PostgreSQL refuses one).
+GS2_HEADER_PLUS = b"p=" + TLS_SERVER_END_POINT.encode() + b",,"
 KEY_LENGTH = 32
 DEFAULT_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 DEFAULT_SALT_LENGTH = 16  # SCRAM_DEFAULT_SALT_LEN
@@ -72,6 +77,38 @@ def new_nonce() -> bytes:
 def is_printable(value: bytes) -> bool:
     """RFC 5802 ``printable``: %x21-2B / %x2D-7E (ASCII without controls, space and comma)."""
     return all(0x21 <= c <= 0x7E and c != 0x2C for c in value)
+
+
+# --- channel binding (RFC 5929) ----------------------------------------------------------------
+
+def tls_server_end_point(cert_der: bytes) -> bytes:
+    """The ``tls-server-end-point`` channel-binding data of a DER certificate (RFC 5929 section
+    4.1): its hash with the hash of its signature algorithm, SHA-256 instead of MD5 or SHA-1.
+
+    Raises ValueError for bytes that are not a certificate, and for a certificate whose
+    signature has no hash (Ed25519, Ed448) or an unknown one: RFC 5929 defines no binding data
+    for them and PostgreSQL (``be_tls_get_certificate_hash``) refuses them too."""
+    # imported here: loading cryptography.x509 costs ~80 ms, and most users of this module
+    # (every SCRAM exchange without TLS, the management client) never need it
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(f"channel binding: unknown signature algorithm in the certificate "
+                         f"({exc})") from None
+    if algorithm is None:
+        oid = cert.signature_algorithm_oid.dotted_string
+        raise ValueError(f"channel binding: the certificate's signature algorithm ({oid}) uses "
+                         "no hash, so it has no tls-server-end-point data")
+    if isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert_der)
+    return digest.finalize()
 
 
 # --- SASLprep (RFC 4013), as PostgreSQL's pg_saslprep ------------------------------------------
@@ -283,6 +320,12 @@ def sanitize_char(c: int | None) -> str:
     if c is None:
         c = 0
     return f"\"'{chr(c)}'\"" if 0x21 <= c <= 0x7E else f'"0x{c:02x}"'
+
+
+def sanitize_str(value: bytes) -> str:
+    """How PostgreSQL quotes a client's string in SCRAM errors: printable ASCII kept, anything
+    else ``?``, at most 30 characters."""
+    return "".join(chr(c) if 0x21 <= c <= 0x7E else "?" for c in value[:30])
 
 
 class AttributeReader:

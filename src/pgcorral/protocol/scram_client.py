@@ -10,6 +10,21 @@ A malicious or broken server gets ServerProtocolError for malformed messages (ba
 nonce that does not extend ours, iteration counts < 1 or above ``max_iterations``, which bounds
 the PBKDF2 work a server can make us do) and AuthenticationError for a wrong signature.
 
+Channel binding (SCRAM-SHA-256-PLUS)
+------------------------------------
+Given ``channel_binding`` (``scram.tls_server_end_point`` of the certificate PostgreSQL showed,
+only when pgcorral's connection to it is TLS) and the server's offer (``initial(mechanisms)``),
+``choose_mechanism`` picks as libpq does under ``binding_policy`` (libpq's ``channel_binding``):
+PLUS when offered and not ``disable``; SCRAM-SHA-256 with the ``y`` flag when it could bind but
+PLUS was not offered (PostgreSQL fails that exchange if it does support binding: a downgrade);
+``n`` otherwise; ``require`` refuses anything but PLUS, and, like libpq at AuthenticationOk,
+``handle_final`` and ``check_ok`` refuse a login that did not complete a channel-bound exchange.
+The binding is what authenticates the server under ``require``: a man in the middle relaying
+the exchange over its own TLS connection shows another certificate, and PostgreSQL then fails
+the exchange (``SCRAM channel binding check failed``).
+
+A relayed exchange (``ScramPassThrough``) cannot be channel-bound end to end, see its docstring.
+
 What pass-through can and cannot learn
 --------------------------------------
 An exchange relayed between a real client and PostgreSQL shows: the salt and iteration count,
@@ -50,8 +65,10 @@ import struct
 from pgcorral.errors import AuthenticationError, ServerProtocolError
 from pgcorral.protocol import codes
 from pgcorral.protocol.scram import (
+    GS2_HEADER_PLUS,
     KEY_LENGTH,
     SCRAM_SHA_256,
+    SCRAM_SHA_256_PLUS,
     AttributeReader,
     ScramKeys,
     ScramVerifier,
@@ -96,25 +113,91 @@ def _escape_user(user: str) -> bytes:
     return user.encode("utf-8", "surrogatepass").replace(b"=", b"=3D").replace(b",", b"=2C")
 
 
-class ScramClient:
-    """One SCRAM-SHA-256 login to PostgreSQL.
+#: binding_policy values (libpq's channel_binding), with the config's spelling "disabled".
+_POLICIES = {"disable": "disable", "disabled": "disable", "prefer": "prefer",
+             "require": "require"}
 
-    ``initial()`` gives the SASLInitialResponse body, ``handle_continue(body)`` takes the body of
+
+def _normalize_policy(policy: str) -> str:
+    """``disable``, ``prefer`` or ``require`` (``disabled`` is ``disable``); ValueError else."""
+    try:
+        return _POLICIES[policy]
+    except KeyError:
+        raise ValueError(f"invalid channel binding policy {policy!r} "
+                         "(disable, prefer or require)") from None
+
+
+def choose_mechanism(offered: list[str], channel_binding: bytes | None,
+                     policy: str) -> tuple[str, bytes]:
+    """The SASL mechanism and gs2-header to answer an AuthenticationSASL offer with, by
+    libpq's rules (``pg_SASL_init`` and ``build_client_first_message``).
+
+    ``channel_binding`` None means the connection is not TLS. Errors carry libpq's texts. The
+    refusals of the policy are AuthenticationError (28000): PostgreSQL behaved correctly, it is
+    pgcorral's configuration that forbids logging in this way (libpq has no SQLSTATE for them;
+    08P01 would blame the server for a protocol violation it did not commit). An offer of PLUS
+    on a connection without TLS is ServerProtocolError (08P01): no PostgreSQL server does that,
+    so something in between stripped TLS (libpq fails it whatever the policy)."""
+    policy = _normalize_policy(policy)
+    if policy == "require" and channel_binding is None:
+        raise AuthenticationError("channel binding required, but SSL not in use")
+    selected: str | None = None
+    for name in offered:
+        if name == SCRAM_SHA_256_PLUS:
+            if channel_binding is None:
+                raise ServerProtocolError("server offered SCRAM-SHA-256-PLUS authentication "
+                                          "over a non-SSL connection")
+            if policy != "disable":
+                selected = SCRAM_SHA_256_PLUS
+        elif name == SCRAM_SHA_256 and selected is None:
+            selected = SCRAM_SHA_256
+    if selected is None:
+        raise AuthenticationError("none of the server's SASL authentication mechanisms are "
+                                  "supported")
+    if policy == "require" and selected != SCRAM_SHA_256_PLUS:
+        raise AuthenticationError("channel binding is required, but server did not offer an "
+                                  "authentication method that supports channel binding")
+    if selected == SCRAM_SHA_256_PLUS:
+        return selected, GS2_HEADER_PLUS
+    if channel_binding is not None and policy != "disable":
+        return selected, b"y,,"  # we could bind, but the server does not offer it
+    return selected, b"n,,"
+
+
+class ScramClient:
+    """One SCRAM-SHA-256(-PLUS) login to PostgreSQL.
+
+    ``initial(mechanisms)`` gives the SASLInitialResponse body (``mechanisms``: the server's
+    offer, ``sasl_mechanisms(body)``), ``handle_continue(body)`` takes the body of
     AuthenticationSASLContinue (``Int32 11`` + server-first) and gives the SASLResponse body,
     ``handle_final(body)`` takes the body of AuthenticationSASLFinal (``Int32 12`` +
-    server-final). Frame the bodies with ``messages.message(b"p", ...)``.
+    server-final); ``check_ok()`` when AuthenticationOk arrives. Frame the bodies with
+    ``messages.message(b"p", ...)``.
+
+    ``channel_binding``: ``scram.tls_server_end_point`` of PostgreSQL's certificate, given
+    exactly when the connection is TLS; ``binding_policy``: ``disable``, ``prefer`` (default) or
+    ``require`` (see the module docstring).
     """
 
-    __slots__ = ("_auth_message", "_client_first_bare", "_keys", "_nonce", "_password",
-                 "_step", "max_iterations")
+    __slots__ = ("_auth_message", "_binding", "_client_first_bare", "_finished", "_gs2",
+                 "_keys", "_mechanism", "_nonce", "_password", "_policy", "_step",
+                 "max_iterations")
 
     def __init__(self, password: str | None = None, *, keys: ScramKeys | None = None,
                  user: str = "", client_nonce: bytes | None = None,
-                 max_iterations: int = MAX_ITERATIONS) -> None:
+                 max_iterations: int = MAX_ITERATIONS, channel_binding: bytes | None = None,
+                 binding_policy: str = "prefer") -> None:
         if (password is None) == (keys is None):
             raise ValueError("give either a password or keys")
         if client_nonce is not None and (not client_nonce or not is_printable(client_nonce)):
             raise ValueError("the client nonce must be printable and contain no comma")
+        if channel_binding is not None and not channel_binding:
+            raise ValueError("channel binding data must not be empty")
+        self._policy = _normalize_policy(binding_policy)
+        self._binding = channel_binding
+        self._mechanism: str | None = None
+        self._gs2 = b"n,,"
+        self._finished = False
         self._password = password
         self._keys = keys
         self._nonce = client_nonce if client_nonce is not None else new_nonce()
@@ -126,26 +209,52 @@ class ScramClient:
 
     @classmethod
     def from_password(cls, password: str, *, user: str = "", client_nonce: bytes | None = None,
-                      max_iterations: int = MAX_ITERATIONS) -> ScramClient:
-        return cls(password, user=user, client_nonce=client_nonce, max_iterations=max_iterations)
+                      max_iterations: int = MAX_ITERATIONS, channel_binding: bytes | None = None,
+                      binding_policy: str = "prefer") -> ScramClient:
+        return cls(password, user=user, client_nonce=client_nonce, max_iterations=max_iterations,
+                   channel_binding=channel_binding, binding_policy=binding_policy)
 
     @classmethod
     def from_keys(cls, keys: ScramKeys, *, user: str = "", client_nonce: bytes | None = None,
+                  channel_binding: bytes | None = None, binding_policy: str = "prefer",
                   ) -> ScramClient:
         """Log in with a ClientKey recovered earlier. ``keys.server_key`` None skips the check
-        of the server's signature (the server is then not authenticated)."""
-        return cls(keys=keys, user=user, client_nonce=client_nonce)
+        of the server's signature (the server is then not authenticated, except by the channel
+        binding under ``require``)."""
+        return cls(keys=keys, user=user, client_nonce=client_nonce,
+                   channel_binding=channel_binding, binding_policy=binding_policy)
 
     @property
     def keys(self) -> ScramKeys | None:
         """The keys used (derived from the password once the salt is known)."""
         return self._keys
 
-    def initial(self) -> bytes:
-        """SASLInitialResponse body: mechanism, Int32 length, client-first-message."""
+    @property
+    def mechanism(self) -> str | None:
+        """The mechanism chosen by ``initial``."""
+        return self._mechanism
+
+    @property
+    def channel_bound(self) -> bool:
+        """A SCRAM-SHA-256-PLUS exchange completed and the server's signature was checked
+        (libpq's ``scram_channel_bound``; keys without a ServerKey never get there)."""
+        return self._finished and self._mechanism == SCRAM_SHA_256_PLUS
+
+    def initial(self, mechanisms: list[str] | None = None) -> bytes:
+        """SASLInitialResponse body: mechanism, Int32 length, client-first-message.
+
+        ``mechanisms``: the server's offer (``sasl_mechanisms`` of AuthenticationSASL). Without
+        it, SCRAM-SHA-256 is assumed to be offered, which is only right without TLS: with
+        ``channel_binding`` it is required (ValueError), since sending ``y`` to a server that
+        offered PLUS fails the login. Raises choose_mechanism's errors."""
+        if mechanisms is None:
+            if self._binding is not None:
+                raise ValueError("with channel binding data, pass the server's mechanisms")
+            mechanisms = [SCRAM_SHA_256]
         self._advance(0)
-        first = b"n,," + self._client_first_bare
-        return SCRAM_SHA_256.encode() + b"\0" + _I32.pack(len(first)) + first
+        self._mechanism, self._gs2 = choose_mechanism(mechanisms, self._binding, self._policy)
+        first = self._gs2 + self._client_first_bare
+        return self._mechanism.encode() + b"\0" + _I32.pack(len(first)) + first
 
     def handle_continue(self, body: bytes) -> bytes:
         """AuthenticationSASLContinue body in, SASLResponse body (client-final) out."""
@@ -173,7 +282,11 @@ class ScramClient:
             raise AuthenticationError(
                 "the server's SCRAM salt or iteration count differ from the verifier the "
                 "client key was recovered with (the password may have changed)")
-        without_proof = b"c=biws,r=" + nonce
+        cbind_input = self._gs2
+        if self._mechanism == SCRAM_SHA_256_PLUS:
+            assert self._binding is not None
+            cbind_input += self._binding
+        without_proof = b"c=" + b64encode(cbind_input) + b",r=" + nonce
         self._auth_message = auth_message(self._client_first_bare, server_first, without_proof)
         signature = hmac_sha256(sha256(keys.client_key), self._auth_message)
         return without_proof + b",p=" + b64encode(xor(keys.client_key, signature))
@@ -194,6 +307,17 @@ class ScramClient:
         if server_key is not None and not hmac.compare_digest(
                 signature, hmac_sha256(server_key, self._auth_message)):
             raise AuthenticationError("incorrect server signature in SCRAM exchange")
+        # without a ServerKey the server did not prove anything: not finished for check_ok
+        self._finished = server_key is not None
+        self.check_ok()
+
+    def check_ok(self) -> None:
+        """Call when AuthenticationOk arrives: under ``require``, raise AuthenticationError
+        unless a channel-bound exchange completed (libpq's check: a server, or a man in the
+        middle, may send AuthenticationOk without finishing the exchange)."""
+        if self._policy == "require" and not self.channel_bound:
+            raise AuthenticationError("channel binding required, but server authenticated "
+                                      "client without channel binding")
 
     def _advance(self, step: int) -> None:
         if self._step != step:
@@ -210,6 +334,12 @@ class ScramPassThrough:
     methods never raise: the relay goes on and PostgreSQL judges the client. Once the server has
     sent AuthenticationOk, ``recover(verifier)`` gives the client's ``ScramKeys`` (see the
     module docstring for why the verifier is needed).
+
+    A relayed exchange cannot be channel-bound end to end: the client binds to the certificate
+    it sees (pgcorral's), PostgreSQL checks the binding against its own, so a relayed
+    SCRAM-SHA-256-PLUS exchange fails (``recover`` refuses one too). Only SCRAM-SHA-256 can be
+    relayed, and to a PostgreSQL reached over TLS only with the ``n`` flag: PostgreSQL rejects
+    ``y`` (what a TLS client that was not offered PLUS sends) as a downgrade.
     """
 
     __slots__ = ("_client_final", "_client_first", "_initial_seen", "_server_final",

@@ -1,12 +1,21 @@
 """``ScramServer``: pgcorral checking a CLIENT's SCRAM-SHA-256 login, as PostgreSQL would.
 
 Owns the server half of the SASL exchange (PostgreSQL's ``auth-sasl.c`` / ``auth-scram.c``):
-the AuthenticationSASL offer (SCRAM-SHA-256 only: pgcorral offers no channel binding), parsing
-SASLInitialResponse and SASLResponse bodies with PostgreSQL's checks and messages, the
-proof check against a verifier's StoredKey, the server signature from its ServerKey, and, after a
-good proof, the client's **ClientKey** (``ClientProof XOR ClientSignature``), which lets pgcorral
-log in to PostgreSQL as that user with ``ScramClient`` without ever knowing the password
-(PgBouncer's scheme; valid when PostgreSQL holds the same verifier).
+the AuthenticationSASL offer, parsing SASLInitialResponse and SASLResponse bodies with
+PostgreSQL's checks and messages, the proof check against a verifier's StoredKey, the server
+signature from its ServerKey, and, after a good proof, the client's **ClientKey**
+(``ClientProof XOR ClientSignature``), which lets pgcorral log in to PostgreSQL as that user
+with ``ScramClient`` without ever knowing the password (PgBouncer's scheme; valid when
+PostgreSQL holds the same verifier).
+
+Channel binding (SCRAM-SHA-256-PLUS, ``tls-server-end-point``): given ``channel_binding``, the
+``scram.tls_server_end_point`` data of pgcorral's own certificate (only on a TLS client
+connection), the offer is SCRAM-SHA-256-PLUS then SCRAM-SHA-256, as PostgreSQL's. A client that
+selects PLUS must send ``p=tls-server-end-point`` and, in client-final, ``c=`` = base64 of that
+gs2-header and the binding data; one that selects SCRAM-SHA-256 may send ``n`` but not ``y``
+(it could bind but believes the server cannot: a downgrade). Without ``channel_binding`` only
+SCRAM-SHA-256 is offered and selecting PLUS is an invalid mechanism, as on a plain PostgreSQL
+connection.
 
 Errors (each an ``errors`` type with PostgreSQL's SQLSTATE and message):
 
@@ -14,7 +23,11 @@ Errors (each an ``errors`` type with PostgreSQL's SQLSTATE and message):
   ``client selected an invalid SASL authentication mechanism``, ``insufficient data left in
   message``, ``invalid message format``, ``invalid SCRAM response`` for a nonce that does not
   match, which is also what a replayed client-final gets), 0A000 for authzid or mandatory
-  extensions;
+  extensions; for channel binding: ``malformed SCRAM message`` (PLUS without ``p``, ``p``
+  without PLUS) and ``unsupported SCRAM channel-binding type "..."``;
+* a downgrade (``y`` while PLUS was offered: ``SCRAM channel binding negotiation error``) or
+  binding data that is not our certificate's (``SCRAM channel binding check failed``):
+  AuthenticationError 28000 (ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION in PostgreSQL);
 * a wrong proof, or a ``mock`` exchange (unknown user): PasswordFailed 28P01
   ``password authentication failed for user "..."``.
 
@@ -32,14 +45,17 @@ import os
 import struct
 from enum import Enum
 
-from pgcorral.errors import ClientProtocolError, PasswordFailed
+from pgcorral.errors import AuthenticationError, ClientProtocolError
 from pgcorral.protocol import messages
 from pgcorral.protocol.auth_md5 import MAX_AUTH_TOKEN_LENGTH, password_failed
 from pgcorral.protocol.scram import (
     DEFAULT_ITERATIONS,
     DEFAULT_SALT_LENGTH,
+    GS2_HEADER_PLUS,
     KEY_LENGTH,
     SCRAM_SHA_256,
+    SCRAM_SHA_256_PLUS,
+    TLS_SERVER_END_POINT,
     AttributeReader,
     ScramKeys,
     ScramVerifier,
@@ -50,11 +66,14 @@ from pgcorral.protocol.scram import (
     is_printable,
     new_nonce,
     sanitize_char,
+    sanitize_str,
     sha256,
     xor,
 )
 
 _I32 = struct.Struct("!i")
+_PLAIN_NAME = SCRAM_SHA_256.encode()
+_PLUS_NAME = SCRAM_SHA_256_PLUS.encode()
 
 
 class _State(Enum):
@@ -76,6 +95,10 @@ def _malformed(detail: str) -> ClientProtocolError:
     return _error("malformed SCRAM message", detail)
 
 
+_PLUS_WITHOUT_DATA = ("The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not "
+                      "include channel binding data.")
+
+
 class ScramServer:
     """One client's SCRAM-SHA-256 exchange, checked against a verifier.
 
@@ -84,20 +107,28 @@ class ScramServer:
     exchange is start / handle_initial / handle_final (``handle_final`` is ``handle_response``
     that insists on the last step); a client that sends SASLInitialResponse without data
     (length -1) gets an empty challenge and sends its client-first in a SASLResponse.
+
+    ``channel_binding``: the ``tls_server_end_point`` data of the certificate pgcorral showed
+    this client; give it exactly when the client connection is TLS (see the module docstring).
     """
 
-    __slots__ = ("_auth_message", "_cbind", "_client_first_bare", "_client_key",
-                 "_client_nonce", "_doomed", "_server_first", "_server_nonce", "_state",
-                 "user", "verifier")
+    __slots__ = ("_auth_message", "_binding", "_cbind", "_client_first_bare", "_client_key",
+                 "_client_nonce", "_doomed", "_mechanism", "_plus", "_server_first",
+                 "_server_nonce", "_state", "user", "verifier")
 
     def __init__(self, user: str, verifier: ScramVerifier, *, server_nonce: bytes | None = None,
-                 doomed: bool = False) -> None:
+                 doomed: bool = False, channel_binding: bytes | None = None) -> None:
         if server_nonce is not None and (not server_nonce or not is_printable(server_nonce)):
             raise ValueError("the server nonce must be printable and contain no comma")
+        if channel_binding is not None and not channel_binding:
+            raise ValueError("channel binding data must not be empty")
         self.user = user
         self.verifier = verifier
         self._server_nonce = server_nonce
         self._doomed = doomed
+        self._binding = channel_binding
+        self._mechanism: str | None = None
+        self._plus = False  # the client selected SCRAM-SHA-256-PLUS
         self._state = _State.INITIAL
         self._cbind = b"n"
         self._client_nonce = b""
@@ -108,23 +139,26 @@ class ScramServer:
 
     @classmethod
     def from_password(cls, user: str, password: str, *, salt: bytes | None = None,
-                      iterations: int = DEFAULT_ITERATIONS,
-                      server_nonce: bytes | None = None) -> ScramServer:
+                      iterations: int = DEFAULT_ITERATIONS, server_nonce: bytes | None = None,
+                      channel_binding: bytes | None = None) -> ScramServer:
         """For a password pgcorral knows (the vault). Keep ``salt`` stable per user so the
         PBKDF2 cache serves every login after the first."""
         verifier = ScramVerifier.from_password(password, salt, iterations)
-        return cls(user, verifier, server_nonce=server_nonce)
+        return cls(user, verifier, server_nonce=server_nonce, channel_binding=channel_binding)
 
     @classmethod
     def mock(cls, user: str, secret: bytes, *, iterations: int = DEFAULT_ITERATIONS,
-             server_nonce: bytes | None = None) -> ScramServer:
+             server_nonce: bytes | None = None,
+             channel_binding: bytes | None = None) -> ScramServer:
         """An exchange for a user pgcorral does not know: it looks like a real one (the salt
-        is stable per user, derived from ``secret``, as PostgreSQL's ``scram_mock_salt``) and
-        ends with the same 28P01 as a wrong password, after the same work."""
+        is stable per user, derived from ``secret``, as PostgreSQL's ``scram_mock_salt``; the
+        same mechanisms are offered and the channel binding is checked the same way) and ends
+        with the same 28P01 as a wrong password, after the same work."""
         salt = sha256(secret + user.encode("utf-8", "surrogatepass"))[:DEFAULT_SALT_LENGTH]
         keys = os.urandom(2 * KEY_LENGTH)
         verifier = ScramVerifier(iterations, salt, keys[:KEY_LENGTH], keys[KEY_LENGTH:])
-        return cls(user, verifier, server_nonce=server_nonce, doomed=True)
+        return cls(user, verifier, server_nonce=server_nonce, doomed=True,
+                   channel_binding=channel_binding)
 
     # --- results ---
 
@@ -146,11 +180,29 @@ class ScramServer:
         v = self.verifier
         return ScramKeys(self._client_key, v.server_key, v.salt, v.iterations)
 
+    @property
+    def mechanisms(self) -> list[str]:
+        """What ``start`` offers, best first (PostgreSQL's order)."""
+        if self._binding is not None:
+            return [SCRAM_SHA_256_PLUS, SCRAM_SHA_256]
+        return [SCRAM_SHA_256]
+
+    @property
+    def mechanism(self) -> str | None:
+        """The mechanism the client selected, once ``handle_initial`` accepted its choice."""
+        return self._mechanism
+
+    @property
+    def channel_bound(self) -> bool:
+        """The client proved its password in a SCRAM-SHA-256-PLUS exchange whose binding data
+        matched our certificate (``done`` with PLUS)."""
+        return self._plus and self._state is _State.DONE
+
     # --- the exchange ---
 
     def start(self) -> bytes:
-        """AuthenticationSASL offering SCRAM-SHA-256."""
-        return messages.authentication_sasl([SCRAM_SHA_256])
+        """AuthenticationSASL offering ``mechanisms``."""
+        return messages.authentication_sasl(self.mechanisms)
 
     def handle_initial(self, body: bytes) -> bytes:
         """Consume a SASLInitialResponse body; return AuthenticationSASLContinue."""
@@ -160,8 +212,13 @@ class ScramServer:
             end = body.find(b"\0")
             if end < 0:
                 raise _error("invalid string in message")
-            if body[:end] != SCRAM_SHA_256.encode():
+            mechanism = body[:end]
+            if mechanism == _PLUS_NAME and self._binding is not None:
+                self._plus = True
+            elif mechanism != _PLAIN_NAME:
+                # PLUS without TLS was not offered: as any other unknown mechanism
                 raise _error("client selected an invalid SASL authentication mechanism")
+            self._mechanism = SCRAM_SHA_256_PLUS if self._plus else SCRAM_SHA_256
             pos = end + 1
             if len(body) - pos < 4:
                 raise _error("insufficient data left in message")
@@ -211,25 +268,44 @@ class ScramServer:
 
     # --- parsing ---
 
+    def _gs2_flag(self, data: bytes) -> int:
+        """Check the gs2-cbind-flag as PostgreSQL's ``read_client_first_message`` does, in its
+        order; return the position after it and its comma."""
+        flag = data[:1]
+        if flag in (b"n", b"y"):
+            if self._plus:
+                raise _malformed(_PLUS_WITHOUT_DATA)
+            if flag == b"y" and self._binding is not None:
+                raise AuthenticationError(
+                    "SCRAM channel binding negotiation error",
+                    detail="The client supports SCRAM channel binding but thinks the server "
+                           "does not.  However, this server does support channel binding.")
+            if data[1:2] != b",":
+                c = data[1] if len(data) > 1 else None
+                raise _malformed(f"Comma expected, but found character {sanitize_char(c)}.")
+            return 2
+        if flag == b"p":
+            if not self._plus:
+                raise _malformed("The client selected SCRAM-SHA-256 without channel binding, "
+                                 "but the SCRAM message includes channel binding data.")
+            reader = AttributeReader(data, _malformed)
+            name = reader.expect("p")
+            if name != TLS_SERVER_END_POINT.encode():
+                raise _error(f'unsupported SCRAM channel-binding type "{sanitize_str(name)}"')
+            return reader.pos
+        raise _malformed(f"Unexpected channel-binding flag {sanitize_char(data[0])}.")
+
     def _client_first(self, data: bytes) -> bytes:
         self._check_text(data)
-        flag = data[:1]
-        if flag == b"p":
-            raise _malformed("The client selected SCRAM-SHA-256 without channel binding, but "
-                             "the SCRAM message includes channel binding data.")
-        if flag not in (b"n", b"y"):
-            raise _malformed(f"Unexpected channel-binding flag {sanitize_char(data[0])}.")
-        if data[1:2] != b",":
-            c = data[1] if len(data) > 1 else None
-            raise _malformed(f"Comma expected, but found character {sanitize_char(c)}.")
-        if data[2:3] == b"a":
+        pos = self._gs2_flag(data)
+        if data[pos:pos + 1] == b"a":
             raise _error("client uses authorization identity, but it is not supported",
                          sqlstate="0A000")
-        if data[2:3] != b",":
-            c = data[2] if len(data) > 2 else None
+        if data[pos:pos + 1] != b",":
+            c = data[pos] if len(data) > pos else None
             raise _malformed(f"Unexpected attribute {sanitize_char(c)} in "
                              "client-first-message.")
-        bare = data[3:]
+        bare = data[pos + 1:]
         reader = AttributeReader(bare, _malformed)
         if reader.peek() == ord("m"):
             raise _error("client requires an unsupported SCRAM extension", sqlstate="0A000")
@@ -239,7 +315,7 @@ class ScramServer:
             raise _error("non-printable characters in SCRAM nonce")
         while not reader.at_end:  # optional extensions, ignored
             reader.any()
-        self._cbind = flag
+        self._cbind = data[:1]
         self._client_nonce = nonce
         self._client_first_bare = bare
         server_nonce = self._server_nonce if self._server_nonce is not None else new_nonce()
@@ -253,8 +329,13 @@ class ScramServer:
     def _parse_client_final(self, data: bytes) -> bytes:
         reader = AttributeReader(data, _malformed)
         binding = reader.expect("c")
-        expected = b"biws" if self._cbind == b"n" else b"eSws"  # base64 of "n,," / "y,,"
-        if binding != expected:
+        if self._plus:
+            assert self._binding is not None
+            # the base64 text is compared, as PostgreSQL does (so only the canonical encoding
+            # of exactly the gs2-header and our certificate's hash passes)
+            if binding != b64encode(GS2_HEADER_PLUS + self._binding):
+                raise AuthenticationError("SCRAM channel binding check failed")
+        elif binding != (b"biws" if self._cbind == b"n" else b"eSws"):  # "n,," / "y,,"
             raise _error("unexpected SCRAM channel-binding attribute in client-final-message")
         nonce = reader.expect("r")
         while True:
@@ -310,6 +391,6 @@ class _FailOnError:
                  tb: object) -> None:
         if isinstance(exc, Exception):
             self.server._state = _State.FAILED
-            if not isinstance(exc, ClientProtocolError | PasswordFailed):
+            if not isinstance(exc, ClientProtocolError | AuthenticationError):
                 # a parsing bug must not surface as anything but a protocol error
                 raise _error("malformed SCRAM message") from exc
