@@ -38,7 +38,7 @@ from pgcorral.protocol.scram import (
     salted_password,
     sha256,
 )
-from pgcorral.protocol.scram_client import ScramClient
+from pgcorral.protocol.scram_client import ScramClient, sasl_mechanisms
 from pgcorral.protocol.scram_server import ScramServer
 
 if TYPE_CHECKING:
@@ -88,13 +88,14 @@ async def authenticate_client(client: ClientConnection, method: str, user: str,
 async def _scram(client: ClientConnection, user: str, password: str | None) -> None:
     """SCRAM against a vault password (PBKDF2 in a worker thread the first time), or a mock
     exchange for an unknown user (``password`` None) that ends in 28P01."""
+    cbind = client.cbind  # TLS: SCRAM-SHA-256-PLUS is offered too
     if password is None:
-        server = ScramServer.mock(user, _PROCESS_SECRET)
+        server = ScramServer.mock(user, _PROCESS_SECRET, channel_binding=cbind)
     else:
         verifier = _verifiers.get((user, password))
         if verifier is None:
             verifier = await vault_verifier(user, password)
-        server = ScramServer(user, verifier)
+        server = ScramServer(user, verifier, channel_binding=cbind)
     await _run_scram(client, server)
 
 
@@ -133,7 +134,7 @@ async def authenticate_with_verifier(client: ClientConnection, user: str, secret
     PostgreSQL, a SCRAM verifier means SCRAM whatever ``method`` says, and an md5 hash cannot
     serve ``scram-sha-256``."""
     if secret is not None and is_scram_verifier(secret):
-        server = ScramServer(user, ScramVerifier.parse(secret))
+        server = ScramServer(user, ScramVerifier.parse(secret), channel_binding=client.cbind)
         await _run_scram(client, server)
         assert server.keys is not None
         return VaultLogin(user, keys=server.keys)
@@ -166,6 +167,25 @@ class VaultLogin:
         self.password = password
         self.keys = keys
         self._scram: ScramClient | None = None
+        # of the server connection logging in now (``bind``): SCRAM-SHA-256-PLUS over TLS
+        self._cbind: bytes | None = None
+        self._policy = "prefer"
+
+    def bind(self, cbind: bytes | None, policy: str) -> None:
+        """Before a login: the tls-server-end-point data of the server connection (None
+        without TLS) and its section's ``channel_binding``."""
+        self._cbind = cbind
+        self._policy = policy
+        self._scram = None
+
+    def authenticated(self) -> None:
+        """AuthenticationOk arrived: under ``channel_binding = require`` the server must have
+        finished a channel-bound SCRAM exchange (libpq's check)."""
+        if self._scram is not None:
+            self._scram.check_ok()
+        elif self._policy == "require":
+            raise AuthenticationError("channel binding required, but server authenticated "
+                                      "client without channel binding")
 
     async def __call__(self, request: bytes) -> bytes:
         code = msg.parse_auth_code(request)
@@ -175,9 +195,13 @@ class VaultLogin:
         if code == codes.AUTH_MD5_PASSWORD and password is not None:
             return md5_response(self.user, password, request[4:8])
         if code == codes.AUTH_SASL and (password is not None or self.keys is not None):
-            self._scram = (ScramClient.from_keys(self.keys) if self.keys is not None
-                           else ScramClient.from_password(password or ""))
-            return self._scram.initial()
+            cbind, policy = self._cbind, self._policy
+            self._scram = (
+                ScramClient.from_keys(self.keys, channel_binding=cbind, binding_policy=policy)
+                if self.keys is not None else
+                ScramClient.from_password(password or "", channel_binding=cbind,
+                                          binding_policy=policy))
+            return self._scram.initial(sasl_mechanisms(request))
         if self._scram is not None and code == codes.AUTH_SASL_CONTINUE:
             return await asyncio.to_thread(self._scram.handle_continue, request)
         if self._scram is not None and code == codes.AUTH_SASL_FINAL:

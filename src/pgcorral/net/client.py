@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     import ssl
 
     from pgcorral.config import HbaRule
+    from pgcorral.security.tls import ClientSideTls
     from pgcorral.net.context import Context
     from pgcorral.net.server import ServerConnection
 
@@ -121,6 +122,8 @@ class ClientConnection(Endpoint):
         self.hba_rule: HbaRule | None = None
         self.tls: ssl.SSLObject | None = None  # set once a TLS handshake finished
         self._direct_tls = False  # the handshake began without an SSLRequest
+        self._client_tls: ClientSideTls | None = None  # the contexts the handshake used
+        self.cbind: bytes | None = None  # tls-server-end-point data: SCRAM-SHA-256-PLUS
         self._phase = _STARTUP
         self._held = b""  # sent with the next write (``hold``)
         self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
@@ -291,7 +294,7 @@ class ClientConnection(Endpoint):
     def _start_tls(self, received: bytes, direct: bool) -> None:
         """The TLS handshake, under ``authentication_timeout`` like the rest of the startup;
         its plaintext then comes to ``data_received`` as before."""
-        tls = self.ctx.client_tls
+        tls = self._client_tls = self.ctx.client_tls  # a reload does not change it under us
         assert tls is not None
         self._direct_tls = direct
         link = TlsLink(self.transport, tls.context, server_side=True, app=self,
@@ -301,6 +304,8 @@ class ClientConnection(Endpoint):
 
     def _tls_ready(self, link: TlsLink) -> None:
         self.tls = link.ssl
+        if self._client_tls is not None:
+            self.cbind = self._client_tls.cbind
         if self._direct_tls and link.ssl.selected_alpn_protocol() != ALPN:
             # PostgreSQL 17 refuses direct TLS without ALPN (no cross-protocol confusion)
             self._fail(ClientProtocolError("received direct SSL connection request without "
@@ -319,8 +324,8 @@ class ClientConnection(Endpoint):
         """hba ``cert`` and ``clientcert=``: a verified certificate (``verify-ca``) whose CN
         is the user name (``verify-full``), with PostgreSQL's messages."""
         tls = self.tls
-        cert = tls.getpeercert() if tls is not None and self.ctx.client_tls is not None \
-            and self.ctx.client_tls.verifies else None
+        verified = self._client_tls is not None and self._client_tls.verifies
+        cert = tls.getpeercert() if tls is not None and verified else None
         if not cert:
             raise AuthenticationError("connection requires a valid client certificate")
         if rule.clientcert != "verify-full":

@@ -176,6 +176,7 @@ class Context:
         conn = await dial.connect(server, factory,
                                   self.config.main.server_connect_timeout or None,
                                   self.server_tls.get(server.name))
+        conn.binding_policy = server.channel_binding
         slot.conn = conn
         return conn
 

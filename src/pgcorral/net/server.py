@@ -26,6 +26,8 @@ from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.framing import MessageReader
 from pgcorral.protocol.replies import EXTENDED_ROW_REPLIES, Replies
+from pgcorral.protocol.scram import tls_server_end_point
+from pgcorral.protocol.scram_client import without_channel_binding
 
 if TYPE_CHECKING:
     from pgcorral.pool.pool import Slot
@@ -110,6 +112,9 @@ class ServerConnection(Endpoint):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._gone: asyncio.Future[None] | None = None
         self._lost = False
+        self.tls = False  # the connection to PostgreSQL is TLS
+        self.cbind: bytes | None = None  # its tls-server-end-point data (SCRAM-SHA-256-PLUS)
+        self.binding_policy = "prefer"  # the server section's channel_binding
 
     def data_received(self, data: bytes) -> None:
         client = self.peer
@@ -139,6 +144,13 @@ class ServerConnection(Endpoint):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.loop = asyncio.get_running_loop()
+        ssl_object = transport.get_extra_info("ssl_object")  # net.tls.TlsLink
+        if ssl_object is not None:
+            self.tls = True
+            try:
+                self.cbind = tls_server_end_point(ssl_object.getpeercert(True))
+            except ValueError:  # e.g. an Ed25519 certificate: no SCRAM-SHA-256-PLUS
+                self.cbind = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -163,6 +175,9 @@ class ServerConnection(Endpoint):
     async def login(self, user: str, database: str, relay: AuthRelay) -> None:
         """Log in as ``user``; authentication requests are answered through ``relay``."""
         self.write(msg.startup_message({"user": user, "database": database}))
+        bind = getattr(relay, "bind", None)  # VaultLogin: pgcorral answers with SCRAM itself
+        if bind is not None:
+            bind(self.cbind, self.binding_policy)
         while True:
             type_, body = await self.read_message()
             if type_ == codes.AUTHENTICATION:
@@ -189,6 +204,9 @@ class ServerConnection(Endpoint):
         if code == codes.AUTH_OK:
             if self.memento is None:
                 self.memento = ("trust", b"")
+            authenticated = getattr(relay, "authenticated", None)
+            if authenticated is not None:
+                authenticated()
             return
         if not getattr(relay, "pass_through", True):  # pgcorral answers with the vault password
             self.memento = ("vault", b"")
@@ -206,6 +224,10 @@ class ServerConnection(Endpoint):
             # SCRAM cannot be replayed to check a later client: never pooled (for now).
             self.poolable = False
             self.memento = ("scram", b"")
+            if code == codes.AUTH_SASL:
+                # a relayed exchange cannot be bound to this connection's TLS: the client
+                # would bind to pgcorral's certificate (docs/TLS.md, pass-through)
+                body = without_channel_binding(body)
             if code == codes.AUTH_SASL_FINAL:
                 await relay(body)  # the client checks the server signature; no answer comes
                 return

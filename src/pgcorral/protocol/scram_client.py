@@ -103,6 +103,13 @@ def sasl_mechanisms(body: bytes) -> list[str]:
     return [name.decode("ascii", "replace") for name in names[:-1]]
 
 
+def without_channel_binding(body: bytes) -> bytes:
+    """An AuthenticationSASL body with the -PLUS mechanisms left out (what a relayed exchange
+    can use: a client cannot bind to a TLS connection it is not an end of)."""
+    names = [name for name in sasl_mechanisms(body) if not name.endswith("-PLUS")]
+    return _I32.pack(codes.AUTH_SASL) + b"".join(n.encode() + b"\0" for n in names) + b"\0"
+
+
 def _sasl_data(body: bytes, code: int, what: str) -> bytes:
     if len(body) < 4 or _I32.unpack_from(body, 0)[0] != code:
         raise ServerProtocolError(f"expected {what}")

@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pgcorral.config.model import MainConfig, ServerConfig
-
-
-def tls_server_end_point(der: bytes) -> bytes:  # TEMPORARY until protocol.scram has it
-    from cryptography.hazmat.primitives import hashes
-    cert = x509.load_der_x509_certificate(der)
-    algorithm = cert.signature_hash_algorithm
-    if algorithm is None:
-        raise ValueError("no hash")
-    if isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
-        algorithm = hashes.SHA256()
-    digest = hashes.Hash(algorithm)
-    digest.update(der)
-    return digest.finalize()
+from pgcorral.protocol.scram import tls_server_end_point
 
 #: The ALPN protocol of PostgreSQL 17 (required for direct TLS).
 ALPN = "postgresql"
@@ -191,7 +180,8 @@ def peer_common_name(ssl_object: ssl.SSLObject) -> str | None:
     cert = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
+    subject: Any = cert.get("subject", ())  # ((("commonName", "alice"),), ...)
+    for rdn in subject:
         for name, value in rdn:
             if name == "commonName":
                 return str(value)
