@@ -11,6 +11,13 @@ Example::
         pg.init()
         pg.start()
         print(pg.psql("SELECT version()"))
+
+With TLS (``ssl = on``; certificates e.g. from devtools/certs.py)::
+
+    pg.init()
+    pg.enable_ssl(pki.server.cert, pki.server.key, ca_file=pki.ca_file)
+    pg.start()
+    psycopg.connect(pg.dsn(sslmode="verify-full", sslrootcert=str(pki.ca_file)))
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 __all__ = [
     "PgCluster",
     "PgClusterError",
+    "SslFiles",
     "find_bindir",
     "find_free_port",
     "unprivileged_user",
@@ -53,6 +62,19 @@ _BASE_SETTINGS: dict[str, str] = {
 
 class PgClusterError(RuntimeError):
     """A PostgreSQL program failed; the message carries its output."""
+
+
+@dataclass(frozen=True)
+class SslFiles:
+    """The server's TLS files as enable_ssl() installed them in the data directory (owned by
+    the server user, mode 0600), and where they were copied from."""
+
+    cert_file: str  # ssl_cert_file
+    key_file: str  # ssl_key_file
+    ca_file: str | None  # ssl_ca_file: the CAs whose client certificates the server accepts
+    source_cert: str
+    source_key: str
+    source_ca: str | None
 
 
 def find_free_port() -> int:
@@ -200,6 +222,7 @@ class PgCluster:
         self.user: str | None = unprivileged_user()
         self._running = False
         self._atexit_registered = False
+        self.ssl: SslFiles | None = None  # set by enable_ssl()
 
     # ------------------------------------------------------------------ helpers
     def bin(self, name: str) -> str:
@@ -344,6 +367,49 @@ class PgCluster:
         lines = [f"{k} = {_conf_quote(v)}" for k, v in settings.items()]
         with open(os.path.join(self.datadir, "postgresql.conf"), "a", encoding="utf-8") as f:
             f.write("\n# --- added by devtools/pgcluster.py ---\n" + "\n".join(lines) + "\n")
+
+    def enable_ssl(
+        self,
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str],
+        *,
+        ca_file: str | os.PathLike[str] | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> SslFiles:
+        """Turn on TLS: copy the server certificate and key (and ca_file, the CAs for client
+        certificates, as ssl_ca_file) into the data directory as server.crt, server.key and
+        root.crt, owned by the server user with mode 0600, and append ``ssl = on`` and the
+        file settings (plus ``settings``) to postgresql.conf.  Call after init(); takes effect
+        at start(), or at reload() on a running server."""
+        if not os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
+            raise PgClusterError("enable_ssl() needs an initialized cluster: call init() first")
+        copied: dict[str, str] = {}
+        for name, src in (("server.crt", cert_file), ("server.key", key_file),
+                          ("root.crt", ca_file)):  # fmt: skip
+            if src is None:
+                continue
+            dst = os.path.join(self.datadir, name)
+            shutil.copyfile(src, dst)
+            os.chmod(dst, 0o600)
+            self._chown(dst)
+            copied[name] = dst
+        conf = {
+            "ssl": "on",
+            "ssl_cert_file": copied["server.crt"],
+            "ssl_key_file": copied["server.key"],
+            "ssl_ca_file": copied.get("root.crt", ""),
+            **(settings or {}),
+        }
+        self.append_conf(conf)
+        self.ssl = SslFiles(
+            cert_file=copied["server.crt"],
+            key_file=copied["server.key"],
+            ca_file=copied.get("root.crt"),
+            source_cert=os.fspath(cert_file),
+            source_key=os.fspath(key_file),
+            source_ca=os.fspath(ca_file) if ca_file is not None else None,
+        )
+        return self.ssl
 
     def write_hba(self, hba_lines: list[str]) -> None:
         """Replace pg_hba.conf; call reload() afterwards if the server runs."""
@@ -495,11 +561,19 @@ class PgCluster:
         )
 
     def psql(
-        self, sql: str, *, dbname: str = "postgres", user: str = "postgres", check: bool = True
+        self,
+        sql: str,
+        *,
+        dbname: str = "postgres",
+        user: str = "postgres",
+        check: bool = True,
+        unix_socket: bool = False,
     ) -> str:
         """Run SQL (several statements allowed, each in its own transaction) via psql
-        -X -At over TCP; returns stdout (command tags suppressed)."""
-        res = self._psql_cmd(sql, self.host, dbname, user)
+        -X -At over TCP (over the unix socket with ``unix_socket=True``, e.g. when TCP
+        needs a client certificate); returns stdout (command tags suppressed)."""
+        host = self.socket_dir if unix_socket else self.host
+        res = self._psql_cmd(sql, host, dbname, user)
         if check and res.returncode != 0:
             raise PgClusterError(
                 f"psql (db={dbname} user={user}) failed with exit {res.returncode}: "
@@ -530,12 +604,19 @@ class PgCluster:
         return res.stdout
 
     def dsn(
-        self, *, dbname: str = "postgres", user: str = "postgres", password: str | None = None
+        self,
+        *,
+        dbname: str = "postgres",
+        user: str = "postgres",
+        password: str | None = None,
+        **params: str,
     ) -> str:
-        """libpq keyword/value DSN for a direct TCP connection to the cluster."""
+        """libpq keyword/value DSN for a direct TCP connection to the cluster; extra keywords
+        (``sslmode="verify-full"``, ``sslrootcert=...``, ``host="localhost"``...) via params."""
         parts = {"host": self.host, "port": str(self.port), "dbname": dbname, "user": user}
         if password is not None:
             parts["password"] = password
+        parts.update(params)
         return " ".join(f"{k}={_dsn_quote(v)}" for k, v in parts.items())
 
     # ----------------------------------------------------------- context manager

@@ -64,6 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
             f"PGCORRAL_EXPECT_BUILD={expect} but pgcorral at {PGCORRAL_PATH} is: {build.describe()}"
         )
 
+pytest_plugins = ["tests.tlsfixtures"]  # pki, ssl_pg, ssl_pg_certonly (TLS)
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
 TEST_DB = "pgcorral_test"

@@ -3,7 +3,7 @@
 Modules: common (names, workloads, modes, log), procs (child processes, environment), proctree
 (a pooler's processes: CPU, leftovers), pgbench (command, run, parse), targets (what pgbench
 connects to), machine (machine facts), profile (py-spy/cProfile and the files they produce), cli
-(options), grid (the runs), report (tables).
+(options), grid (the runs), report (tables), tls (--tls: certificates, settings, checks).
 Importing the package puts the repository on sys.path, for devtools/pgcluster.py.
 """
 

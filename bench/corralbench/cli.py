@@ -46,6 +46,7 @@ class Config:
     pgcorral_python: str
     start_timeout: float
     warmup: int
+    tls: bool  # TLS on both legs of every target (bench/corralbench/tls.py)
     keep: bool
     results_dir: str
 
@@ -115,6 +116,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=30, help="seconds for a pooler to start")
     p.add_argument("--warmup", type=int, default=None, help="unrecorded seconds per target (3)")
+    p.add_argument(
+        "--tls", action="store_true",
+        help="TLS on both legs of every target: PostgreSQL ssl = on (hostssl only), pgbench "
+        "sslmode=require, PgBouncer client/server_tls_sslmode = require, pgcorral tls = on and "
+        "server tls = require",
+    )  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes")
     a = p.parse_args(argv)
@@ -137,7 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         pool_size=a.pool_size, mode=a.mode, jobs=a.jobs,
         profile=a.profile, py_spy=a.py_spy, pgcorral_python=a.pgcorral_python,
         start_timeout=a.start_timeout,
-        warmup=warmup, keep=a.keep, results_dir=a.results_dir,
+        warmup=warmup, tls=a.tls, keep=a.keep, results_dir=a.results_dir,
     )  # fmt: skip
 
 

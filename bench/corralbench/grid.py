@@ -43,6 +43,7 @@ from .targets import (
     TargetError,
     check_scram,
 )
+from .tls import TlsCheckError, check_tls, hostssl, make_tls
 
 if TYPE_CHECKING:
     from .cli import Config
@@ -69,6 +70,10 @@ class Bench:
             else None
         )  # fmt: skip
         self.auth_checks: dict[str, dict[str, str]] = {}  # target -> what check_scram saw
+        # --tls: the run's PKI (devtools/certs.py) and, per target, what check_tls saw.
+        self.tls = make_tls(self.tmp / "pki") if cfg.tls else None
+        self.client_env = self.tls.client_env() if self.tls is not None else {}
+        self.tls_checks: dict[str, dict[str, str]] = {}
         self.profile: dict[str, Any] | None = None
         self.machine: dict[str, Any] = {}
         self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -92,6 +97,10 @@ class Bench:
             },
             hba_lines=self.hba_lines(),
         )
+        if self.tls is not None:
+            pki = self.tls.pki
+            self.cluster.enable_ssl(pki.server.cert, pki.server.key, ca_file=pki.ca_file)
+            log(self.tls.describe())
         self.cluster.start()
         self.cluster.psql(f"CREATE DATABASE {DBNAME}")
         if self.scram is not None:
@@ -114,7 +123,8 @@ class Bench:
 
     def hba_lines(self) -> list[str]:
         """pgcluster.py's trust lines, after a scram-sha-256 line for the scram user (so that
-        the direct target does real SCRAM too, and so do the poolers' server logins)."""
+        the direct target does real SCRAM too, and so do the poolers' server logins); with
+        --tls every TCP line is hostssl, so that a plain server leg is refused."""
         lines = [
             "local all all trust",
             "host all all 127.0.0.1/32 trust",
@@ -126,7 +136,7 @@ class Bench:
         if self.scram is not None:
             lines[:0] = [f"host all {self.scram.name} 127.0.0.1/32 scram-sha-256",
                          f"local all {self.scram.name} scram-sha-256"]  # fmt: skip
-        return lines
+        return hostssl(lines) if self.tls is not None else lines
 
     def setup_targets(self) -> None:
         for kind in self.cfg.targets:
@@ -143,7 +153,7 @@ class Bench:
                 self.start_target(PgBouncerTarget(
                     self.pgbouncer_bin, self.tmp / "pgbouncer", self.cluster,
                     self.cfg.pool_size, self.mode, self.psql, self.cfg.start_timeout,
-                    scram=self.scram,
+                    scram=self.scram, tls=self.tls,
                 ))  # fmt: skip
             else:
                 for workers in self.cfg.workers:
@@ -152,7 +162,7 @@ class Bench:
                             self.cfg.pgcorral_python, self.tmp / pgcorral_name(workers, build),
                             self.cluster, self.cfg.pool_size, self.mode, self.psql,
                             self.cfg.start_timeout, workers=workers, scram=self.scram,
-                            build=build,
+                            build=build, tls=self.tls,
                         ))  # fmt: skip
 
     def start_target(self, target: Target) -> None:
@@ -160,13 +170,23 @@ class Bench:
         log(f"starting {name} on 127.0.0.1:{target.port}")
         try:
             target.start()
+            if self.tls is not None:
+                self.tls_checks[name] = c = check_tls(name, target.port, self.psql)
+                log(f"{name}: TLS client leg {c['client_leg']}, server leg {c['server_leg']}; "
+                    f"plain login refused ({c['plain_login']})")  # fmt: skip
             if self.scram is not None:
-                self.auth_checks[name] = check_scram(name, target.port, self.psql, self.scram)
+                self.auth_checks[name] = check_scram(
+                    name, target.port, self.psql, self.scram, self.tls
+                )  # fmt: skip
                 log(f"{name}: {self.scram.name} is asked for "
                     f"{self.auth_checks[name]['method']}; a wrong password is refused")  # fmt: skip
-        except (TargetError, OSError) as e:
+        except (TargetError, TlsCheckError, OSError) as e:
             target.stop()
-            self.skip(name, f"failed to start: {e}")
+            why = f"failed to start: {e}"
+            if self.tls is not None and isinstance(target, PgCorralTarget):
+                why = ("with --tls (main section tls = on, server section tls = require): "
+                       "this pgcorral may not support TLS yet; " + why)  # fmt: skip
+            self.skip(name, why)
             self.start_failures.append(name)
             return
         if target.proc is not None:
@@ -206,7 +226,7 @@ class Bench:
         )  # fmt: skip
         password = self.scram.password if auth == "scram" and self.scram is not None else None
         before = target.cpu()
-        run_pgbench(cmd, result, timeout=duration + 120, password=password)
+        run_pgbench(cmd, result, timeout=duration + 120, password=password, env=self.client_env)
         after = target.cpu()
         if before is not None and after is not None:
             used = after - before
@@ -290,6 +310,11 @@ class Bench:
             "skipped": self.skipped,
             "scram_user": self.scram.name if self.scram is not None else None,
             "auth_checks": self.auth_checks,
+            "tls": {
+                "on": self.tls is not None,
+                "what": self.tls.describe() if self.tls is not None else None,
+                "checks": self.tls_checks,
+            },
             "summary": rows,
             "profile": self.profile,
             "runs": [asdict(r) for r in self.runs],
@@ -332,7 +357,7 @@ class Bench:
                 rows = summary(self.cfg, self.runs)
                 if self.runs:
                     print()
-                    print(report(self.cfg, rows, self.skipped))
+                    print(report(self.cfg, rows, self.skipped, self.tls_checks))
                 if self.runs or self.profile:
                     path = self.write_json(rows, status)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path

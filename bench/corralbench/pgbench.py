@@ -100,11 +100,16 @@ def pgbench_cmd(
 
 
 def run_pgbench(
-    cmd: list[str], result: RunResult, timeout: float, password: str | None = None
-) -> RunResult:
-    """Run pgbench (password: its PGPASSWORD, for the scram user) and parse its report."""
+    cmd: list[str], result: RunResult, timeout: float, password: str | None = None,
+    env: dict[str, str] | None = None,
+) -> RunResult:  # fmt: skip
+    """Run pgbench (password: its PGPASSWORD, for the scram user; env: more libpq settings,
+    e.g. PGSSLMODE=require with --tls) and parse its report."""
     t0 = time.monotonic()
-    env = clean_env() if password is None else clean_env(PGPASSWORD=password)
+    extra = dict(env or {})
+    if password is not None:
+        extra["PGPASSWORD"] = password
+    env = clean_env(**extra)
     proc = PROCS.start("pgbench", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         out, _ = proc.communicate(timeout=timeout)

@@ -180,7 +180,7 @@ def run_profile(bench: Bench) -> dict[str, Any]:
                           PROFILE_CLIENTS, dur, cfg.jobs)  # fmt: skip
         bench_proc = PROCS.start(
             "pgbench", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=clean_env(),
+            env=clean_env(**bench.client_env),
         )  # fmt: skip
         time.sleep(1)  # past the connection ramp-up
         raw = outdir / "pgcorral.folded"
@@ -215,7 +215,7 @@ def run_profile(bench: Bench) -> dict[str, Any]:
         # workers = 1: cProfile sees only the process it starts (with more, the supervisor).
         prof_target = PgCorralTarget(
             cfg.pgcorral_python, bench.tmp / "pgcorral-cprofile", bench.cluster,
-            cfg.pool_size, bench.mode, bench.psql, cfg.start_timeout, workers=1,
+            cfg.pool_size, bench.mode, bench.psql, cfg.start_timeout, workers=1, tls=bench.tls,
         )  # fmt: skip
         info["target"] = prof_target.name
         try:
@@ -228,7 +228,7 @@ def run_profile(bench: Bench) -> dict[str, Any]:
         bench.reset_tables()
         cmd = pgbench_cmd(bench.pgbench, prof_target.host, prof_target.port,
                           PROFILE_WORKLOAD, PROFILE_CLIENTS, dur, cfg.jobs)  # fmt: skip
-        run_pgbench(cmd, result, timeout=dur + 120)
+        run_pgbench(cmd, result, timeout=dur + 120, env=bench.client_env)
         assert prof_target.proc is not None
         PROCS.stop(prof_target.proc, signal.SIGINT)  # cProfile writes its file on exit
         prof_target.proc = None

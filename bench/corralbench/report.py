@@ -70,9 +70,12 @@ def _target_summary(cell: list[RunResult]) -> dict[str, Any]:
     }
 
 
-def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+def report(
+    cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str],
+    tls_checks: dict[str, dict[str, str]] | None = None,
+) -> str:  # fmt: skip
     """The table of medians and CPU, the per-unit CPU table, the table of TPS ratios, then the
-    per-round values."""
+    per-round values (tls_checks: what bench/corralbench/tls.py's check saw per target)."""
     shown = target_names(list(ALL_TARGETS), cfg.workers, cfg.builds)  # every column, run or not
     corrals = [t for t in shown if t.startswith("pgcorral")]
     hdr = ["workload", "clients", "auth", "cpu per"]
@@ -95,7 +98,8 @@ def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> 
     out = [
         f"Median TPS over {cfg.rounds} round(s) of {cfg.duration}s, "
         f"mode={cfg.mode}, auth={','.join(cfg.auth)}, pool size {cfg.pool_size}, "
-        f"scale {cfg.scale}, pgbench -j {cfg.jobs}",
+        f"scale {cfg.scale}, pgbench -j {cfg.jobs}, TLS {'ON' if cfg.tls else 'off'}",
+        *_tls_note(cfg, tls_checks or {}),
         *_align(table),
         "'!' = a run of the cell failed or had failed transactions (an aborted run is left"
         " out of the median);",
@@ -134,6 +138,18 @@ def report(cfg: Config, rows: list[dict[str, Any]], skipped: dict[str, str]) -> 
             out.append(f"  {row['label']:<18} c={row['clients']:<4} {row['auth']:<5} "
                        f"{t:<{width}} [{vals}]{spread}{cpu}{fails}")  # fmt: skip
     return "\n".join(out)
+
+
+def _tls_note(cfg: Config, checks: dict[str, dict[str, str]]) -> list[str]:
+    """With --tls: what ran over TLS, as checked on each target before the rounds."""
+    if not cfg.tls:
+        return []
+    out = ["TLS on both legs of every target: pgbench sslmode=require; PostgreSQL ssl = on, "
+           "hostssl only (a plain server leg is refused)."]  # fmt: skip
+    for name, c in checks.items():
+        out.append(f"  {name}: client leg {c['client_leg']}, server leg {c['server_leg']}, "
+                   f"plain login refused")  # fmt: skip
+    return out
 
 
 def _scram_note(cfg: Config) -> list[str]:

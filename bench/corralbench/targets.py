@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -20,6 +21,7 @@ from . import REPO
 from .common import DBNAME, DBUSER, ModeSpec, log, pgcorral_name
 from .procs import PROCS, clean_env, first_line, tail
 from .proctree import CpuSample, descendants, stop_leftovers, tree_cpu
+from .tls import Tls, start_tls
 
 
 class TargetError(RuntimeError):
@@ -41,13 +43,21 @@ class ScramUser:
         return f"ScramUser({self.name!r})"
 
 
-def auth_request(host: str, port: int, user: str, dbname: str, timeout: float = 10) -> str:
-    """What a server asks a client logging in as user: send a StartupMessage and name the first
-    answer ("SASL SCRAM-SHA-256", "ok" for trust, "cleartext", "md5", "error: ...")."""
+def auth_request(
+    host: str, port: int, user: str, dbname: str, timeout: float = 10, tls: bool = False
+) -> str:
+    """What a server asks a client logging in as user: send a StartupMessage (after TLS
+    negotiation with tls) and name the first answer ("SASL SCRAM-SHA-256", "ok" for trust,
+    "cleartext", "md5", "error: ...")."""
     body = b"".join(k + b"\0" + v.encode() + b"\0" for k, v in
                     ((b"user", user), (b"database", dbname))) + b"\0"  # fmt: skip
     startup = struct.pack("!ii", 8 + len(body), 196608) + body
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock: socket.socket = stack.enter_context(
+            socket.create_connection((host, port), timeout=timeout)
+        )
+        if tls:
+            sock = stack.enter_context(start_tls(sock, host))
         sock.sendall(startup)
         data = b""
         while len(data) < 5 or len(data) < 1 + struct.unpack("!i", data[1:5])[0]:
@@ -69,23 +79,29 @@ def auth_request(host: str, port: int, user: str, dbname: str, timeout: float = 
     return {0: "ok", 3: "cleartext", 5: "md5"}.get(code, f"auth request {code}")
 
 
-def check_scram(name: str, port: int, psql: str, user: ScramUser) -> dict[str, str]:
+def check_scram(
+    name: str, port: int, psql: str, user: ScramUser, tls: Tls | None = None
+) -> dict[str, str]:
     """Check that a target makes user log in with SCRAM-SHA-256 and really checks the password:
-    it must ask for SASL SCRAM-SHA-256, accept the password and refuse a wrong one."""
-    method = auth_request("127.0.0.1", port, user.name, DBNAME)
+    it must ask for SASL SCRAM-SHA-256, accept the password and refuse a wrong one (over TLS
+    with --tls)."""
+    method = auth_request("127.0.0.1", port, user.name, DBNAME, tls=tls is not None)
+    env = tls.client_env() if tls is not None else {}
 
     def login(password: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [psql, "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", user.name,
              "-d", DBNAME, "-c", "SELECT 1"],
             capture_output=True, text=True, timeout=30, check=False,
-            env=clean_env(PGCONNECT_TIMEOUT="10", PGPASSWORD=password),
+            env=clean_env(PGCONNECT_TIMEOUT="10", PGPASSWORD=password, **env),
         )  # fmt: skip
 
     right = login(user.password)
     wrong = login("not-" + user.password)
     problems = []
-    if method != "SASL SCRAM-SHA-256":
+    # Over TLS PostgreSQL also offers SCRAM-SHA-256-PLUS (channel binding).
+    mechanisms = method.removeprefix("SASL ").split(",") if method.startswith("SASL ") else []
+    if "SCRAM-SHA-256" not in mechanisms:
         problems.append(f"asked {user.name} for {method!r}, not SASL SCRAM-SHA-256")
     if right.returncode != 0 or right.stdout.strip() != "1":
         problems.append(f"the right password failed: {(right.stderr or right.stdout).strip()}")
@@ -104,8 +120,10 @@ def wait_ready(
     proc: subprocess.Popen[bytes] | None,
     logfile: Path | None,
     timeout: float,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """Wait until `SELECT 1` works on 127.0.0.1:port; raise with the log tail otherwise."""
+    """Wait until `SELECT 1` works on 127.0.0.1:port (env: the clients' libpq settings, e.g.
+    PGSSLMODE=require with --tls); raise with the log tail otherwise."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -121,7 +139,8 @@ def wait_ready(
             res = subprocess.run(
                 [psql, "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", DBUSER,
                  "-d", DBNAME, "-c", "SELECT 1"],
-                capture_output=True, text=True, env=clean_env(PGCONNECT_TIMEOUT="5"),
+                capture_output=True, text=True,
+                env=clean_env(PGCONNECT_TIMEOUT="5", **(env or {})),
                 timeout=30, check=False,
             )  # fmt: skip
             if res.returncode == 0 and res.stdout.strip() == "1":
@@ -191,8 +210,9 @@ class PoolerTarget(Target):
 
     def __init__(
         self, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
-        psql: str, start_timeout: float, scram: ScramUser | None = None,
+        psql: str, start_timeout: float, scram: ScramUser | None = None, tls: Tls | None = None,
     ) -> None:  # fmt: skip
+        self.tls = tls  # None: no --tls
         self.workdir = workdir
         self.cluster = cluster
         self.pool_size = pool_size
@@ -204,6 +224,14 @@ class PoolerTarget(Target):
         self.log_path = workdir / f"{self.name}.log"
         self.logfile = self.log_path
 
+    def client_env(self) -> dict[str, str]:
+        """libpq settings of the harness's own clients (readiness and checks)."""
+        return self.tls.client_env() if self.tls is not None else {}
+
+    def host_type(self) -> str:
+        """The hba connection type of the pooler's TCP lines: hostssl with --tls."""
+        return "hostssl" if self.tls is not None else "host"
+
 
 class PgBouncerTarget(PoolerTarget):
     """A PgBouncer of our own: own ini, own port, run as the unprivileged user."""
@@ -212,9 +240,9 @@ class PgBouncerTarget(PoolerTarget):
 
     def __init__(
         self, binary: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
-        psql: str, start_timeout: float, scram: ScramUser | None = None,
+        psql: str, start_timeout: float, scram: ScramUser | None = None, tls: Tls | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram)
+        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram, tls)
         self.binary = binary
 
     def ini(self) -> str:
@@ -244,7 +272,7 @@ pidfile = {w / "pgbouncer.pid"}
 log_connections = 0
 log_disconnections = 0
 log_pooler_errors = 1
-"""
+{self.tls.pgbouncer_settings(w) if self.tls is not None else ""}"""
 
     def auth_settings(self) -> str:
         """trust only: auth_type = trust.  With the scram user: auth_type = hba, whose file
@@ -269,10 +297,13 @@ log_pooler_errors = 1
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "userlist.txt").write_text(self.userlist())
         if self.scram is not None:
+            host = self.host_type()
             (self.workdir / "pgbouncer_hba.conf").write_text(
-                f"host all {self.scram.name} 127.0.0.1/32 scram-sha-256\n"
-                "host all all 127.0.0.1/32 trust\n"
+                f"{host} all {self.scram.name} 127.0.0.1/32 scram-sha-256\n"
+                f"{host} all all 127.0.0.1/32 trust\n"
             )
+        if self.tls is not None:
+            self.tls.install_pgbouncer_files(self.workdir)
         ini = self.workdir / "pgbouncer.ini"
         ini.write_text(self.ini())
         self.log_path.touch()
@@ -294,7 +325,8 @@ log_pooler_errors = 1
             start_new_session=True,
             env=clean_env(),
         )
-        wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout)
+        wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
+                   self.client_env())  # fmt: skip
 
     def version(self) -> str | None:
         return first_line([self.binary, "--version"])
@@ -306,12 +338,12 @@ class PgCorralTarget(PoolerTarget):
     def __init__(
         self, python: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
         psql: str, start_timeout: float, workers: int = 1, scram: ScramUser | None = None,
-        build: str = "src",
+        build: str = "src", tls: Tls | None = None,
     ) -> None:  # fmt: skip
         self.name = pgcorral_name(workers, build)
         self.workers = workers
         self.build = build
-        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram)
+        super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram, tls)
         self.python = python
         # The vault (only with the scram user): a master key of its own in a 0700 directory
         # (PGCORRAL_MASTER_KEY_FILE, so HOME is not touched) and the users file.
@@ -319,6 +351,8 @@ class PgCorralTarget(PoolerTarget):
         self.users_file = workdir / "pgcorral_users.conf"
 
     def conf(self) -> str:
+        tls_main = self.tls.pgcorral_main() if self.tls is not None else ""
+        tls_server = self.tls.pgcorral_server() if self.tls is not None else ""
         return f"""\
 [pgcorral]
 host = 127.0.0.1
@@ -330,11 +364,11 @@ max_connections = {self.pool_size}
 pipeline = {self.mode.pgcorral_pipeline}
 blocking_timeout = 30
 workers = {self.workers}
-
+{tls_main}
 [primary]
 host = {self.cluster.host}
 port = {self.cluster.port}
-"""
+{tls_server}"""
 
     def command(self, wrapper: Sequence[str] = ()) -> list[str]:
         """`python [wrapper...] -m pgcorral ...`; wrapper is e.g. ("-m", "cProfile", ...)."""
@@ -347,10 +381,12 @@ port = {self.cluster.port}
 
     def hba(self) -> str:
         """Everyone as before (method `all`; DBUSER is not in the vault, so its login is
-        passed through to PostgreSQL, which trusts it); the scram user with scram-sha-256."""
-        lines = ["host all all all all"]
+        passed through to PostgreSQL, which trusts it); the scram user with scram-sha-256.
+        With --tls the lines are hostssl: a client without TLS is refused."""
+        host = self.host_type()
+        lines = [f"{host} all all all all"]
         if self.scram is not None:
-            lines.insert(0, f"host all {self.scram.name} all scram-sha-256")
+            lines.insert(0, f"{host} all {self.scram.name} all scram-sha-256")
         return "\n".join(lines) + "\n"
 
     def env(self) -> dict[str, str]:
@@ -415,7 +451,8 @@ port = {self.cluster.port}
             start_new_session=True,
             env=env,
         )
-        wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout)
+        wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
+                   self.client_env())  # fmt: skip
 
     def version(self) -> str | None:
         # e.g. "pgcorral 0.1.0 (compiled with mypyc)"
