@@ -70,7 +70,7 @@ def test_empty_and_large_files() -> None:
 @pytest.mark.parametrize(("line", "problem"), [
     ("hots all all all trust", "hba:1: type: 'hots' is not one of host, hostssl, hostnossl, local"),
     ("host all all all md6", "hba:1: method: 'md6' is not one of trust, reject, password, md5, "
-                             "scram-sha-256, all"),
+                             "scram-sha-256, all, cert"),
     ("host all all example.com trust", "hba:1: address: 'example.com' is not 'all', an IP "
                                        "address or a CIDR network"),
     ("host all all samenet trust", "hba:1: address: 'samenet' is not 'all', an IP address or a "
@@ -78,21 +78,45 @@ def test_empty_and_large_files() -> None:
     ("host all all 10.0.0.0/33 trust", "hba:1: address: '10.0.0.0/33' is not 'all', an IP "
                                        "address or a CIDR network"),
     ("host all all trust", "hba:1: fields: expected 5 fields (TYPE DATABASE USER ADDRESS "
-                           "METHOD), got 4"),
+                           "METHOD [clientcert=...]), got 4"),
     ("host all all all trust extra", "hba:1: fields: expected 5 fields (TYPE DATABASE USER "
-                                     "ADDRESS METHOD), got 6"),
+                                     "ADDRESS METHOD [clientcert=...]), got 6"),
     ("local all all all trust", "hba:1: fields: expected 4 fields (local DATABASE USER "
                                 "METHOD), got 5"),
-    ("host", "hba:1: fields: expected 5 fields (TYPE DATABASE USER ADDRESS METHOD), got 1"),
+    ("host", "hba:1: fields: expected 5 fields (TYPE DATABASE USER ADDRESS METHOD "
+             "[clientcert=...]), got 1"),
+    ("host all all all cert", "hba:1: method: cert authentication is only supported on hostssl "
+                              "lines"),
+    ("host all all all md5 clientcert=verify-ca", "hba:1: clientcert: clientcert can only be "
+                                                  "configured for hostssl lines"),
+    ("hostssl all all all md5 clientcert=maybe", "hba:1: clientcert: 'maybe' is not one of "
+                                                 "verify-ca, verify-full"),
+    ("hostssl all all all cert clientcert=verify-ca", "hba:1: clientcert: clientcert only "
+                                                      "accepts verify-full with cert "
+                                                      "authentication"),
+    ("hostssl all all all md5 map=x", "hba:1: map: unknown authentication option (pgcorral "
+                                      "knows clientcert only)"),
 ])
 def test_bad_lines(line: str, problem: str) -> None:
     assert bad(line + "\n") == [problem]
 
 
+def test_clientcert_and_cert() -> None:
+    rules = parse_hba("hba", "hostssl all all all md5 clientcert=verify-ca\n"
+                             "hostssl all all all scram-sha-256 clientcert=VERIFY-FULL\n"
+                             "hostssl all all all cert\n"
+                             "hostssl all all all cert clientcert=verify-full\n"
+                             "hostssl all all all trust\n", [])
+    assert [(r.method, r.clientcert) for r in rules] == [
+        ("md5", "verify-ca"), ("scram-sha-256", "verify-full"), ("cert", "verify-full"),
+        ("cert", "verify-full"), ("trust", "")]
+
+
 def test_every_bad_field_reported() -> None:
     assert bad("host all all nowhere nomethod\nhost all all all trust\nx\n") == [
         "hba:1: address: 'nowhere' is not 'all', an IP address or a CIDR network",
-        "hba:1: method: 'nomethod' is not one of trust, reject, password, md5, scram-sha-256, all",
+        "hba:1: method: 'nomethod' is not one of trust, reject, password, md5, scram-sha-256, all, "
+        "cert",
         "hba:3: type: 'x' is not one of host, hostssl, hostnossl, local",
     ]
 
