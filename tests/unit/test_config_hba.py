@@ -129,8 +129,9 @@ def test_load_reports_hba_problems_with_main_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(conf), str(hba))
     assert info.value.problems == [
-        f"{conf}:7: tls: 'maybe' is not a boolean (on/off, yes/no, true/false, 1/0)",
-        f"{hba}:1: method: 'nope' is not one of trust, reject, password, md5, scram-sha-256, all",
+        f"{conf}:7: tls: 'maybe' is not one of disable, prefer, require, verify-ca, verify-full",
+        f"{hba}:1: method: 'nope' is not one of trust, reject, password, md5, scram-sha-256, "
+        "all, cert",
     ]
 
 
