@@ -53,10 +53,10 @@ async def connect(server: ServerConfig, factory: Callable[[], P], timeout: float
                 _, conn = await loop.create_connection(factory, server.host, server.port)
             else:
                 conn = await _connect_tls(loop, server, factory, tls)
-    except TlsRefused as exc:
+    except TlsRefused as refused:  # (one name per type: mypyc types an except variable once)
         raise ServerUnavailable(
             f"could not connect to server \"{server.name}\" at {server.host}:{server.port}: "
-            f"{exc}") from None
+            f"{refused}") from None
     except (OSError, TimeoutError) as exc:
         raise ServerUnavailable(
             f"could not connect to server \"{server.name}\" at {server.host}:{server.port}: "
