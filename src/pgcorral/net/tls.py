@@ -27,8 +27,9 @@ from typing import Any
 
 log = logging.getLogger("pgcorral.tls")
 
-#: Plaintext read from the SSLObject per call (a TLS record holds at most 16 KiB).
-READ_SIZE = 1 << 17
+#: Plaintext read from the SSLObject per call: a call returns at most one TLS record, which
+#: holds at most 16 KiB (a larger buffer would be allocated, and maybe mmapped, per call).
+READ_SIZE = 1 << 14
 
 #: Called once the handshake is done (the link is ready), or with the error that ended it.
 Ready = Callable[["TlsLink"], None]
@@ -94,25 +95,23 @@ class TlsLink(asyncio.Protocol):
             self._handshake()
 
     def _read(self) -> None:
-        read = self.ssl.read
+        sslobj = self.ssl
+        read = sslobj.read
+        incoming = self._in
         try:
             data = read(READ_SIZE)
-            if data:
-                try:
-                    more = read(READ_SIZE)
-                except ssl.SSLWantReadError:
-                    more = b""
-                if more:  # several records: one chunk for the Endpoint
-                    parts = [data, more]
-                    while True:
-                        try:
-                            more = read(READ_SIZE)
-                        except ssl.SSLWantReadError:
-                            break
-                        if not more:
-                            break
-                        parts.append(more)
-                    data = b"".join(parts)
+            # more records came (or more of this one is decrypted): one chunk for the Endpoint
+            if data and (incoming.pending or sslobj.pending()):
+                parts = [data]
+                while incoming.pending or sslobj.pending():
+                    try:
+                        more = read(READ_SIZE)
+                    except ssl.SSLWantReadError:  # a record's start, the rest still to come
+                        break
+                    if not more:
+                        break
+                    parts.append(more)
+                data = b"".join(parts)
         except ssl.SSLWantReadError:
             if self._out.pending:
                 self._flush()
