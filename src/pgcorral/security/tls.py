@@ -120,7 +120,10 @@ def client_side(main: MainConfig) -> ClientSideTls | None:
         context.maximum_version = _VERSIONS[main.tls_max_protocol_version]
     # as PostgreSQL: no renegotiation, no compression, the server's cipher order
     context.options |= (ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
-                        | ssl.OP_CIPHER_SERVER_PREFERENCE)
+                        | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET)
+    # no session tickets (PostgreSQL sends none either; libpq never resumes): a TLS 1.3
+    # handshake would otherwise end with two tickets, each encrypted and sent for nothing
+    context.num_tickets = 0
     try:
         context.set_ciphers(main.tls_ciphers)
     except ssl.SSLError:
