@@ -58,8 +58,8 @@ from pgcorral.protocol.framing import TERMINATE_SPLIT, BoundaryTracker, FramingE
 from pgcorral.protocol.startup import (
     NEWEST_MINOR,
     CancelRequest,
-    Startup,
     SSLRequest,
+    Startup,
     StartupReader,
     parse_options,
 )
@@ -70,9 +70,9 @@ if TYPE_CHECKING:
     import ssl
 
     from pgcorral.config import HbaRule
-    from pgcorral.security.tls import ClientSideTls
     from pgcorral.net.context import Context
     from pgcorral.net.server import ServerConnection
+    from pgcorral.security.tls import ClientSideTls
 
 log = logging.getLogger("pgcorral.client")
 _header_unpack_from = struct.Struct("!BI").unpack_from
