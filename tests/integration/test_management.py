@@ -82,7 +82,8 @@ def test_status_counts_and_output_shapes(pgcorral: DaemonFactory) -> None:
         assert details["connections"][0]["state"] == "active"
         sessions = [{k: v for k, v in s.items() if k != "worker"} for s in details["sessions"]]
         assert sessions == [{"user": "trustuser", "database": "pgcorral_test",
-                             "address": "127.0.0.1", "pid": pid}]
+                             "address": "127.0.0.1", "pid": pid, "tls": ""}]
+        assert details["connections"][0]["tls"] is False
         assert details["sessions"][0]["worker"] == details["connections"][0]["worker"]
         text = cli(d, "status", "details").stdout.splitlines()
         assert ["active_connections", "1"] in [line.split() for line in text]

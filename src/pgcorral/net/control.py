@@ -56,9 +56,10 @@ def details(ctx: Context) -> dict[str, Any]:
             "user": slot.key[1], "pid": getattr(conn, "pid", 0) if conn else 0,
             "started": round(now - (now_mono - slot.created_at), 3),
             "last_used": round(now - (now_mono - slot.last_used), 3),
-            "worker": ctx.worker})
+            "tls": bool(getattr(conn, "tls", False)), "worker": ctx.worker})
     sessions = [{"user": c.user, "database": c.database, "address": c.address or "[local]",
-                 "pid": c.server.pid if c.server is not None else 0, "worker": ctx.worker}
+                 "pid": c.server.pid if c.server is not None else 0,
+                 "tls": c.tls.version() if c.tls is not None else "", "worker": ctx.worker}
                 for c in ctx.clients]
     sessions.sort(key=lambda c: (str(c["database"]), str(c["user"]), str(c["address"])))
     return {**status(ctx), "connections": connections, "sessions": sessions}
