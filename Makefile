@@ -44,7 +44,12 @@ PY_SOURCES  := $(shell find src/pgcorral -name '*.py')
 build: $(BUILD_STAMP)
 
 $(BUILD_STAMP): $(STAMP) setup.py $(PY_SOURCES)
-	PGCORRAL_BUILD=compiled $(VPY) setup.py -q build_ext --inplace
+	@# mypyc's incremental build sometimes dies in its code generator ("ValueError: value is
+	@# not in list") after an edit; a build from a clean cache then works: retry once so.
+	PGCORRAL_BUILD=compiled $(VPY) setup.py -q build_ext --inplace \
+	    || { echo "retrying the compile from a clean mypyc cache" >&2; \
+	         rm -rf build/pgcorral build/temp.* .mypy_cache; \
+	         PGCORRAL_BUILD=compiled $(VPY) setup.py -q build_ext --inplace; }
 	@# build_ext leaves a module it found up to date (same C) untouched: after a good build
 	@# every .so is current, so mark them so (pgcorral.build's stale check compares mtimes).
 	find src/pgcorral -name '*.so' -exec touch {} +

@@ -91,7 +91,7 @@ def test_status_counts_and_output_shapes(pgcorral: DaemonFactory) -> None:
                     and not line.startswith(" ")}) == 1  # values aligned in one column
         header = next(line for line in text if line.strip().startswith("ID"))
         assert header.split() == ["ID", "STATE", "DATABASE", "USER", "PID", "STARTED",
-                                  "LAST_USED", "WORKER"]
+                                  "LAST_USED", "TLS", "WORKER"]
     poll(lambda: cli_json(d, "status")["idle_connections"] == 1, "the connection to be idle")
     assert cli_json(d, "status")["counters"]["client_connections"] >= 1
 
