@@ -122,16 +122,19 @@ async def _handshake(loop: asyncio.AbstractEventLoop, raw: asyncio.Transport,
     try:
         return await done
     except (ssl.SSLError, ssl.CertificateError) as exc:
-        raise TlsRefused(f"SSL error: {getattr(exc, 'verify_message', None) or _reason(exc)}"
-                         ) from None
+        raise TlsRefused(f"SSL error: {_reason(exc)}") from None
     finally:
         if not done.done() or done.cancelled():
             link.abort()
 
 
 def _reason(exc: BaseException) -> str:
+    """libpq's words ("certificate verify failed"), then OpenSSL's detail when there is one
+    (e.g. "Hostname mismatch, certificate is not valid for 'localhost'.")."""
     reason = getattr(exc, "reason", None)
-    return str(reason).lower().replace("_", " ") if reason else str(exc)
+    text = str(reason).lower().replace("_", " ") if reason else str(exc)
+    detail = getattr(exc, "verify_message", None)
+    return f"{text}: {detail}" if detail else text
 
 
 async def _connect_tls(loop: asyncio.AbstractEventLoop, server: ServerConfig,
