@@ -261,6 +261,7 @@ class DaemonFactory(Protocol):
         servers: list[tuple[str, str, int]] | None = None,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        server_conf: dict[str, str] | None = None,
     ) -> Daemon: ...
 
 
@@ -298,8 +299,9 @@ def _wait_for_port(daemon: Daemon, timeout: float) -> None:
 
 @pytest.fixture
 def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonFactory, None, None]:
-    """Factory: ``pgcorral(conf_extra=None, hba=None, limits=None, servers=None)``
-    starts ``python -m pgcorral`` and returns a Daemon once its TCP port accepts."""
+    """Factory: ``pgcorral(conf_extra=None, hba=None, limits=None, servers=None,
+    server_conf=None)`` starts ``python -m pgcorral`` and returns a Daemon once its TCP port
+    accepts. ``server_conf``: extra keys written into every server section (``tls``...)."""
     daemons: list[Daemon] = []
     request.node.stash[_daemons_key] = daemons
     dirs: list[str] = []
@@ -311,6 +313,7 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
         servers: list[tuple[str, str, int]] | None = None,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        server_conf: dict[str, str] | None = None,
     ) -> Daemon:
         d = tempfile.mkdtemp(prefix="pgcorral-d-")
         os.chmod(d, 0o755)
@@ -332,6 +335,7 @@ def pgcorral(pg: PgCluster, request: pytest.FixtureRequest) -> Generator[DaemonF
         text = "[pgcorral]\n" + "".join(f"{k} = {v}\n" for k, v in main.items())
         for name, shost, sport in servers:
             text += f"\n[{name}]\nhost = {shost}\nport = {sport}\n"
+            text += "".join(f"{k} = {v}\n" for k, v in (server_conf or {}).items())
         conf = os.path.join(d, "pgcorral.conf")
         Path(conf).write_text(text, encoding="utf-8")
         hba_path = os.path.join(d, "pgcorral_hba.conf")
