@@ -27,6 +27,14 @@ class AuthQuery:
         self._conns: dict[str, ServerConnection] = {}
         self._lock = asyncio.Lock()
 
+    def close(self) -> None:
+        """Close the kept connections unless a lookup runs now (``fetch_secret`` then replaces
+        them: they are of an older ``Context.tls_generation``)."""
+        if not self._lock.locked():
+            conns, self._conns = self._conns, {}
+            for conn in conns.values():
+                conn.terminate()
+
     async def fetch_secret(self, ctx: Context, database: str, user: str) -> str | None:
         """The password secret PostgreSQL stores for ``user`` (SCRAM verifier or md5 hash).
         None: no such login role."""
@@ -34,6 +42,9 @@ class AuthQuery:
         assert login is not None
         async with self._lock:
             conn = self._conns.get(database)
+            if conn is not None and conn.tls_generation != ctx.tls_generation:
+                conn.terminate()  # opened with TLS settings a reload changed since
+                conn = None
             if conn is None or conn.closed:
                 slot = Slot(0, (database, login[0]), None, time.monotonic())
                 conn = await ctx.open_server(slot, on_lost=lambda _: None)

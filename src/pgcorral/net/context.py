@@ -91,6 +91,9 @@ class Context:
         #: again at every reload (``apply``: new files for new connections)
         self.client_tls: tls.ClientSideTls | None = None
         self.server_tls: dict[str, tls.ServerSideTls] = {}
+        #: counts reloads that changed a server's TLS settings; a server connection opened
+        #: under an older one is not pooled again (``release_server``)
+        self.tls_generation = 0
         self._load_tls(config, startup=True)
 
     @property
@@ -108,7 +111,9 @@ class Context:
 
     def apply(self, config: Config, secrets: Secrets) -> None:
         """A reloaded configuration: new hba, limits, vaults and reloadable keys for new
-        clients."""
+        clients. A server connection opened with TLS settings this reload changed is closed:
+        now if idle, else when its client leaves."""
+        old_config, old_tls = self.config, self.server_tls
         self.config = config
         self.secrets = secrets
         self.aliases = config.aliases()
@@ -116,6 +121,8 @@ class Context:
         self.tx_logins.clear()  # a changed vault or hba: logins go through a server again
         self.pool.set_limits(config.limits)
         self._load_tls(config, startup=False)
+        if _tls_changed(old_config, old_tls, config, self.server_tls):
+            self._retire_server_connections()
 
     def _load_tls(self, config: Config, startup: bool) -> None:
         """The TLS contexts of ``config``, read from their files again. At a reload, a file
@@ -142,6 +149,19 @@ class Context:
                 if old is not None:
                     servers[server.name] = old
         self.server_tls = servers
+
+    def _retire_server_connections(self) -> None:
+        """The TLS settings changed: no connection opened before serves a client again."""
+        self.tls_generation += 1
+        closed = 0
+        for slot in self.pool.idle_slots():
+            slot.conn.terminate()
+            self.pool.discard(slot)
+            closed += 1
+        self.auth_query.close()
+        self.prefill_initial = True  # prefill again, with the new settings
+        log.info("reload: server TLS settings changed; %d idle server connections closed, "
+                 "the ones in use close when their clients leave", closed)
 
     def _tls_not_reloaded(self, exc: tls.TlsFileError, server: str | None = None) -> None:
         if self.worker == 0:
@@ -173,10 +193,12 @@ class Context:
             return new_server(self, slot, lost)
 
         server = self.server
+        generation = self.tls_generation
         conn = await dial.connect(server, factory,
                                   self.config.main.server_connect_timeout or None,
                                   self.server_tls.get(server.name))
         conn.binding_policy = server.channel_binding
+        conn.tls_generation = generation
         slot.conn = conn
         return conn
 
@@ -193,7 +215,8 @@ class Context:
     def release_server(self, server: ServerConnection, clean: bool) -> None:
         """Back to the pool if clean, else closed; either way the slot may serve a waiter."""
         slot = server.slot
-        too_old = Pool.too_old(slot, time.monotonic(), self.config.main.max_connection_age)
+        too_old = Pool.too_old(slot, time.monotonic(), self.config.main.max_connection_age) \
+            or server.tls_generation != self.tls_generation
         if clean and server.poolable and not server.closed and not too_old:
             server.idle = True
             wanted_elsewhere = self.pool.release(slot)
@@ -242,3 +265,16 @@ class Context:
             if held is not None:
                 held.cancel_done()
         return True
+
+
+def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:
+    return (server.tls, server.tls_ca_file, server.tls_cert_file, server.tls_key_file)
+
+
+def _tls_changed(old: Config, old_tls: dict[str, tls.ServerSideTls], new: Config,
+                 new_tls: dict[str, tls.ServerSideTls]) -> bool:
+    """Did a reload change how some server is reached (and the new settings loaded)?"""
+    before = {server.name: _tls_settings(server) for server in old.servers}
+    return any(before.get(server.name) != _tls_settings(server)
+               and new_tls.get(server.name) is not old_tls.get(server.name)
+               for server in new.servers)

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from pgcorral.pool.pool import Slot
 
 #: What a server connection's new owner must know about it.
-STATE = ("pid", "secret", "params", "baseline", "names", "memento", "requests")
+STATE = ("pid", "secret", "params", "baseline", "names", "memento", "requests",
+         "tls_generation")
 
 
 def _ignore(_: ServerConnection) -> None:

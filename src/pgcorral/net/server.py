@@ -115,6 +115,7 @@ class ServerConnection(Endpoint):
         self.tls = False  # the connection to PostgreSQL is TLS
         self.cbind: bytes | None = None  # its tls-server-end-point data (SCRAM-SHA-256-PLUS)
         self.binding_policy = "prefer"  # the server section's channel_binding
+        self.tls_generation = 0  # Context.tls_generation when it was opened
 
     def data_received(self, data: bytes) -> None:
         client = self.peer
