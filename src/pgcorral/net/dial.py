@@ -60,7 +60,7 @@ async def connect(server: ServerConfig, factory: Callable[[], P], timeout: float
     except (OSError, TimeoutError) as exc:
         raise ServerUnavailable(
             f"could not connect to server \"{server.name}\" at {server.host}:{server.port}: "
-            f"{exc or 'timeout'}") from None
+            f"{str(exc) or 'timeout expired'}") from None
     return conn
 
 
