@@ -24,7 +24,7 @@ import asyncpg
 import psycopg
 import pytest
 from devtools.certs import Pki
-from devtools.pgcluster import PgCluster
+from devtools.pgcluster import PgCluster, find_free_port
 from tests.conftest import wait_reset
 from tests.pgwire import connect_error
 from tests.tlsfixtures import TEST_DB, start_ssl_cluster
@@ -578,3 +578,89 @@ def test_reload_does_not_reuse_connections_opened_with_the_old_tls(
     _wait_for("the busy connection closed", lambda: _ssl_of(ssl_pg, f"a.pid = {busy_pid}") == [])
     with psycopg.connect(d.dsn()) as conn:
         assert conn.execute(MY_SSL).fetchone() == (after != "disable",)
+
+
+# ------------------------------------------- a server that misbehaves during SSL negotiation
+
+
+class _FakeServer:
+    """Loopback server that answers every SSLRequest with ``reply`` and then, with ``then``,
+    sends those bytes (instead of a TLS ServerHello); afterwards it holds the connection open
+    until closed (``hold``) or closes it."""
+
+    def __init__(self, reply: bytes, then: bytes = b"", hold: bool = False) -> None:
+        self.reply, self.then, self.hold = reply, then, hold
+        self.requests: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError):
+                self.requests.append(conn.recv(8))
+                conn.sendall(self.reply)
+                if self.then:
+                    conn.recv(4096)  # the ClientHello
+                    conn.sendall(self.then)
+            if self.hold:
+                self._open.append(conn)
+            else:
+                conn.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._open:
+            conn.close()
+
+
+@pytest.mark.parametrize(("reply", "then", "mode", "message"), [
+    # CVE-2021-23222: bytes after 'S' would be read as if they came over TLS
+    (b"Sinjected", b"", "require", "received unencrypted data after SSL response"),
+    (b"Sinjected", b"", "prefer", "received unencrypted data after SSL response"),
+    (b"", b"", "require", "server closed the connection during SSL negotiation"),
+    (b"X", b"", "require", "received invalid response to SSL negotiation: b'X'"),
+    (b"S", b"HTTP/1.0 400 Bad Request\r\n\r\n", "require", "SSL error: "),
+], ids=["injected-require", "injected-prefer", "closed", "invalid-answer", "not-tls"])
+def test_bad_ssl_negotiation_is_refused(pgcorral: DaemonFactory, reply: bytes, then: bytes,
+                                        mode: str, message: str) -> None:
+    fake = _FakeServer(reply, then)
+    try:
+        d = _tls_daemon(pgcorral, fake.port, tls=mode)
+        error = _login_error(d)
+        assert error["C"] == "08006", error
+        assert error["M"].startswith(
+            f'could not connect to server "primary" at 127.0.0.1:{fake.port}: {message}'), error
+        assert fake.requests[0] == SSL_REQUEST
+    finally:
+        fake.close()
+
+
+def test_a_stalled_handshake_ends_at_server_connect_timeout(pgcorral: DaemonFactory) -> None:
+    fake = _FakeServer(b"S", hold=True)
+    try:
+        d = _tls_daemon(pgcorral, fake.port, conf={"server_connect_timeout": "1"},
+                        tls="require")
+        started = time.monotonic()
+        error = _login_error(d)
+        assert error["C"] == "08006", error
+        assert error["M"].endswith(": timeout expired"), error
+        assert time.monotonic() - started < 5
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("mode", ["disable", "require"])
+def test_a_server_that_is_down(pgcorral: DaemonFactory, mode: str) -> None:
+    """Connection refused, with or without TLS: 08006 naming the server (not XX000)."""
+    port = find_free_port()
+    d = _tls_daemon(pgcorral, port, tls=mode)
+    error = _login_error(d)
+    assert error["C"] == "08006", error
+    assert error["M"].startswith(f'could not connect to server "primary" at 127.0.0.1:{port}: '
+                                 ), error
