@@ -190,6 +190,12 @@ class VaultLogin:
     async def __call__(self, request: bytes) -> bytes:
         code = msg.parse_auth_code(request)
         password = self.password
+        if self._policy == "require" and code in (codes.AUTH_CLEARTEXT_PASSWORD,
+                                                  codes.AUTH_MD5_PASSWORD):
+            # libpq: no password (or hash of it) for a server that cannot prove it holds the
+            # channel's certificate
+            raise AuthenticationError("channel binding required but not supported by server's "
+                                      "authentication request")
         if code == codes.AUTH_CLEARTEXT_PASSWORD and password is not None:
             return password.encode("utf-8") + b"\0"
         if code == codes.AUTH_MD5_PASSWORD and password is not None:
