@@ -349,11 +349,35 @@ def test_vault_user_logs_in_with_channel_binding(pgcorral: DaemonFactory, tmp_pa
 
     plain = _vault_daemon(pgcorral, tmp_path, pg.port, tls="prefer",
                           channel_binding="require")
-    with pytest.raises(psycopg.OperationalError, match="channel binding required"):
+    with pytest.raises(psycopg.OperationalError,
+                       match="channel binding required, but SSL not in use"):
         psycopg.connect(plain.dsn(user="scramuser", password="scrampass"), connect_timeout=10)
     # without require, the same daemon setup logs in (without binding: no TLS)
     prefer = _vault_daemon(pgcorral, tmp_path, pg.port, tls="prefer")
     assert _query(prefer.dsn(user="scramuser", password="scrampass"), MY_SSL) is False
+
+
+@pytest.mark.parametrize(("user", "message"), [
+    ("trustuser", "channel binding required, but server authenticated client without channel "
+                  "binding"),
+    ("md5user", "channel binding required but not supported by server's authentication "
+                "request"),
+    ("pwuser", "channel binding required but not supported by server's authentication "
+               "request"),
+])
+def test_channel_binding_require_refuses_other_methods(pgcorral: DaemonFactory, tmp_path: Path,
+                                                       ssl_pg: PgCluster, user: str,
+                                                       message: str) -> None:
+    """libpq's downgrade protection: under require, PostgreSQL asking for no password, an md5
+    or a cleartext password over TLS is refused by pgcorral (28000), in libpq's words; the
+    password (or its md5 hash) is never sent."""
+    users, env = _vault(tmp_path, {user: user.replace("user", "pass")}, "users.conf")
+    d = pgcorral({}, hba="host all all all trust\n", env=env, args=["-u", users],
+                 servers=[("primary", "127.0.0.1", ssl_pg.port)],
+                 server_conf={"tls": "require", "channel_binding": "require"})
+    error = _login_error(d, user=user)
+    assert error["C"] == "28000", error
+    assert error["M"] == message, error
 
 
 def test_channel_binding_disable_logs_in_without_plus(pgcorral: DaemonFactory, tmp_path: Path,
@@ -398,14 +422,16 @@ def test_pass_through_scram_over_a_tls_server_leg(pgcorral: DaemonFactory,
 
 
 def test_pass_through_scram_with_tls_on_both_legs(pgcorral: DaemonFactory, ssl_pg: PgCluster,
-                                                  pki: Pki) -> None:
-    """The client reaches pgcorral over TLS too. With channel_binding=disable it logs in.
-    With libpq's default channel_binding=prefer it sees a TLS connection and an offer without
-    -PLUS, so it answers with the gs2 flag 'y' ("I could bind, but you did not offer it").
-    PostgreSQL, whose own leg is TLS and which did offer -PLUS, must treat that as a downgrade
-    attack and refuse it (RFC 5802); pgcorral cannot rewrite the flag, as the client's proof
-    covers it. So that client gets PostgreSQL's 08P01, promptly, and the next client is fine.
-    (A vault user or auth_query avoids this: pgcorral then answers PostgreSQL itself.)"""
+                                                  pg: PgCluster, pki: Pki) -> None:
+    """The client reaches pgcorral over TLS too (docs/TLS.md, the pass-through table).
+    With channel_binding=disable it logs in. With libpq's default channel_binding=prefer it sees
+    a TLS connection and an offer without -PLUS, so it answers with the gs2 flag 'y' ("I could
+    bind, but you did not offer it"). PostgreSQL, whose own leg is TLS and which did offer
+    -PLUS, must treat that as a downgrade attack and refuse it (RFC 5802); pgcorral cannot
+    rewrite the flag, as the client's proof covers it. So that client gets PostgreSQL's FATAL,
+    promptly, and the next client is fine. Over a plaintext server leg PostgreSQL offered no
+    -PLUS, and 'y' is fine. (A vault user or auth_query avoids all this: pgcorral then answers
+    PostgreSQL itself, with SCRAM-SHA-256-PLUS.)"""
     conf = {"tls": "on", "tls_cert_file": str(pki.server.cert),
             "tls_key_file": str(pki.server.key)}
     d = _tls_daemon(pgcorral, ssl_pg.port, conf=conf, tls="require")
@@ -415,8 +441,16 @@ def test_pass_through_scram_with_tls_on_both_legs(pgcorral: DaemonFactory, ssl_p
     with pytest.raises(psycopg.OperationalError) as refused:
         psycopg.connect(d.dsn(user="scramuser", channel_binding="prefer", **client),
                         connect_timeout=10)
-    assert "channel binding" in str(refused.value).lower(), refused.value
+    assert "SCRAM channel binding negotiation error" in str(refused.value), refused.value
     assert _query(dsn, "SELECT current_user") == "scramuser"
+    # require: the client itself refuses an offer without -PLUS
+    with pytest.raises(psycopg.OperationalError, match="did not offer an authentication "
+                       "method that supports channel binding"):
+        psycopg.connect(d.dsn(user="scramuser", channel_binding="require", **client),
+                        connect_timeout=10)
+    plain_leg = _tls_daemon(pgcorral, pg.port, conf=conf, tls="prefer")
+    dsn = plain_leg.dsn(user="scramuser", channel_binding="prefer", **client)
+    assert _query(dsn, MY_SSL) is False
 
 
 # ------------------------------------------------------------------ 8. cancel over TLS
