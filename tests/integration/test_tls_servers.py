@@ -199,20 +199,46 @@ def test_require_gives_postgresql_a_tls_connection(pgcorral: DaemonFactory, ssl_
         with conn.transaction():
             conn.execute("CREATE TEMP TABLE t (v text) ON COMMIT DROP")
             with conn.cursor().copy("COPY t FROM STDIN") as copy:
-                for i in range(5000):
-                    copy.write_row((f"row {i} " + "z" * 200,))
-            assert conn.execute("SELECT count(*) FROM t").fetchone() == (5000,)
+                for i in range(20000):  # about 20 MB toward PostgreSQL
+                    copy.write_row((f"row {i} " + "z" * 1000,))
+            assert conn.execute("SELECT count(*), sum(length(v)) > 20000000 FROM t"
+                                ).fetchone() == (20000, True)
         assert conn.execute(MY_SSL).fetchone() == (True,)
 
 
 # ---------------------------------------------------- 2. verify-ca and verify-full
 
 
-def test_verify_full_with_the_ca_to_localhost(pgcorral: DaemonFactory, ssl_pg: PgCluster,
-                                              pki: Pki) -> None:
-    d = _tls_daemon(pgcorral, ssl_pg.port, host="localhost", tls="verify-full",
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])  # a DNS and an IP SAN
+def test_verify_full_with_the_ca(pgcorral: DaemonFactory, ssl_pg: PgCluster, pki: Pki,
+                                 host: str) -> None:
+    d = _tls_daemon(pgcorral, ssl_pg.port, host=host, tls="verify-full",
                     tls_ca_file=str(pki.ca_file))
     assert _query(d.dsn(), MY_SSL) is True
+
+
+def test_a_unix_socket_server_is_reached_without_tls(pgcorral: DaemonFactory,
+                                                     ssl_pg: PgCluster, pki: Pki) -> None:
+    """As libpq ignores sslmode over a Unix socket, so does pgcorral (even verify-full)."""
+    d = _tls_daemon(pgcorral, ssl_pg.port, host=ssl_pg.socket_dir, tls="verify-full",
+                    tls_ca_file=str(pki.ca_file))
+    assert _query(d.dsn(), "SELECT ssl IS NULL OR NOT ssl FROM pg_stat_ssl "
+                           "WHERE pid = pg_backend_pid()") is True
+
+
+@pytest.mark.single_worker
+def test_a_tls_backend_that_ends_while_idle_is_replaced(pgcorral: DaemonFactory,
+                                                        ssl_pg: PgCluster) -> None:
+    """PostgreSQL's FATAL and close over TLS on an idle pooled connection: pgcorral drops it
+    and the next client gets a new TLS connection."""
+    d = _tls_daemon(pgcorral, ssl_pg.port, tls="require")
+    pid = _query(d.dsn(), "SELECT pg_backend_pid()")
+    wait_reset(ssl_pg, int(str(pid)))
+    ssl_pg.psql(f"SELECT pg_terminate_backend({pid})", unix_socket=True)
+    d.wait_for_log("sent data while idle")
+    with psycopg.connect(d.dsn()) as conn:
+        assert conn.info.backend_pid != pid
+        assert conn.execute(MY_SSL).fetchone() == (True,)
 
 
 def test_verify_full_refuses_a_certificate_for_another_host(
@@ -456,13 +482,17 @@ def test_pass_through_scram_with_tls_on_both_legs(pgcorral: DaemonFactory, ssl_p
 # ------------------------------------------------------------------ 8. cancel over TLS
 
 
-def test_cancel_goes_over_tls(pgcorral: DaemonFactory, ssl_pg: PgCluster) -> None:
+@pytest.mark.parametrize(("pipeline", "workers"), [("session", "1"), ("transaction", "1"),
+                                                    ("session", "2")])
+def test_cancel_goes_over_tls(pgcorral: DaemonFactory, ssl_pg: PgCluster, pipeline: str,
+                              workers: str) -> None:
     """PostgreSQL reads a CancelRequest before any pg_hba check, so only the wire tells
     whether it came over TLS: every connection pgcorral opened, the cancel's included, began
-    with an SSLRequest."""
+    with an SSLRequest. (With two workers the cancel may reach the other one.)"""
     tap = _Tap(ssl_pg.port)
     try:
-        d = _tls_daemon(pgcorral, tap.port, tls="require")
+        d = _tls_daemon(pgcorral, tap.port, conf={"pipeline": pipeline, "workers": workers},
+                        tls="require")
         with psycopg.connect(d.dsn()) as conn:
             assert conn.execute(MY_SSL).fetchone() == (True,)
             # cancel_safe: libpq's blocking PQcancel would keep the GIL (psycopg binary) while
