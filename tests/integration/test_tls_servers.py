@@ -728,3 +728,25 @@ def test_a_server_that_is_down(pgcorral: DaemonFactory, mode: str) -> None:
     assert error["C"] == "08006", error
     assert error["M"].startswith(f'could not connect to server "primary" at 127.0.0.1:{port}: '
                                  ), error
+
+
+@pytest.mark.single_worker
+def test_reload_replaces_the_auth_query_connection(pgcorral: DaemonFactory, tmp_path: Path,
+                                                   ssl_pg: PgCluster) -> None:
+    """The -S superuser's kept connection follows a change of the server's TLS too."""
+    superuser, env = _vault(tmp_path, {"postgres": "unused-trust"}, "superuser.conf")
+    d = pgcorral({"max_connections": "4", "auth_query": "on"}, hba="host all all all all\n",
+                 env=env, args=["-S", superuser],
+                 servers=[("primary", "127.0.0.1", ssl_pg.port)],
+                 server_conf={"tls": "disable"})
+    where = f"a.query LIKE '%pg_authid%' AND a.client_port IS NOT NULL AND a.datname = '{TEST_DB}'"
+    dsn = d.dsn(user="scramuser", password="scrampass")
+    assert _query(dsn, MY_SSL) is False
+    assert _ssl_of(ssl_pg, where) == ["f"]
+    conf = Path(d.dir, "pgcorral.conf")
+    conf.write_text(conf.read_text().replace("tls = disable", "tls = require"))
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("configuration reloaded")
+    _wait_for("the old auth_query connection closed", lambda: _ssl_of(ssl_pg, where) == [])
+    assert _query(dsn, MY_SSL) is True
+    assert _ssl_of(ssl_pg, where) == ["t"]
