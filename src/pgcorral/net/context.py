@@ -199,6 +199,7 @@ class Context:
                                   self.server_tls.get(server.name))
         conn.binding_policy = server.channel_binding
         conn.tls_generation = generation
+        conn.server_name = server.name
         slot.conn = conn
         return conn
 
@@ -256,9 +257,11 @@ class Context:
         held = server if hasattr(server, "cancel_done") else None
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
+        # the backend's server, with its section's TLS: not where switch-to sends new ones
+        target = self.config.current_server(server.server_name or self.switched_to)
         try:
-            await dial.send_cancel(self.server, server.pid, server.secret,
-                                   self.server_tls.get(self.server.name))
+            await dial.send_cancel(target, server.pid, server.secret,
+                                   self.server_tls.get(target.name))
         except (OSError, TimeoutError, ServerUnavailable) as exc:
             log.warning("could not forward cancel request for pid %d: %s", pid, exc)
         finally:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 #: What a server connection's new owner must know about it.
 STATE = ("pid", "secret", "params", "baseline", "names", "memento", "requests",
-         "tls_generation")
+         "tls_generation", "server_name")
 
 
 def _ignore(_: ServerConnection) -> None:

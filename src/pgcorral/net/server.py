@@ -116,6 +116,7 @@ class ServerConnection(Endpoint):
         self.cbind: bytes | None = None  # its tls-server-end-point data (SCRAM-SHA-256-PLUS)
         self.binding_policy = "prefer"  # the server section's channel_binding
         self.tls_generation = 0  # Context.tls_generation when it was opened
+        self.server_name = ""  # the server section it is connected to (cancels go there)
 
     def data_received(self, data: bytes) -> None:
         client = self.peer
