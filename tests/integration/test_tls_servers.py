@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +28,7 @@ import psycopg
 import pytest
 from devtools.certs import Pki
 from devtools.pgcluster import PgCluster, find_free_port
-from tests.conftest import wait_reset
+from tests.conftest import PGCORRAL_PATH, wait_reset
 from tests.pgwire import connect_error
 from tests.tlsfixtures import TEST_DB, start_ssl_cluster
 
@@ -750,3 +753,29 @@ def test_reload_replaces_the_auth_query_connection(pgcorral: DaemonFactory, tmp_
     _wait_for("the old auth_query connection closed", lambda: _ssl_of(ssl_pg, where) == [])
     assert _query(dsn, MY_SSL) is True
     assert _ssl_of(ssl_pg, where) == ["t"]
+
+
+def test_cancel_after_switch_to_reaches_the_sessions_server(pgcorral: DaemonFactory,
+                                                            pg: PgCluster,
+                                                            ssl_pg: PgCluster) -> None:
+    """A cancel goes to the server the session's connection is on (with that section's TLS),
+    not to the one ``switch-to`` sends new connections to."""
+    d = pgcorral({}, servers=[("primary", "127.0.0.1", pg.port),
+                              ("other", "127.0.0.1", ssl_pg.port)],
+                 server_conf={"tls": "prefer"})
+    with psycopg.connect(d.dsn()) as conn:
+        assert conn.execute(MY_SSL).fetchone() == (False,)  # primary: pg, without TLS
+        switched = subprocess.run(
+            [sys.executable, "-m", "pgcorral.cli.cli", "-c", str(Path(d.dir, "pgcorral.conf")),
+             "switch-to", "other"], capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PYTHONPATH": PGCORRAL_PATH})
+        assert switched.returncode == 0, switched.stderr
+        with psycopg.connect(d.dsn()) as new:
+            assert new.execute(MY_SSL).fetchone() == (True,)  # other: ssl_pg, over TLS
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        assert time.monotonic() - started < 10
+        timer.join()
