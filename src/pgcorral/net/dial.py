@@ -78,7 +78,11 @@ class _Negotiation(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.answer.done():
             return
-        if len(data) != 1:  # CVE-2021-23222: nothing may follow the answer
+        if len(data) > 5 and data[:1] == b"E":  # an error instead of an answer (libpq reads
+            # it too): the postmaster could not start a backend, e.g. fork failed
+            self.answer.set_exception(TlsRefused(
+                f"server sent an error during SSL negotiation: {_error_text(data[5:])}"))
+        elif len(data) != 1:  # CVE-2021-23222: nothing may follow the answer
             self.answer.set_exception(TlsRefused(
                 "received unencrypted data after SSL response"))
         else:
@@ -88,6 +92,14 @@ class _Negotiation(asyncio.Protocol):
         if not self.answer.done():
             self.answer.set_exception(ConnectionResetError(
                 "server closed the connection during SSL negotiation"))
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        fields = msg.parse_fields(body)
+    except ValueError:
+        fields = {}
+    return fields.get("M") or "(unreadable error message)"
 
 
 async def _negotiate(loop: asyncio.AbstractEventLoop, server: ServerConfig,
