@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from tests.conftest import PGCORRAL_PATH, wait_reset
 from tests.pgwire import connect_error
 from tests.tlsfixtures import TEST_DB, start_ssl_cluster
 
+from pgcorral.protocol.messages import error_response
 from pgcorral.security.vault import MasterKey, Vault
 
 if TYPE_CHECKING:
@@ -69,10 +70,10 @@ def _ssl_of(cluster: PgCluster, where: str) -> list[str]:
     return out.split()
 
 
-def _wait_for(what: str, check: object, timeout: float = 15.0) -> None:
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
     """Poll ``check()`` until it is true."""
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
@@ -634,7 +635,7 @@ def test_reload_does_not_reuse_connections_opened_with_the_old_tls(
     conf = Path(d.dir, "pgcorral.conf")
     with psycopg.connect(d.dsn(), autocommit=True) as busy:
         busy_pid = busy.info.backend_pid
-        idle_pid = _query(d.dsn(), "SELECT pg_backend_pid()")  # goes back to the pool
+        idle_pid = int(str(_query(d.dsn(), "SELECT pg_backend_pid()")))  # back to the pool
         wait_reset(ssl_pg, idle_pid)
         conf.write_text(conf.read_text().replace(f"tls = {before}", f"tls = {after}"))
         d.signal(signal.SIGHUP)
@@ -692,8 +693,13 @@ class _FakeServer:
     (b"Sinjected", b"", "prefer", "received unencrypted data after SSL response"),
     (b"", b"", "require", "server closed the connection during SSL negotiation"),
     (b"X", b"", "require", "received invalid response to SSL negotiation: b'X'"),
+    # what a postmaster that cannot fork a backend sends, whatever the client said
+    (error_response("53300", "could not fork new process for connection: Cannot allocate "
+                    "memory"), b"", "prefer", "server sent an error during SSL negotiation: "
+     "could not fork new process for connection: Cannot allocate memory"),
     (b"S", b"HTTP/1.0 400 Bad Request\r\n\r\n", "require", "SSL error: "),
-], ids=["injected-require", "injected-prefer", "closed", "invalid-answer", "not-tls"])
+], ids=["injected-require", "injected-prefer", "closed", "invalid-answer", "fork-failed",
+        "not-tls"])
 def test_bad_ssl_negotiation_is_refused(pgcorral: DaemonFactory, reply: bytes, then: bytes,
                                         mode: str, message: str) -> None:
     fake = _FakeServer(reply, then)
