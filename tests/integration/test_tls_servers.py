@@ -625,24 +625,33 @@ def test_reload_changes_tls_for_new_server_connections(pgcorral: DaemonFactory,
 
 
 @pytest.mark.single_worker
+@pytest.mark.parametrize("pipeline", ["session", "transaction"])
 @pytest.mark.parametrize(("before", "after"), [("disable", "require"), ("require", "disable")])
 def test_reload_does_not_reuse_connections_opened_with_the_old_tls(
-        pgcorral: DaemonFactory, ssl_pg: PgCluster, before: str, after: str) -> None:
+        pgcorral: DaemonFactory, ssl_pg: PgCluster, before: str, after: str,
+        pipeline: str) -> None:
     """A reload that changes a server's TLS settings closes its idle connections, and the ones
     in use when their clients leave: after ``disable`` -> ``require`` no plaintext connection
     opened before serves a client again (and the other way round)."""
-    d = _tls_daemon(pgcorral, ssl_pg.port, conf={"max_connections": "4"}, tls=before)
+    d = _tls_daemon(pgcorral, ssl_pg.port, conf={"max_connections": "4", "pipeline": pipeline},
+                    tls=before)
     conf = Path(d.dir, "pgcorral.conf")
     with psycopg.connect(d.dsn(), autocommit=True) as busy:
-        busy_pid = busy.info.backend_pid
+        busy.execute("BEGIN")  # holds its server connection in both pipelines
+        busy_pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
         idle_pid = int(str(_query(d.dsn(), "SELECT pg_backend_pid()")))  # back to the pool
-        wait_reset(ssl_pg, idle_pid)
+        if pipeline == "session":
+            wait_reset(ssl_pg, idle_pid)
         conf.write_text(conf.read_text().replace(f"tls = {before}", f"tls = {after}"))
         d.signal(signal.SIGHUP)
         d.wait_for_log("configuration reloaded")
         _wait_for("the idle connection closed",
                   lambda: _ssl_of(ssl_pg, f"a.pid = {idle_pid}") == [])
         assert busy.execute(MY_SSL).fetchone() == (before != "disable",)  # kept meanwhile
+        busy.execute("COMMIT")  # transaction pooling: released here, and closed
+        if pipeline == "transaction":
+            _wait_for("the busy connection closed",
+                      lambda: _ssl_of(ssl_pg, f"a.pid = {busy_pid}") == [])
     _wait_for("the busy connection closed", lambda: _ssl_of(ssl_pg, f"a.pid = {busy_pid}") == [])
     with psycopg.connect(d.dsn()) as conn:
         assert conn.execute(MY_SSL).fetchone() == (after != "disable",)
