@@ -550,7 +550,8 @@ def test_prefill_and_background_validation_over_tls(pgcorral: DaemonFactory, tmp
     _wait_for("validation", lambda: _ssl_of(ssl_pg, f"{mine} AND a.query = ''") == ["t", "t"])
     with psycopg.connect(d.dsn(user="md5user", password="md5pass")) as conn:
         assert conn.execute(MY_SSL).fetchone() == (True,)
-    assert _ssl_of(ssl_pg, mine) == ["t", "t"]  # the client got a prefilled one
+    # the client got a prefilled one (with two workers, maybe a new one of its worker's)
+    assert set(_ssl_of(ssl_pg, mine)) == {"t"}
 
 
 @pytest.mark.single_worker
