@@ -139,7 +139,7 @@ def test_wrong_password_sqlstate_is_28p01(pgcorral: DaemonFactory, tmp_path: Pat
 
 @pytest.mark.single_worker
 def test_auth_query_pools_scram_users_without_any_password_in_pgcorral(
-        pgcorral: DaemonFactory, tmp_path: Path) -> None:
+        pgcorral: DaemonFactory, pg: PgCluster, tmp_path: Path) -> None:
     """auth_query: pgcorral reads the verifier with the -S user, checks the client itself,
     recovers the ClientKey from its proof and logs in with it: SCRAM connections are pooled and
     every client is checked again."""
@@ -150,6 +150,7 @@ def test_auth_query_pools_scram_users_without_any_password_in_pgcorral(
     with psycopg.connect(d.dsn(user="scramuser", password="scrampass")) as conn:
         pid = conn.info.backend_pid
         assert conn.execute("select current_user").fetchone() == ("scramuser",)
+    wait_reset(pg, pid)  # the release ends after the client has gone
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(d.dsn(user="scramuser", password="wrong"))
     with psycopg.connect(d.dsn(user="scramuser", password="scrampass")) as conn:
