@@ -315,8 +315,10 @@ class ClientConnection(Endpoint):
     def _tls_failed(self, link: TlsLink, exc: Exception) -> None:
         if self._phase == _DONE:
             return
-        log.info("TLS handshake with client %s failed: %s", self.address or "[local]",
-                 getattr(exc, "reason", None) or exc)
+        # the verification error says which ("certificate revoked", "certificate has
+        # expired"); its reason alone is only CERTIFICATE_VERIFY_FAILED
+        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        log.info("TLS handshake with client %s failed: %s", self.address or "[local]", why)
         self.closed = True
         self._done()
 
