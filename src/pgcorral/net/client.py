@@ -318,7 +318,9 @@ class ClientConnection(Endpoint):
         # the verification error says which ("certificate revoked", "certificate has
         # expired"); its reason alone is only CERTIFICATE_VERIFY_FAILED
         why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-        log.info("TLS handshake with client %s failed: %s", self.address or "[local]", why)
+        if not self.closed:  # else pgcorral closed it and said why (authentication_timeout)
+            log.info("TLS handshake with client %s failed: %s", self.address or "[local]",
+                     why)
         self.closed = True
         self._done()
 
