@@ -513,6 +513,8 @@ def test_stalled_handshake_times_out(pgcorral: DaemonFactory, pki: Pki, sent: st
     assert 0.5 < took < 4, took
     d.wait_for_log("did not finish startup in time")
     assert one(tls_dsn(d, pki)) == "trustuser"
+    lines = [line for line in d.log().splitlines() if "client 127.0.0.1" in line]
+    assert len(lines) == 1, lines
 
 
 @pytest.mark.parametrize(("which", "error"), [("client_wrong_ca", "unknown ca"),
@@ -637,14 +639,23 @@ def test_tls13_key_update(pgcorral: DaemonFactory, pki: Pki) -> None:
 # ----------------------------------------------------------------------------- 9: reload
 
 
-def _reloadable(pgcorral: DaemonFactory, pki: Pki, tmp: Path,
-                hba: str = ALL_HOSTS) -> tuple[Daemon, Path, Path]:  # fmt: skip
+def _reloadable(pgcorral: DaemonFactory, pki: Pki, tmp: Path, hba: str = ALL_HOSTS,
+                env: dict[str, str] | None = None, args: list[str] | None = None,
+                ) -> tuple[Daemon, Path, Path]:  # fmt: skip
     """A daemon whose certificate and key are copies of the pki's server files in ``tmp``."""
     cert, key = tmp / "server.crt", tmp / "server.key"
     shutil.copy(pki.server.cert, cert)
     shutil.copy(pki.server.key, key)
-    return pgcorral({"tls": "on", "tls_cert_file": str(cert), "tls_key_file": str(key)},
-                    hba=hba), cert, key  # fmt: skip
+    conf = {"tls": "on", "tls_cert_file": str(cert), "tls_key_file": str(key)}
+    return pgcorral(conf, hba=hba, env=env, args=args), cert, key
+
+
+def _swap_certificate(d: Daemon, pki: Pki, cert: Path, key: Path, reloads: int = 1) -> None:
+    """The pki's wrong-host certificate in place of the one in use, and a reload."""
+    shutil.copy(pki.wrong_host.cert, cert)
+    shutil.copy(pki.wrong_host.key, key)
+    d.signal(signal.SIGHUP)
+    wait_for_count(d, "configuration reloaded", reloads)
 
 
 def test_reload_replaces_the_certificate(pgcorral: DaemonFactory, pki: Pki,
@@ -653,10 +664,7 @@ def test_reload_replaces_the_certificate(pgcorral: DaemonFactory, pki: Pki,
     assert server_cn(d) == "localhost"
     before = psycopg.connect(tls_dsn(d, pki))
     try:
-        shutil.copy(pki.wrong_host.cert, cert)
-        shutil.copy(pki.wrong_host.key, key)
-        d.signal(signal.SIGHUP)
-        wait_for_count(d, "configuration reloaded", 1)
+        _swap_certificate(d, pki, cert, key)
         assert server_cn(d) == "wrong.example"
         with pytest.raises(psycopg.OperationalError, match="does not match host name"):
             one(tls_dsn(d, pki))
@@ -672,6 +680,24 @@ def test_reload_replaces_the_certificate(pgcorral: DaemonFactory, pki: Pki,
         assert server_cn(d) == "wrong.example"  # the certificate in use stays
         assert one(tls_dsn(d, pki, sslmode="verify-ca")) == "trustuser"
         assert before.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        before.close()
+
+
+def test_channel_binding_follows_a_reloaded_certificate(pgcorral: DaemonFactory, pki: Pki,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    """SCRAM-SHA-256-PLUS binds to the certificate the client saw: after a reload, the new one."""
+    users, env = _vault(tmp_path, {"scramuser": "scrampass"})
+    d, cert, key = _reloadable(pgcorral, pki, tmp_path, hba="host all all all scram-sha-256\n",
+                               env=env, args=["-u", users])
+    cb = {"user": "scramuser", "password": "scrampass", "channel_binding": "require",
+          "sslmode": "verify-ca"}  # fmt: skip
+    before = psycopg.connect(tls_dsn(d, pki, **cb))
+    try:
+        _swap_certificate(d, pki, cert, key)
+        assert server_cn(d) == "wrong.example"
+        assert one(tls_dsn(d, pki, **cb)) == "scramuser"
+        assert before.execute("SELECT current_user").fetchone() == ("scramuser",)
     finally:
         before.close()
 
