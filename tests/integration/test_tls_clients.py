@@ -266,6 +266,49 @@ def test_direct_tls_without_alpn_is_refused(pgcorral: DaemonFactory, pki: Pki) -
     assert one(tls_dsn(d, pki)) == "trustuser"
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_handshake_one_byte_at_a_time(pgcorral: DaemonFactory, pki: Pki, direct: bool) -> None:
+    """The handshake records split at every byte (each its own segment with TCP_NODELAY)."""
+    d = pgcorral(tls_conf(pki))
+    with socket.create_connection((d.host, d.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not direct:
+            sock.sendall(SSL_REQUEST)
+            assert sock.recv(1) == b"S"
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(pki).wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            for byte in outgoing.read():
+                sock.send(bytes([byte]))
+            if done:
+                break
+            data = sock.recv(65536)
+            assert data, "closed during the handshake"
+            incoming.write(data)
+        assert tls.selected_alpn_protocol() == "postgresql"
+        packet = startup_packet(USER)
+        for i in range(len(packet)):
+            tls.write(packet[i:i + 1])
+            sock.send(outgoing.read())  # one TLS record per byte
+        reply = b""
+        while b"Z\0\0\0\5I" not in reply:
+            data = sock.recv(65536)
+            assert data, reply
+            incoming.write(data)
+            while True:
+                try:
+                    chunk = tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                reply += chunk
+        assert reply[:9] == b"R\0\0\0\x08\0\0\0\0", reply[:20]  # AuthenticationOk
+
+
 # ----------------------------------------------------------------------------- 3: asyncpg
 
 
@@ -301,6 +344,51 @@ def test_asyncpg_with_flow_control(pgcorral: DaemonFactory, pki: Pki, pipeline: 
     asyncio.run(run())
 
 
+def _rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and its children (the workers), KiB."""
+    total, pids = 0, [pid]
+    for p in pids:
+        for task in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{task}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+        with open(f"/proc/{p}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return total
+
+
+def test_slow_tls_reader_keeps_pgcorral_memory_bounded(pgcorral: DaemonFactory, pki: Pki,
+                                                       pg: PgCluster) -> None:  # fmt: skip
+    """A TLS client that reads nothing: pgcorral stops reading from PostgreSQL (its backend
+    waits in ClientWrite) instead of piling the result up, decrypted or encrypted."""
+    d = pgcorral(tls_conf(pki))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    raw.settimeout(30)
+    raw.connect((d.host, d.port))
+    raw.sendall(SSL_REQUEST)
+    assert raw.recv(1) == b"S"
+    with client_context(pki).wrap_socket(raw, server_hostname="localhost") as sock:
+        assert login(sock) is None
+        pid = int(simple_query(sock, "SELECT pg_backend_pid()")[0][6:])
+        before = _rss_kib(d.pid)
+        sql = b"SELECT repeat('x', 10000) FROM generate_series(1, 10000)\0"  # ~100 MB
+        sock.sendall(b"Q" + struct.pack("!i", len(sql) + 4) + sql)
+        deadline = time.monotonic() + 15
+        check = f"SELECT wait_event FROM pg_stat_activity WHERE pid = {pid}"
+        waiting = 0  # PostgreSQL seen blocked on its socket to pgcorral so many times in a row
+        while waiting < 5:
+            waiting = waiting + 1 if pg.psql(check).strip() == "ClientWrite" else 0
+            assert time.monotonic() < deadline, "PostgreSQL never had to wait for pgcorral"
+        grew = _rss_kib(d.pid) - before
+        assert grew < 32 * 1024, f"pgcorral grew by {grew // 1024} MiB"
+        rows = 0
+        while (message := read_message(sock)) is not None and message[0] != b"Z":
+            if message[0] == b"D":
+                rows += 1
+                assert len(message[1]) == 2 + 4 + 10000
+        assert rows == 10000
+
+
 # ---------------------------------------------------------------- 4: SCRAM-SHA-256-PLUS
 
 
@@ -330,6 +418,37 @@ def test_channel_binding_for_a_vault_user(pgcorral: DaemonFactory, pki: Pki, tmp
     assert one(plain_dsn(d, user="scramuser", password="scrampass")) == "scramuser"
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         one(tls_dsn(d, pki, user="scramuser", password="wrong", channel_binding="require"))
+
+
+def _mechanisms(sock: socket.socket, user: str) -> list[str]:
+    """The SASL mechanisms of the AuthenticationSASL that answers a StartupMessage."""
+    sock.sendall(startup_packet({"user": user, "database": TEST_DB}))
+    message = read_message(sock)
+    assert message is not None and message[0] == b"R", message
+    assert struct.unpack("!i", message[1][:4])[0] == 10, message  # AuthenticationSASL
+    return [m.decode() for m in message[1][4:].split(b"\0") if m]
+
+
+@pytest.mark.parametrize("source", ["vault", "auth_query"])
+def test_plus_is_offered_over_tls_only(pgcorral: DaemonFactory, pki: Pki, tmp_path: Path,
+                                       source: str) -> None:  # fmt: skip
+    if source == "vault":
+        users, env = _vault(tmp_path, {"scramuser": "scrampass"})
+        conf, args = tls_conf(pki), ["-u", users]
+    else:  # the verifier PostgreSQL stores, read with the -S superuser
+        users, env = _vault(tmp_path, {"postgres": "unused-trust"})
+        conf, args = tls_conf(pki, auth_query="on"), ["-S", users]
+    d = pgcorral(conf, hba="host all all all scram-sha-256\n", env=env, args=args)
+    with tls_socket(d, pki) as sock:
+        assert _mechanisms(sock, "scramuser") == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+    with socket.create_connection((d.host, d.port), timeout=10) as sock:
+        assert _mechanisms(sock, "scramuser") == ["SCRAM-SHA-256"]
+    cb = {"user": "scramuser", "password": "scrampass", "channel_binding": "require"}
+    for _ in range(2):  # a new server connection, then (pooled) a reused one
+        assert one(tls_dsn(d, pki, **cb)) == "scramuser"
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        one(tls_dsn(d, pki, **{**cb, "password": "wrong"}))
+    assert one(plain_dsn(d, user="scramuser", password="scrampass")) == "scramuser"
 
 
 # ------------------------------------------------------------------ 5: hostssl, hostnossl
@@ -366,8 +485,10 @@ hostssl all bob all trust clientcert=verify-full
 """
 
 
-def test_cert_method(pgcorral: DaemonFactory, pki: Pki, cert_roles: list[str]) -> None:
-    d = pgcorral(tls_conf(pki), hba=CERT_HBA)
+@pytest.mark.parametrize("pipeline", ["session", "transaction"])
+def test_cert_method(pgcorral: DaemonFactory, pki: Pki, cert_roles: list[str],
+                     pipeline: str) -> None:  # fmt: skip
+    d = pgcorral(tls_conf(pki, pipeline=pipeline), hba=CERT_HBA)
     alice, bob = pki.client("alice"), pki.client("bob")
     assert one(tls_dsn(d, pki, alice, user="alice")) == "alice"
     assert tls_login_error(d, pki, "alice", alice) is None
