@@ -273,8 +273,10 @@ class ClientConnection(Endpoint):
                     self._encryption_requests += 1
                     if self._encryption_requests > 2:
                         raise ClientProtocolError("too many encryption requests")
-                    if isinstance(packet, SSLRequest) and self.tls is not None:
-                        raise ClientProtocolError("SSLRequest over a TLS connection")
+                    if self.tls is not None:  # no 'N' inside TLS either: PostgreSQL refuses
+                        which = "SSLRequest" if isinstance(packet, SSLRequest) else (
+                            "GSSENCRequest")
+                        raise ClientProtocolError(f"{which} over a TLS connection")
                     if (isinstance(packet, SSLRequest) and self.ctx.client_tls is not None
                             and self.conn_type == "host"):
                         self.write(b"S")  # no bytes followed it (StartupReader checked)
