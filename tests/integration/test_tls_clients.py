@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from tests.conftest import PGCORRAL_PATH
 from tests.pgwire import connect_error, error_fields, read_message, startup_packet
 
 from pgcorral.security.vault import MasterKey, Vault
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
     from tests.conftest import Daemon, DaemonFactory
 
-REPO = Path(__file__).resolve().parents[2]
 TEST_DB = "pgcorral_test"
 USER = {"user": "trustuser", "database": TEST_DB}
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
@@ -232,6 +232,39 @@ def test_tls_version_limits(pgcorral: DaemonFactory, pki: Pki) -> None:
         one(tls_dsn(d, pki, ssl_min_protocol_version="TLSv1.3"))
 
 
+def test_tls_ciphers(pgcorral: DaemonFactory, pki: Pki) -> None:
+    cipher = "ECDHE-ECDSA-CHACHA20-POLY1305"
+    d = pgcorral(tls_conf(pki, tls_max_protocol_version="tlsv1.2", tls_ciphers=cipher))
+    with tls_socket(d, pki) as sock:
+        assert sock.cipher()[0] == cipher
+        assert login(sock) is None
+
+
+def test_tls_turned_on_and_off_by_reload(pgcorral: DaemonFactory, pki: Pki) -> None:
+    d = pgcorral()
+    conf = Path(d.dir, "pgcorral.conf")
+    plain = conf.read_text()
+
+    def answer() -> bytes:
+        with socket.create_connection((d.host, d.port), timeout=10) as sock:
+            sock.sendall(SSL_REQUEST)
+            return sock.recv(1)
+
+    assert answer() == b"N"
+    keys = "".join(f"{k} = {v}\n" for k, v in tls_conf(pki).items())
+    conf.write_text(plain.replace("[pgcorral]\n", "[pgcorral]\n" + keys, 1))
+    d.signal(signal.SIGHUP)
+    wait_for_count(d, "configuration reloaded", 1)
+    assert answer() == b"S"
+    with psycopg.connect(tls_dsn(d, pki)) as conn:
+        assert conn.pgconn.ssl_in_use
+        conf.write_text(plain)
+        d.signal(signal.SIGHUP)
+        wait_for_count(d, "configuration reloaded", 2)
+        assert answer() == b"N"
+        assert conn.execute("SELECT current_user").fetchone() == ("trustuser",)
+
+
 # --------------------------------------------------------------------------- 2: direct TLS
 
 
@@ -246,6 +279,15 @@ def test_direct_tls(pgcorral: DaemonFactory, pki: Pki) -> None:
         assert sock.selected_alpn_protocol() == "postgresql"
         assert login(sock) is None
         assert simple_query(sock, "SELECT 41 + 1")[0].endswith(b"42")
+
+
+def test_direct_tls_when_tls_is_off(pgcorral: DaemonFactory, pki: Pki) -> None:
+    """A ClientHello where a startup packet belongs, TLS off: closed, as PostgreSQL does."""
+    d = pgcorral()
+    with socket.create_connection((d.host, d.port), timeout=10) as sock:
+        sock.sendall(_client_hello())
+        closed_within(sock, 5)
+    assert one(plain_dsn(d)) == "trustuser"
 
 
 def test_direct_tls_without_alpn_is_refused(pgcorral: DaemonFactory, pki: Pki) -> None:
@@ -651,13 +693,16 @@ def test_bad_client_certificate_is_refused_at_the_handshake(
 
 
 @pytest.mark.parametrize("direct", [False, True])
-def test_ssl_request_inside_tls(pgcorral: DaemonFactory, pki: Pki, direct: bool) -> None:
+@pytest.mark.parametrize("request_", [SSL_REQUEST, GSSENC_REQUEST], ids=["ssl", "gssenc"])
+def test_encryption_request_inside_tls(pgcorral: DaemonFactory, pki: Pki, direct: bool,
+                                       request_: bytes) -> None:  # fmt: skip
     d = pgcorral(tls_conf(pki))
     with tls_socket(d, pki, direct=direct) as sock:
-        sock.sendall(SSL_REQUEST)
+        sock.sendall(request_)
         message = read_message(sock)
         assert message is not None and message[0] == b"E", message
-        assert error_fields(message[1])["C"] == "08P01"
+        fields = error_fields(message[1])
+        assert fields["C"] == "08P01" and "over a TLS connection" in fields["M"], fields
         assert read_message(sock) is None
 
 
@@ -852,7 +897,7 @@ def _run_daemon(tmp: Path, pki: Pki, cert: str, key: str) -> tuple[subprocess.Co
                     f"tls_key_file = {key}\n\n[primary]\nhost = 127.0.0.1\nport = 5432\n")
     hba = tmp / "hba.conf"
     hba.write_text(ALL_HOSTS)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    env = dict(os.environ, PYTHONPATH=PGCORRAL_PATH)  # the pgcorral the tests import
     out = subprocess.run([sys.executable, "-m", "pgcorral", "-c", str(conf), "-a", str(hba)],
                          capture_output=True, text=True, timeout=20, env=env, check=False)
     return out, conf
