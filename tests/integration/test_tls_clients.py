@@ -431,6 +431,42 @@ def test_slow_tls_reader_keeps_pgcorral_memory_bounded(pgcorral: DaemonFactory, 
         assert rows == 10000
 
 
+def test_graceful_shutdown_with_tls_clients(pgcorral: DaemonFactory, pki: Pki,
+                                           pg: PgCluster) -> None:  # fmt: skip
+    """SIGTERM in the transaction pipeline: an idle TLS client gets 57P01 through TLS at once,
+    one inside a transaction finishes it, one in its handshake is dropped (at
+    authentication_timeout: a client in its startup may still log in if the shutdown is
+    cancelled); the daemon exits 0."""
+    d = pgcorral(tls_conf(pki, pipeline="transaction", max_connections="3",
+                          authentication_timeout="1"))
+    idle = psycopg.connect(tls_dsn(d, pki), autocommit=True)
+    busy = psycopg.connect(tls_dsn(d, pki, application_name="tls-busy"))
+    half = socket.create_connection((d.host, d.port), timeout=10)
+    try:
+        idle.execute("SELECT 1")
+        busy.execute("SELECT 1")
+        half.sendall(SSL_REQUEST)
+        assert half.recv(1) == b"S"
+        deadline = time.monotonic() + 10
+        sql = "SELECT state FROM pg_stat_activity WHERE application_name = 'tls-busy'"
+        while pg.psql(sql).strip() != "idle in transaction":
+            assert time.monotonic() < deadline, "the busy client's transaction did not start"
+            time.sleep(0.02)
+        d.signal(signal.SIGTERM)
+        d.wait_for_log("graceful shutdown")
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            idle.execute("SELECT 1")
+        assert busy.execute("SELECT 2").fetchone() == (2,)
+        busy.commit()
+        d.proc.wait(10)
+        assert d.proc.returncode == 0, d.log()
+        closed_within(half, 5)
+    finally:
+        idle.close()
+        busy.close()
+        half.close()
+
+
 # ---------------------------------------------------------------- 4: SCRAM-SHA-256-PLUS
 
 
