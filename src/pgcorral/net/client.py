@@ -217,6 +217,7 @@ class ClientConnection(Endpoint):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self.tls = None  # its OpenSSL memory goes now, not when a GC finds this client
         self.end("client lost")
 
     def write(self, data: bytes) -> None:
