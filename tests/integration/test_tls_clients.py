@@ -467,6 +467,31 @@ def test_graceful_shutdown_with_tls_clients(pgcorral: DaemonFactory, pki: Pki,
         half.close()
 
 
+def test_both_legs_over_tls(pgcorral: DaemonFactory, pki: Pki, ssl_pg: PgCluster) -> None:
+    """Client TLS in front, ``tls = verify-full`` toward ``ssl_pg`` behind (the server section's
+    keys ride on its host line: the factory writes ``host = <value>``)."""
+    server = f"127.0.0.1\ntls = verify-full\ntls_ca_file = {pki.ca_file}"
+    d = pgcorral(tls_conf(pki, max_connections="2"), hba="hostssl all all all trust\n",
+                 servers=[("primary", server, ssl_pg.port)])
+
+    async def client(i: int) -> None:
+        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+        conn = await asyncpg.connect(host="localhost", port=d.port, user="trustuser",
+                                     database=TEST_DB, ssl=ctx, timeout=10)
+        try:
+            assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl "
+                                       "WHERE pid = pg_backend_pid()") is True
+            rows = await conn.fetch("SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
+            assert len(rows) == 20000
+        finally:
+            await conn.close(timeout=5)
+
+    async def run() -> None:
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(4))), 60)
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------- 4: SCRAM-SHA-256-PLUS
 
 
