@@ -9,7 +9,8 @@ sockets that complete the startup (plain, or SSLRequest + TLS 1.3 with the test 
 devtools.certs) and stay idle, and reads RSS and PSS of pgcorral's processes
 (``/proc/PID/smaps_rollup``, the whole process tree) before and after. 50 clients come and go
 first so that one-time allocations (the server connection, caches, the TLS context's first
-sessions) are not counted. Prints KiB per client for each mode, and TLS over plain.
+sessions) are not counted. Prints KiB per client for each mode, and TLS over plain; then
+(``--churn``) how much pgcorral grew after rounds of clients that log in and leave.
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ class Pgcorral:
 
 
 def measure(pg_port: int, directory: Path, pki: Pki | None, ctx: ssl.SSLContext | None,
-            clients: int, rounds: int) -> list[tuple[float, float]]:  # fmt: skip
-    """KiB per client (RSS, PSS) of each round."""
+            clients: int, rounds: int) -> list[tuple[float, float, float]]:  # fmt: skip
+    """KiB per client of each round: RSS and PSS while the clients are connected, and the PSS
+    still held once they left (one more login makes sure pgcorral saw them go)."""
     daemon = Pgcorral(directory, pg_port, pki)
     socks: list[socket.socket] = []
-    results: list[tuple[float, float]] = []
+    results: list[tuple[float, float, float]] = []
     try:
         socks += [open_client(daemon.port, ctx) for _ in range(WARMUP)]
         close_all(socks)
@@ -167,18 +169,45 @@ def measure(pg_port: int, directory: Path, pki: Pki | None, ctx: ssl.SSLContext 
             rss0, pss0 = memory_kib(daemon.proc.pid)
             socks += [open_client(daemon.port, ctx) for _ in range(clients)]
             rss1, pss1 = memory_kib(daemon.proc.pid)
-            results.append(((rss1 - rss0) / clients, (pss1 - pss0) / clients))
             close_all(socks)
+            socks.append(open_client(daemon.port, ctx))
+            _, pss2 = memory_kib(daemon.proc.pid)
+            close_all(socks)
+            results.append(((rss1 - rss0) / clients, (pss1 - pss0) / clients,
+                            (pss2 - pss0) / clients))
     finally:
         close_all(socks)
         daemon.stop()
     return results
 
 
+def churn(pg_port: int, directory: Path, pki: Pki | None, ctx: ssl.SSLContext | None,
+          clients: int, rounds: int) -> list[float]:  # fmt: skip
+    """MiB pgcorral grew by (PSS) after each round of ``clients`` that log in and leave: what
+    closed connections leave behind (flat once the allocator reuses its memory)."""
+    daemon = Pgcorral(directory, pg_port, pki)
+    socks: list[socket.socket] = []
+    grown: list[float] = []
+    try:
+        base = memory_kib(daemon.proc.pid)[1]
+        for _ in range(rounds):
+            socks += [open_client(daemon.port, ctx) for _ in range(clients)]
+            close_all(socks)
+            socks.append(open_client(daemon.port, ctx))  # pgcorral saw the others go
+            close_all(socks)
+            grown.append((memory_kib(daemon.proc.pid)[1] - base) / 1024)
+    finally:
+        close_all(socks)
+        daemon.stop()
+    return grown
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--churn", type=int, default=8, metavar="ROUNDS",
+                        help="rounds of --clients that log in and leave (0: none)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pgcorral-tlsmem-"))
     os.chmod(tmp, 0o755)
@@ -188,22 +217,37 @@ def main() -> int:
                      hba_lines=["local all all trust", "host all all 127.0.0.1/32 trust"])
         cluster.start()
         pki = make_test_pki(tmp / "pki")
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        rows: dict[str, list[tuple[float, float]]] = {}
-        for mode, use_pki, use_ctx in (("plain", None, None), ("TLS 1.3", pki, ctx)):
+        tls13 = ssl.create_default_context(cafile=str(pki.ca_file))
+        tls13.minimum_version = ssl.TLSVersion.TLSv1_3
+        tls12 = ssl.create_default_context(cafile=str(pki.ca_file))
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        rows: dict[str, list[tuple[float, float, float]]] = {}
+        modes = (("plain", None, None), ("TLS 1.3", pki, tls13), ("TLS 1.2", pki, tls12))
+        for mode, use_pki, use_ctx in modes:
             d = tmp / mode.replace(" ", "")
             d.mkdir()
             rows[mode] = measure(cluster.port, d, use_pki, use_ctx, args.clients, args.rounds)
         print(f"idle clients: {args.clients} per round, {args.rounds} rounds, workers = 1, "
-              f"pipeline = transaction; KiB per client (round 1 / later rounds)")
+              f"pipeline = transaction; KiB per client, each round: RSS and PSS while "
+              f"connected, PSS still held after they left")
         for mode, results in rows.items():
-            cells = "  ".join(f"RSS {r:6.1f}  PSS {p:6.1f}" for r, p in results)
+            cells = "  |  ".join(f"RSS {r:5.1f}  PSS {p:5.1f}  held {h:5.1f}"
+                                 for r, p, h in results)
             print(f"  {mode:8s} {cells}")
-        plain, tls = rows["plain"][0], rows["TLS 1.3"][0]
-        print(f"  TLS - plain (round 1): RSS {tls[0] - plain[0]:+.1f} KiB, "
-              f"PSS {tls[1] - plain[1]:+.1f} KiB per client; TLS/plain PSS "
-              f"{tls[1] / plain[1]:.2f}x" if plain[1] > 0 else "")
+        # round 1 is the cost: later rounds reuse what the earlier clients left free
+        plain = rows["plain"][0]
+        for mode in ("TLS 1.3", "TLS 1.2"):
+            tls = rows[mode][0]
+            print(f"  {mode} - plain (round 1): PSS {tls[1] - plain[1]:+.1f} KiB per "
+                  f"client" + (f", {tls[1] / plain[1]:.1f}x plain" if plain[1] > 0 else ""))
+        if args.churn:
+            print(f"churn: PSS growth (MiB) after each round of {args.clients} clients that "
+                  f"logged in and left")
+            for mode, use_pki, use_ctx in modes[:2]:
+                d = tmp / ("churn-" + mode.replace(" ", ""))
+                d.mkdir()
+                grown = churn(cluster.port, d, use_pki, use_ctx, args.clients, args.churn)
+                print(f"  {mode:8s} " + " ".join(f"{g:5.1f}" for g in grown))
     finally:
         cluster.destroy()
         shutil.rmtree(tmp, ignore_errors=True)
