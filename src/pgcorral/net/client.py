@@ -217,6 +217,7 @@ class ClientConnection(Endpoint):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self.tls = None  # its OpenSSL memory goes now, not when a GC finds this client
         self.end("client lost")
 
     def write(self, data: bytes) -> None:
@@ -273,8 +274,10 @@ class ClientConnection(Endpoint):
                     self._encryption_requests += 1
                     if self._encryption_requests > 2:
                         raise ClientProtocolError("too many encryption requests")
-                    if isinstance(packet, SSLRequest) and self.tls is not None:
-                        raise ClientProtocolError("SSLRequest over a TLS connection")
+                    if self.tls is not None:  # no 'N' inside TLS either: PostgreSQL refuses
+                        which = "SSLRequest" if isinstance(packet, SSLRequest) else (
+                            "GSSENCRequest")
+                        raise ClientProtocolError(f"{which} over a TLS connection")
                     if (isinstance(packet, SSLRequest) and self.ctx.client_tls is not None
                             and self.conn_type == "host"):
                         self.write(b"S")  # no bytes followed it (StartupReader checked)
@@ -315,8 +318,12 @@ class ClientConnection(Endpoint):
     def _tls_failed(self, link: TlsLink, exc: Exception) -> None:
         if self._phase == _DONE:
             return
-        log.info("TLS handshake with client %s failed: %s", self.address or "[local]",
-                 getattr(exc, "reason", None) or exc)
+        # the verification error says which ("certificate revoked", "certificate has
+        # expired"); its reason alone is only CERTIFICATE_VERIFY_FAILED
+        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        if not self.closed:  # else pgcorral closed it and said why (authentication_timeout)
+            log.info("TLS handshake with client %s failed: %s", self.address or "[local]",
+                     why)
         self.closed = True
         self._done()
 

@@ -31,6 +31,11 @@ log = logging.getLogger("pgcorral.tls")
 #: holds at most 16 KiB (a larger buffer would be allocated, and maybe mmapped, per call).
 READ_SIZE = 1 << 14
 
+#: The app and the BIOs of a link whose connection is gone (``_release``): they keep nothing
+#: alive (nothing is written into the BIO once the link let go of its SSLObject).
+_DETACHED = asyncio.Protocol()
+_EMPTY = ssl.MemoryBIO()
+
 #: Called once the handshake is done (the link is ready), or with the error that ended it.
 Ready = Callable[["TlsLink"], None]
 Failed = Callable[["TlsLink", Exception], None]
@@ -44,13 +49,21 @@ class TlsLink(asyncio.Protocol):
         self.app = app
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self.ssl = context.wrap_bio(self._in, self._out, server_side=server_side,
-                                    server_hostname=hostname)
+        self._ssl: ssl.SSLObject | None = context.wrap_bio(
+            self._in, self._out, server_side=server_side, server_hostname=hostname)
         self.ready = False
         self.closed = False
         self._on_ready: Ready | None = on_ready
         self._on_failed: Failed | None = on_failed
         raw.set_protocol(self)
+
+    @property
+    def ssl(self) -> ssl.SSLObject:
+        """The TLS connection (until it is gone: ``connection_lost``)."""
+        obj = self._ssl
+        if obj is None:
+            raise ConnectionResetError("the TLS connection is gone")
+        return obj
 
     # --- handshake ---------------------------------------------------------------------------
 
@@ -88,6 +101,8 @@ class TlsLink(asyncio.Protocol):
     # --- the socket's protocol ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._ssl is None:
+            return
         self._in.write(data)
         if self.ready:
             self._read()
@@ -95,7 +110,9 @@ class TlsLink(asyncio.Protocol):
             self._handshake()
 
     def _read(self) -> None:
-        sslobj = self.ssl
+        sslobj = self._ssl
+        if sslobj is None:
+            return
         read = sslobj.read
         incoming = self._in
         try:
@@ -135,9 +152,19 @@ class TlsLink(asyncio.Protocol):
         if self._on_failed is not None:  # lost during the handshake
             self._fail(exc if isinstance(exc, Exception) else ConnectionResetError(
                 "connection closed during the TLS handshake"))
-            return
-        if self.ready:
+        elif self.ready:
             self.app.connection_lost(exc)
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the OpenSSL object, its buffers and the Endpoint once the connection is
+        gone. The Endpoint (and whatever it is in a reference cycle with: its task, its bound
+        callbacks) may wait for the cyclic GC, which does not count OpenSSL's memory (~10 KiB
+        a connection, more after big writes): it piled up by tens of MiB under connection
+        churn (bench/tls_memory.py) before this."""
+        self.app = _DETACHED
+        self._ssl = None
+        self._in = self._out = _EMPTY
 
     def eof_received(self) -> bool:
         return False  # no half-open TLS: the transport closes
@@ -151,11 +178,12 @@ class TlsLink(asyncio.Protocol):
     # --- the Endpoint's transport ------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closed:
+        obj = self._ssl
+        if self.closed or obj is None:
             return
         # one call: OpenSSL writes the whole buffer into a memory BIO (no partial writes;
         # a memoryview slicing loop here also misbehaved when compiled with mypyc)
-        self.ssl.write(data)
+        obj.write(data)
         self._flush()
 
     def can_write_eof(self) -> bool:
@@ -186,9 +214,9 @@ class TlsLink(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self.ready:
+        if self.ready and self._ssl is not None:
             try:
-                self.ssl.unwrap()
+                self._ssl.unwrap()
             except (ssl.SSLError, OSError):
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
             self._flush()
@@ -202,12 +230,13 @@ class TlsLink(asyncio.Protocol):
         return self.closed or bool(self.raw.is_closing())
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        obj = self._ssl
         if name == "ssl_object":
-            return self.ssl
+            return obj
         if name == "peercert":
-            return self.ssl.getpeercert()
+            return obj.getpeercert() if obj is not None else default
         if name == "cipher":
-            return self.ssl.cipher()
+            return obj.cipher() if obj is not None else default
         if name == "socket":
             return None  # the socket alone is not the connection (no hand-over of TLS)
         return self.raw.get_extra_info(name, default)

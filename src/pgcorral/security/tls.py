@@ -11,12 +11,14 @@ contexts stay (``net.context``).
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
 from pgcorral.config.model import MainConfig, ServerConfig
 from pgcorral.protocol.scram import tls_server_end_point
@@ -69,7 +71,29 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
         return exc.strerror
     reason = getattr(exc, "reason", None)
-    return str(reason or exc).lower().replace("_", " ")
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    # "[SSL] PEM lib (_ssl.c:3926)": neither the library tag nor CPython's source line
+    return _SSL_NOISE.sub("", str(exc)).lower() or type(exc).__name__
+
+
+#: The library tag and CPython's source position around an ssl.SSLError's text.
+_SSL_NOISE = re.compile(r"^\[\w+\]\s*|\s*\(_ssl\.c:\d+\)$")
+
+
+def _key_problem(path: str) -> str | None:
+    """Why the private key in ``path`` does not load, None when it loads (then the problem
+    was elsewhere, in the certificate chain). OpenSSL's own error says only "PEM lib"."""
+    try:
+        with open(path, "rb") as handle:
+            load_pem_private_key(handle.read(), password=None)
+    except OSError as exc:
+        return f"cannot read: {_reason(exc)}"
+    except TypeError:
+        return "the private key is encrypted (a passphrase is not supported)"
+    except (ValueError, UnsupportedAlgorithm):
+        return "no PEM private key in the file"
+    return None
 
 
 def _first_certificate(key: str, path: str) -> x509.Certificate:
@@ -97,8 +121,11 @@ def _load_chain(context: ssl.SSLContext, cert_key: str, cert: str, key_key: str,
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise TlsFileError(key_key, key, f'does not match the certificate in "{cert}"'
                                ) from None
-        raise TlsFileError(key_key, key, f"cannot load the private key: {_reason(exc)}"
-                           ) from None
+        problem = _key_problem(key)
+        if problem is None:  # the key is fine: the rest of the chain is not
+            raise TlsFileError(cert_key, cert, f"cannot load the certificate chain: "
+                               f"{_reason(exc)}") from None
+        raise TlsFileError(key_key, key, problem) from None
     return certificate
 
 
