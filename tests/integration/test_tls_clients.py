@@ -929,10 +929,6 @@ def test_channel_binding_follows_a_reloaded_certificate(pgcorral: DaemonFactory,
         before.close()
 
 
-@pytest.mark.xfail(strict=True, reason="config.load checks the TLS files at a reload too, so "
-                   "a broken key refuses the whole reload ('reload failed, keeping the running "
-                   "configuration') and net.context's 'keeping the TLS settings in use' path is "
-                   "never reached: the hba change is not applied")
 def test_reload_with_a_broken_key_applies_the_rest(pgcorral: DaemonFactory, pki: Pki,
                                                    tmp_path: Path) -> None:  # fmt: skip
     d, _, key = _reloadable(pgcorral, pki, tmp_path)

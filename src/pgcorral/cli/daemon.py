@@ -89,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_path, hba_path, limits_path = _locate(args)
 
-    def load() -> tuple[Config, Secrets]:
-        config = load_config(config_path, hba_path, limits_path)
+    def load(check_tls: bool = True) -> tuple[Config, Secrets]:
+        config = load_config(config_path, hba_path, limits_path, check_tls=check_tls)
         return config, load_secrets(args.users, args.frontend, args.admins, args.superuser)
+
+    def reload() -> tuple[Config, Secrets]:
+        # a TLS file that does not load keeps the TLS settings in use and the rest of the
+        # reload applies (net.context logs it); at startup it is a configuration error
+        return load(check_tls=False)
 
     try:
         config, secrets = load()
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pgcorral.main").warning("%s", line)
 
     try:
-        return run(config, secrets, load)
+        return run(config, secrets, reload)
     except OSError as exc:
         logging.getLogger("pgcorral.main").critical("cannot start: %s", exc)
         print(f"pgcorral: cannot start: {exc}", file=sys.stderr)

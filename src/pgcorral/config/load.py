@@ -58,8 +58,10 @@ def _check_tls(path: str, text: str, main: MainConfig, servers: list[ServerConfi
 
 
 def load_config(config_path: str, hba_path: str | None = None,
-                limits_path: str | None = None) -> Config:
-    """Read and check every file; raise ConfigError listing every problem found."""
+                limits_path: str | None = None, *, check_tls: bool = True) -> Config:
+    """Read and check every file; raise ConfigError listing every problem found.
+    ``check_tls``: the TLS files must load too (at startup; a reload keeps the TLS contexts
+    in use instead, see net.context)."""
     problems: list[str] = []
     warnings: list[str] = []
     main: MainConfig | None = None
@@ -67,7 +69,7 @@ def load_config(config_path: str, hba_path: str | None = None,
     text = read_text(config_path, problems)
     if text is not None:
         main, servers = parse_main_config(config_path, text, problems, warnings)
-        if main is not None and not problems:
+        if main is not None and not problems and check_tls:
             _check_tls(config_path, text, main, servers, problems)
     hba: list[HbaRule] = []
     if hba_path is not None:
