@@ -446,6 +446,7 @@ class ClientConnection(Endpoint):
         if self._phase == _DONE:
             return
         self._phase = _DONE
+        self._task = None  # no cycle client -> task -> coroutine -> client after the end
         self._stop_timer()
         ctx = self.ctx
         ctx.clients.discard(self)

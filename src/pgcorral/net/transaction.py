@@ -176,9 +176,6 @@ class TransactionClient(ClientConnection):
         self.named_parse = False  # a named Parse went through unmapped in this transaction
         #: ``server`` with its type (the hot path reads it without a cast)
         self.linked: TxServerConnection | None = None
-        # the pool's callbacks, bound once (not a new bound method per wait)
-        self._on_granted = self._granted_tx
-        self._on_expired = self._wait_expired
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -246,7 +243,10 @@ class TransactionClient(ClientConnection):
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
         self._acquiring = True
-        result = ctx.pool.request(self.key, timeout, self._on_granted, self._on_expired)
+        # bound methods made per wait (rare: no idle connection), not kept on self: that
+        # made every client a reference cycle, freed only by the cyclic collector (with the
+        # OpenSSL memory of a TLS client, which it does not count)
+        result = ctx.pool.request(self.key, timeout, self._granted_tx, self._wait_expired)
         if isinstance(result, Grant):
             self._use_grant(result)
             return
