@@ -84,7 +84,8 @@ wheel: venv
 # The fallback: built where no C compiler works (CC=false), pgcorral installs as pure Python,
 # says so, and passes a smoke run of the suite.
 SMOKE_TESTS := tests/unit tests/integration/test_session_pooling.py \
-               tests/integration/test_transaction.py tests/integration/test_daemon.py
+               tests/integration/test_transaction.py tests/integration/test_daemon.py \
+               tests/integration/test_tls_clients.py
 smoke-pure: venv
 	rm -rf build/pure build/pure-src && mkdir -p build/pure-src
 	tar -c --exclude=./build --exclude=./dist --exclude=./.venv --exclude=./.git \
