@@ -55,7 +55,10 @@ def detach(ctx: Context, key: tuple[str, str],
     server: ServerConnection = slot.conn
     sock = server.transport.get_extra_info("socket")
     if sock is None or server.closed or server.status != codes.TX_IDLE:
-        ctx.release_server(server, clean=not server.closed)
+        # a TLS connection (no socket to pass: its keys live here, e.g. after switch-to from
+        # a TLS server) is closed, not kept: kept, it would be offered again and again, and
+        # closed it frees the capacity the other worker waits for
+        ctx.release_server(server, clean=not server.closed and not server.tls)
         return None
     fd = os.dup(sock.fileno())
     state = {name: getattr(server, name) for name in STATE}
