@@ -745,12 +745,23 @@ def test_stalled_handshake_times_out(pgcorral: DaemonFactory, pki: Pki, sent: st
                                               ("client_expired", "certificate expired")])
 def test_bad_client_certificate_is_refused_at_the_handshake(
         pgcorral: DaemonFactory, pki: Pki, which: str, error: str) -> None:
-    d = pgcorral(tls_conf(pki), hba="hostssl all all all trust\n")
+    # a line that uses certificates: pgcorral asks every TLS client for one (as PostgreSQL
+    # with ssl_ca_file) and checks what it gets during the handshake
+    d = pgcorral(tls_conf(pki), hba="hostssl all alice all trust clientcert=verify-full\n"
+                                    "hostssl all all all trust\n")
     client: CertFiles = getattr(pki, which)
     with pytest.raises(psycopg.OperationalError, match=error):
         one(tls_dsn(d, pki, client))
     d.wait_for_log("TLS handshake with client 127.0.0.1 failed")
     assert one(tls_dsn(d, pki)) == "trustuser"
+
+
+def test_no_certificate_is_asked_for_without_a_line_using_one(
+        pgcorral: DaemonFactory, pki: Pki) -> None:
+    """tls_ca_file set but no hba line with cert or clientcert=: no CertificateRequest (it costs
+    a third more CPU per handshake), so even a certificate from another CA is not looked at."""
+    d = pgcorral(tls_conf(pki), hba="hostssl all all all trust\n")
+    assert one(tls_dsn(d, pki, pki.client_wrong_ca)) == "trustuser"  # asked, it would fail
 
 
 @pytest.mark.parametrize("direct", [False, True])

@@ -130,7 +130,7 @@ class Context:
         every worker reads the same files); at startup the configuration check
         (``config.load``) already refused it, so this raises."""
         try:
-            client = tls.client_side(config.main)
+            client = tls.client_side(config.main, any(rule.clientcert for rule in config.hba))
         except tls.TlsFileError as exc:
             if startup:
                 raise
