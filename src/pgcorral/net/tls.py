@@ -88,7 +88,7 @@ class TlsLink(asyncio.Protocol):
         on_ready, self._on_ready, self._on_failed = self._on_ready, None, None
         if on_ready is not None:
             on_ready(self)
-        if not self.closed:
+        if not self.closed and self._in.pending:
             self._read()  # application data that came with the last handshake flight
 
     def _fail(self, exc: Exception) -> None:
