@@ -117,8 +117,9 @@ class TlsLink(asyncio.Protocol):
         incoming = self._in
         try:
             data = read(READ_SIZE)
-            # more records came (or more of this one is decrypted): one chunk for the Endpoint
-            if data and (incoming.pending or sslobj.pending()):
+            # more records came (or, the buffer full, more of this one is decrypted): one
+            # chunk for the Endpoint
+            if data and (incoming.pending or (len(data) == READ_SIZE and sslobj.pending())):
                 parts = [data]
                 while incoming.pending or sslobj.pending():
                     try:
@@ -182,9 +183,10 @@ class TlsLink(asyncio.Protocol):
         if self.closed or obj is None:
             return
         # one call: OpenSSL writes the whole buffer into a memory BIO (no partial writes;
-        # a memoryview slicing loop here also misbehaved when compiled with mypyc)
+        # a memoryview slicing loop here also misbehaved when compiled with mypyc); records
+        # always come out of it
         obj.write(data)
-        self._flush()
+        self.raw.write(self._out.read())
 
     def can_write_eof(self) -> bool:
         return False  # a TLS stream ends with close_notify, not a half-close
