@@ -453,7 +453,10 @@ def test_graceful_shutdown_with_tls_clients(pgcorral: DaemonFactory, pki: Pki,
             assert time.monotonic() < deadline, "the busy client's transaction did not start"
             time.sleep(0.02)
         d.signal(signal.SIGTERM)
-        d.wait_for_log("graceful shutdown")
+        # every worker has begun (with two, the supervisor's own "graceful shutdown of 2
+        # worker(s)" line comes first, before the workers have told their clients)
+        wait_for_count(d, "graceful shutdown: waiting for",
+                       int(os.environ.get("PGCORRAL_TEST_WORKERS", "1")))
         with pytest.raises(psycopg.OperationalError, match="administrator command"):
             idle.execute("SELECT 1")
         assert busy.execute("SELECT 2").fetchone() == (2,)
