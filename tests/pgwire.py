@@ -49,20 +49,25 @@ def error_fields(body: bytes) -> dict[str, str]:
     return fields
 
 
+def login(sock: socket.socket, params: dict[str, str]) -> dict[str, str] | None:
+    """Send a StartupMessage on ``sock`` (plain or TLS); the fields of the ErrorResponse
+    received before ReadyForQuery, or None if the login succeeded."""
+    sock.sendall(startup_packet(params))
+    while True:
+        message = read_message(sock)
+        if message is None:
+            raise ConnectionError("connection closed without an error or ReadyForQuery")
+        type_, body = message
+        if type_ == b"E":
+            return error_fields(body)
+        if type_ == b"Z":
+            return None
+        if type_ == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+            raise AssertionError("the server asked for a password")
+
+
 def connect_error(host: str, port: int, params: dict[str, str],
                   timeout: float = 30.0) -> dict[str, str] | None:
-    """Send a startup packet; the fields of the ErrorResponse received before ReadyForQuery,
-    or None if the login succeeded."""
+    """``login`` on a new plain connection."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(startup_packet(params))
-        while True:
-            message = read_message(sock)
-            if message is None:
-                raise ConnectionError("connection closed without an error or ReadyForQuery")
-            type_, body = message
-            if type_ == b"E":
-                return error_fields(body)
-            if type_ == b"Z":
-                return None
-            if type_ == b"R" and struct.unpack("!i", body[:4])[0] != 0:
-                raise AssertionError("the server asked for a password")
+        return login(sock, params)

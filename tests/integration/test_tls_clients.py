@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tests.conftest import PGCORRAL_PATH
 from tests.pgwire import connect_error, error_fields, read_message, startup_packet
-
-from pgcorral.security.vault import MasterKey, Vault
+from tests.pgwire import login as pgwire_login
+from tests.vaultfiles import write_vault as _vault
 
 if TYPE_CHECKING:
     from devtools.certs import CertFiles, Pki
@@ -113,19 +113,8 @@ def tls_socket(d: Daemon, pki: Pki, *, client: CertFiles | None = None, direct: 
 
 
 def login(sock: socket.socket, params: dict[str, str] = USER) -> dict[str, str] | None:
-    """Send a StartupMessage; the ErrorResponse's fields, or None at ReadyForQuery."""
-    sock.sendall(startup_packet(params))
-    while True:
-        message = read_message(sock)
-        if message is None:
-            raise ConnectionError("closed without an error or ReadyForQuery")
-        type_, body = message
-        if type_ == b"E":
-            return error_fields(body)
-        if type_ == b"Z":
-            return None
-        if type_ == b"R" and struct.unpack("!i", body[:4])[0] != 0:
-            raise AssertionError("pgcorral asked for a password")
+    """pgwire.login, as USER by default."""
+    return pgwire_login(sock, params)
 
 
 def simple_query(sock: socket.socket, sql: str) -> list[bytes]:
@@ -496,17 +485,6 @@ def test_both_legs_over_tls(pgcorral: DaemonFactory, pki: Pki, ssl_pg: PgCluster
 
 
 # ---------------------------------------------------------------- 4: SCRAM-SHA-256-PLUS
-
-
-def _vault(tmp: Path, entries: dict[str, str]) -> tuple[str, dict[str, str]]:
-    key = tmp / "key" / "master.key"
-    master = MasterKey.create("Str0ng!Passphrase", str(key), iterations=1000)
-    vault = Vault(master)
-    for user, password in entries.items():
-        vault.set(user, password)
-    path = tmp / "users.conf"
-    vault.save(str(path))
-    return str(path), {"PGCORRAL_MASTER_KEY_FILE": str(key)}
 
 
 @pytest.mark.parametrize("pipeline", ["session", "transaction"])

@@ -31,9 +31,9 @@ from devtools.pgcluster import PgCluster, find_free_port
 from tests.conftest import PGCORRAL_PATH, wait_reset
 from tests.pgwire import connect_error
 from tests.tlsfixtures import TEST_DB, start_ssl_cluster
+from tests.vaultfiles import write_vault as _vault
 
 from pgcorral.protocol.messages import error_response
-from pgcorral.security.vault import MasterKey, Vault
 
 if TYPE_CHECKING:
     from tests.conftest import Daemon, DaemonFactory
@@ -76,19 +76,6 @@ def _wait_for(what: str, check: Callable[[], bool], timeout: float = 15.0) -> No
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def _vault(tmp: Path, entries: dict[str, str], name: str) -> tuple[str, dict[str, str]]:
-    """A vault file of ``entries`` under one master key in ``tmp``; (path, daemon env)."""
-    key = tmp / "key" / "master.key"
-    master = (MasterKey.load(str(key)) if key.exists()
-              else MasterKey.create("Str0ng!Passphrase", str(key), iterations=1000))
-    vault = Vault(master)
-    for user, password in entries.items():
-        vault.set(user, password)
-    path = tmp / name
-    vault.save(str(path))
-    return str(path), {"PGCORRAL_MASTER_KEY_FILE": str(key)}
 
 
 class _Tap:

@@ -19,8 +19,7 @@ import psycopg
 import pytest
 from tests.conftest import wait_reset
 from tests.pgwire import read_message, startup_packet
-
-from pgcorral.security.vault import MasterKey, Vault
+from tests.vaultfiles import write_vault as _vault
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
@@ -32,18 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 ROLES = {"md5user": "md5pass", "scramuser": "scrampass", "pwuser": "pwpass",
          "trustuser": "anything"}
 FRONTEND = {"scramuser": "front-door"}  # a client password that differs from the backend one
-
-
-def _vault(tmp: Path, entries: dict[str, str], name: str) -> tuple[str, dict[str, str]]:
-    key = tmp / "key" / "master.key"
-    master = (MasterKey.load(str(key)) if key.exists()
-              else MasterKey.create("Str0ng!Passphrase", str(key), iterations=1000))
-    vault = Vault(master)
-    for user, password in entries.items():
-        vault.set(user, password)
-    path = tmp / name
-    vault.save(str(path))
-    return str(path), {"PGCORRAL_MASTER_KEY_FILE": str(key)}
 
 
 def _daemon(pgcorral: DaemonFactory, tmp_path: Path, method: str, **conf: str) -> Daemon:

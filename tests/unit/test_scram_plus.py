@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.unit.test_scram import frames, only_body
 
 from pgcorral.errors import (
     AuthenticationError,
@@ -136,22 +137,6 @@ def test_tls_server_end_point_refuses_what_is_not_a_certificate() -> None:
 CERT = make_cert("rsa-sha256")
 BINDING = tls_server_end_point(CERT)
 OTHER_BINDING = tls_server_end_point(make_cert("ecdsa-sha384"))  # a man in the middle's
-
-
-def frames(wire: bytes) -> list[tuple[bytes, bytes]]:
-    out, pos = [], 0
-    while pos < len(wire):
-        type_, length = struct.unpack_from("!cI", wire, pos)
-        out.append((type_, wire[pos + 5:pos + 1 + length]))
-        pos += 1 + length
-    assert pos == len(wire)
-    return out
-
-
-def only_body(wire: bytes) -> bytes:
-    [(type_, body)] = frames(wire)
-    assert type_ == b"R"
-    return body
 
 
 def initial_body(data: bytes | None, mechanism: str = SCRAM_SHA_256_PLUS) -> bytes:

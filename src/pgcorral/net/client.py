@@ -123,7 +123,6 @@ class ClientConnection(Endpoint):
         self.tls: ssl.SSLObject | None = None  # set once a TLS handshake finished
         self._direct_tls = False  # the handshake began without an SSLRequest
         self._client_tls: ClientSideTls | None = None  # the contexts the handshake used
-        self.cbind: bytes | None = None  # tls-server-end-point data: SCRAM-SHA-256-PLUS
         self._phase = _STARTUP
         self._held = b""  # sent with the next write (``hold``)
         self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
@@ -294,6 +293,13 @@ class ClientConnection(Endpoint):
 
     # --- TLS -------------------------------------------------------------------------------
 
+    @property
+    def cbind(self) -> bytes | None:
+        """tls-server-end-point data of the certificate this client's handshake used
+        (SCRAM-SHA-256-PLUS); None for a plain client."""
+        tls = self._client_tls
+        return tls.cbind if tls is not None else None
+
     def _start_tls(self, received: bytes, direct: bool) -> None:
         """The TLS handshake, under ``authentication_timeout`` like the rest of the startup;
         its plaintext then comes to ``data_received`` as before."""
@@ -307,8 +313,6 @@ class ClientConnection(Endpoint):
 
     def _tls_ready(self, link: TlsLink) -> None:
         self.tls = link.ssl
-        if self._client_tls is not None:
-            self.cbind = self._client_tls.cbind
         if self._direct_tls and link.ssl.selected_alpn_protocol() != ALPN:
             # PostgreSQL 17 refuses direct TLS without ALPN (no cross-protocol confusion)
             self._fail(ClientProtocolError("received direct SSL connection request without "
