@@ -154,6 +154,12 @@ class Config:
                 return server
         return self.servers[0]
 
+    def server_named(self, name: str) -> ServerConfig | None:
+        for server in self.servers:
+            if server.name == name:
+                return server
+        return None
+
     def real_database(self, name: str) -> str:
         """The real database name for ``name``: an alias is resolved, any other name unchanged."""
         for rule in self.limits:

@@ -74,7 +74,7 @@ class ManagementClient:
         try:
             self._sock.sendall(protocol.encode(request))
             header = self._read(protocol.HEADER.size)
-            return protocol.decode(self._read(protocol.frame_length(header)))
+            return protocol.decode(self._read(protocol.frame_length(header, protocol.MAX_ANSWER)))
         except protocol.FrameError as exc:
             raise ManagementError(f"bad answer from pgcorral: {exc}") from None
         except TimeoutError:

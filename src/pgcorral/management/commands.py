@@ -86,6 +86,12 @@ async def status(c: Controller, args: list[str]) -> Fields:
     return dict(await c.call("details"))
 
 
+async def stats(c: Controller, args: list[str]) -> Fields:
+    """Everything the views show (``net.control.stats``, all workers added up)."""
+    _max_args(args, 0, "stats")
+    return dict(await c.call("stats"))
+
+
 async def flush(c: Controller, args: list[str]) -> Fields:
     _max_args(args, 2, "flush [gracefully|idle|all] [database]")
     mode = "gracefully"
@@ -229,6 +235,7 @@ async def _conf_set(c: Controller, name: str, text: str) -> Fields:
 HANDLERS: dict[str, Handler] = {
     "ping": ping,
     "status": status,
+    "stats": stats,
     "flush": flush,
     "enable": _toggle(True),
     "disable": _toggle(False),

@@ -19,12 +19,14 @@ import struct
 from typing import Any
 
 HEADER = struct.Struct("!I")
-#: Largest frame either side accepts.
+#: Largest request the daemon accepts (it reads requests before authentication).
 MAX_FRAME = 1 << 20
+#: Largest answer: ``stats`` lists every client (about 500 bytes each; 10,000 clients ~ 5 MiB).
+MAX_ANSWER = 256 << 20
 
 #: Every command the daemon knows (first word), pgagroal's current names.
-COMMANDS = ("ping", "status", "flush", "enable", "disable", "shutdown", "switch-to", "clear",
-            "conf")
+COMMANDS = ("ping", "status", "stats", "flush", "enable", "disable", "shutdown", "switch-to",
+            "clear", "conf")
 #: pgagroal 0.5.0 / 1.6 names: alias -> (command, arguments put before the user's).
 ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "is-alive": ("ping", ()),
@@ -57,15 +59,16 @@ def resolve(command: str, args: list[str]) -> tuple[str, list[str]]:
 
 def encode(obj: dict[str, Any]) -> bytes:
     payload = json.dumps(obj, separators=(",", ":")).encode()
-    if len(payload) > MAX_FRAME:
-        raise FrameError(f"frame of {len(payload)} bytes is over {MAX_FRAME}")
+    limit = MAX_ANSWER if "outcome" in obj else MAX_FRAME
+    if len(payload) > limit:
+        raise FrameError(f"frame of {len(payload)} bytes is over {limit}")
     return HEADER.pack(len(payload)) + payload
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, limit: int = MAX_FRAME) -> int:
     (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise FrameError(f"frame of {length} bytes is over {MAX_FRAME}")
+    if length > limit:
+        raise FrameError(f"frame of {length} bytes is over {limit}")
     return int(length)
 
 

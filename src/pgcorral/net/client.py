@@ -23,6 +23,7 @@ Every PgCorralError that ends a client becomes one ErrorResponse here (``_fail``
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
 import struct
@@ -51,6 +52,7 @@ from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
 from pgcorral.pipelines.settings import plan as settings_plan
 from pgcorral.pool.pool import Grant, Slot, Waiter
+from pgcorral.pool.stats import PoolStats, Tally
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.auth_md5 import MAX_AUTH_TOKEN_LENGTH, auth_message_length_error
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgcorral.client")
 _header_unpack_from = struct.Struct("!BI").unpack_from
+_client_ids = itertools.count(1)  # client ids, unique in a worker (views add the worker)
 
 #: Bound of the per-worker cache of hba decisions (cleared on reload and when full).
 HBA_CACHE_LIMIT = 4096
@@ -131,6 +134,16 @@ class ClientConnection(Endpoint):
         self._ended: asyncio.Future[str] | None = None
         self._grant: asyncio.Future[Grant] | None = None
         self._task: asyncio.Task[None] | None = None
+        # --- counters (pool.stats; read by control.stats, folded into the pool at the end)
+        self.id = next(_client_ids)
+        self.port = 0
+        self.connect_time = 0.0  # epoch seconds
+        self.tally = Tally()
+        self.pstats: PoolStats | None = None  # the pool's counters, once logged in
+        self.request_us = 0  # monotonic microseconds: the latest request began
+        self.xact_us = 0  # the current transaction began
+        self.wait_since_us = 0  # waiting for a server connection since; 0: not waiting
+        self.hold_since_us = 0  # holding a server connection since; 0: not holding
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -141,12 +154,14 @@ class ClientConnection(Endpoint):
         main = ctx.config.main
         if self.conn_type == "host":
             peer = transport.get_extra_info("peername")  # uvloop got it at accept
-            self.address = peer[0] if peer else None
+            if peer:
+                self.address, self.port = peer[0], peer[1]
             if not main.nodelay:  # uvloop and asyncio set TCP_NODELAY
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         ctx.clients.add(self)
+        self.connect_time = time.time()
         if main.authentication_timeout > 0:
             self._timer = self.loop.call_later(main.authentication_timeout,
                                                self._startup_timed_out)
@@ -454,6 +469,7 @@ class ClientConnection(Endpoint):
         self._stop_timer()
         ctx = self.ctx
         ctx.clients.discard(self)
+        ctx.retire(self)
         if self._held:
             self.write(b"")
         self.close()

@@ -27,6 +27,7 @@ from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
 from pgcorral.pool.pool import Pool, Slot
+from pgcorral.pool.stats import GroupStats, PoolStats, group_key
 from pgcorral.protocol.statements import StatementRegistry
 from pgcorral.security import tls
 from pgcorral.security.secrets import Secrets
@@ -80,6 +81,9 @@ class Context:
         self.failed_servers: set[str] = set()
         self.switched_to: str | None = None  # switch-to: the server new connections go to
         self.started_at = time.time()
+        #: counters per (real database, user) and per client group (pool.stats)
+        self.stats: dict[tuple[str, str], PoolStats] = {}
+        self.groups: dict[tuple[str, str, str], GroupStats] = {}
         # transaction pipeline: pooler names of prepared statements, shared by all clients
         self.registry = StatementRegistry()
         # transaction pipeline: what the last login of each (database, user) showed
@@ -104,6 +108,28 @@ class Context:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
+
+    def pool_stats(self, key: tuple[str, str]) -> PoolStats:
+        """The counters of the (real database, user) pool ``key``, made on first use."""
+        stats = self.stats.get(key)
+        if stats is None:
+            stats = self.stats[key] = PoolStats()
+        return stats
+
+    def retire(self, client: ClientConnection) -> None:
+        """A client left: its counters join its pool's and its group's."""
+        pstats = client.pstats
+        if pstats is None:
+            return
+        pstats.retired.add(client.tally)
+        groups = self.groups
+        key = group_key(groups, (client.address or "[local]",
+                                 client.settings.get("application_name", ""), client.user))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = GroupStats()
+        group.clients += 1
+        group.tally.add(client.tally)
 
     @property
     def server(self) -> ServerConfig:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgcorral.config import Config
 from pgcorral.pool.pool import ACTIVE, IDLE, OPENING
+from pgcorral.pool.stats import BUCKETS_US, PoolStats, Tally
 
 if TYPE_CHECKING:
     from pgcorral.net.context import Context
@@ -63,6 +64,146 @@ def details(ctx: Context) -> dict[str, Any]:
                 for c in ctx.clients]
     sessions.sort(key=lambda c: (str(c["database"]), str(c["user"]), str(c["address"])))
     return {**status(ctx), "connections": connections, "sessions": sessions}
+
+
+def _now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+def _client_state(client: Any) -> str:
+    if client.wait_since_us:
+        return "waiting"
+    if client.server is not None:
+        return "active"
+    return "idle" if client.pstats is not None else "login"
+
+
+def _server_state(slot: Any) -> str:
+    if slot.state == OPENING:
+        return "login"
+    if slot.state == IDLE:
+        return "idle"
+    conn = slot.conn
+    return "active" if conn is not None and conn.peer is not None else "tested"
+
+
+def stats(ctx: Context) -> dict[str, Any]:
+    """Everything the views show, for this worker: pools with their state counts, totals and
+    histograms; every client and server connection with its counters; client groups. Plain
+    data (it crosses processes); ``supervisor.multi.merge_stats`` adds workers up. Times:
+    ``*_time`` epoch seconds, ``*_us`` microseconds."""
+    now_us, now = _now_us(), time.time()
+    pipeline = ctx.config.main.pipeline
+    pools: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def pool_entry(key: tuple[str, str]) -> dict[str, Any]:
+        entry = pools.get(key)
+        if entry is None:
+            rule = ctx.pool.rule_for(key)
+            entry = pools[key] = {
+                "database": key[0], "user": key[1], "pool_mode": pipeline,
+                "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
+                "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
+                "maxwait_us": 0,
+                "pool_size": rule.max_size if rule is not None and rule.max_size > 0
+                else ctx.pool.max_connections,
+                "min_pool_size": rule.min_size if rule is not None else 0,
+                "_tally": Tally()}
+        return entry
+
+    for key, pstats in ctx.stats.items():
+        entry = pool_entry(key)
+        entry["_tally"].add(pstats.retired)
+    clients = []
+    for client in ctx.clients:
+        state = _client_state(client)
+        tally: Tally = client.tally
+        key = client.server.slot.key if client.server is not None else (
+            ctx.config.real_database(client.database), client.user)
+        if client.pstats is not None or state == "waiting":
+            entry = pool_entry(key)
+            entry["cl_" + state] += 1
+            entry["_tally"].add(tally)
+        hold = tally.hold_us + (now_us - client.hold_since_us if client.hold_since_us else 0)
+        wait = tally.wait_us + (now_us - client.wait_since_us if client.wait_since_us else 0)
+        clients.append({
+            "id": client.id, "worker": ctx.worker, "database": client.database,
+            "user": client.user, "address": client.address or "[local]", "port": client.port,
+            "application_name": client.settings.get("application_name", ""),
+            "state": state, "tls": client.tls.version() if client.tls is not None else "",
+            "connect_time": client.connect_time,
+            "request_time": now - (now_us - client.request_us) / 1e6 if client.request_us
+            else client.connect_time,
+            "wait_us": wait, "hold_us": hold,
+            "wait_current_us": now_us - client.wait_since_us if client.wait_since_us else 0,
+            "server_pid": client.server.pid if client.server is not None else 0,
+            "server_id": client.server.slot.id if client.server is not None else 0,
+            **{k: v for k, v in tally.as_dict().items()
+               if k not in ("wait_time_us", "hold_time_us")}})
+    for key, (_count, since) in ctx.pool.waiting_by_key().items():
+        entry = pool_entry(key)
+        entry["maxwait_us"] = max(entry["maxwait_us"], int((time.monotonic() - since) * 1e6))
+    servers = []
+    now_mono = time.monotonic()
+    for slot in sorted(ctx.pool.slots(), key=lambda s: s.id):
+        conn = slot.conn
+        state = _server_state(slot)
+        pool_entry(slot.key)["sv_" + state] += 1
+        section = ctx.config.server_named(conn.server_name) if conn is not None and \
+            conn.server_name else None
+        servers.append({
+            "id": slot.id, "worker": ctx.worker, "database": slot.key[0], "user": slot.key[1],
+            "state": state, "pid": conn.pid if conn is not None else 0,
+            "server": conn.server_name if conn is not None else "",
+            "host": section.host if section is not None else "",
+            "port": section.port if section is not None else 0,
+            "tls": bool(conn.tls) if conn is not None else False,
+            "connect_time": round(now - (now_mono - slot.created_at), 3),
+            "request_time": round(now - (now_mono - slot.last_used), 3),
+            "client_id": conn.client_id if conn is not None else 0,
+            **(conn.tally.as_dict() if conn is not None else Tally().as_dict())})
+    pool_list = []
+    for key in sorted(pools):
+        entry = pools[key]
+        pstats = ctx.stats.get(key) or PoolStats()
+        entry.update(entry.pop("_tally").as_dict())
+        entry["errors"] = dict(pstats.errors)
+        entry["logins"] = dict(pstats.logins)
+        entry["prepared"] = {"hits": pstats.hits, "misses": pstats.misses,
+                             "evictions": pstats.evictions}
+        entry["hist"] = {"wait": list(pstats.hist_wait.counts),
+                         "xact": list(pstats.hist_xact.counts),
+                         "query": list(pstats.hist_query.counts)}
+        entry["hist_sum_us"] = {"wait": pstats.hist_wait.sum_us,
+                                "xact": pstats.hist_xact.sum_us,
+                                "query": pstats.hist_query.sum_us}
+        pool_list.append(entry)
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for gkey, group in ctx.groups.items():
+        groups[gkey] = {"clients": 0, "clients_total": group.clients,
+                        **group.tally.as_dict()}
+    for c in clients:
+        gkey = (str(c["address"]), str(c["application_name"]), str(c["user"]))
+        g = groups.get(gkey)
+        if g is None:
+            g = groups[gkey] = {"clients": 0, "clients_total": 0, **Tally().as_dict()}
+        g["clients"] += 1
+        g["clients_total"] += 1
+        for name in ("xact_count", "query_count", "bytes_received", "bytes_sent",
+                     "xact_time_us", "query_time_us"):
+            g[name] += c[name]
+        g["wait_time_us"] += c["wait_us"]
+        g["hold_time_us"] += c["hold_us"]
+    return {
+        "time": now, "started": ctx.started_at, "status": "graceful shutdown"
+        if ctx.shutting_down else "running", "pipeline": pipeline,
+        "max_connections": ctx.pool.max_connections, "worker": ctx.worker,
+        "pid": os.getpid(), "buckets_us": list(BUCKETS_US), "pools": pool_list,
+        "clients": clients, "servers": servers,
+        "client_groups": [{"address": k[0], "application_name": k[1], "user": k[2], **v}
+                          for k, v in sorted(groups.items())],
+        "counters": dict(ctx.counters), "disabled": sorted(ctx.disabled),
+        "server_sections": status(ctx)["servers"]}
 
 
 def disable(ctx: Context, database: str) -> list[str]:
@@ -134,8 +275,18 @@ def clear_server(ctx: Context, name: str) -> None:
 
 
 def clear_counters(ctx: Context) -> None:
+    """``clear prometheus``: every counter and histogram back to 0, the live clients' and
+    server connections' tallies too (gauges such as pool state counts are not counters)."""
     for name in ctx.counters:
         ctx.counters[name] = 0
+    for pstats in ctx.stats.values():
+        pstats.clear()
+    ctx.groups.clear()
+    for client in ctx.clients:
+        client.tally = Tally()
+    for slot in ctx.pool.slots():
+        if slot.conn is not None:
+            slot.conn.tally = Tally()
 
 
 def replace_main_key(config: Config, name: str, value: object) -> tuple[Config, object]:
@@ -172,6 +323,6 @@ def set_server_key(ctx: Context, server: str, name: str, value: object) -> objec
 
 
 #: What the management layer may call, by name (the supervisor sends these names to workers).
-OPERATIONS = {f.__name__: f for f in (status, details, disable, enable, flush, switch_to,
+OPERATIONS = {f.__name__: f for f in (status, details, stats, disable, enable, flush, switch_to,
                                        clear_server, clear_counters, set_main_key,
                                        set_server_key)}

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from pgcorral.errors import AuthenticationError, ServerError, ServerProtocolError
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines.settings import Pairs, canonical_names
+from pgcorral.pool.stats import Tally
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.framing import MessageReader
@@ -117,6 +119,10 @@ class ServerConnection(Endpoint):
         self.binding_policy = "prefer"  # the server section's channel_binding
         self.tls_generation = 0  # Context.tls_generation when it was opened
         self.server_name = ""  # the server section it is connected to (cancels go there)
+        # counters (pool.stats): what its clients did through it; ``connect_time`` is epoch
+        self.tally = Tally()
+        self.connect_time = time.time()
+        self.client_id = 0  # the linked client's id (views), 0 when none
 
     def data_received(self, data: bytes) -> None:
         client = self.peer

@@ -71,12 +71,13 @@ class Grant:
 class Waiter:
     """A client waiting for a slot. ``notify`` is called once, with the grant."""
 
-    __slots__ = ("deadline", "expire", "key", "notify", "rule_no", "seq")
+    __slots__ = ("deadline", "expire", "key", "notify", "rule_no", "seq", "since")
 
     def __init__(self, key: Key, seq: int, deadline: float | None,
                  notify: Callable[[Grant], None], expire: Callable[[], None] | None = None,
-                 rule_no: int = NO_RULE) -> None:
+                 rule_no: int = NO_RULE, since: float = 0.0) -> None:
         self.key = key
+        self.since = since  # the pool's clock when it began to wait
         self.seq = seq
         self.deadline = deadline
         self.notify = notify
@@ -116,6 +117,11 @@ class Pool:
 
     def slots(self) -> Iterator[Slot]:
         return iter(list(self._slots.values()))
+
+    def waiting_by_key(self) -> dict[Key, tuple[int, float]]:
+        """(clients waiting, when the first of them began to wait) per database/user."""
+        return {key: (len(queue), queue[0].since) for key, queue in self._waiters.items()
+                if queue}
 
     def count(self, state: str) -> int:
         return sum(1 for s in self._slots.values() if s.state == state)
@@ -160,9 +166,10 @@ class Pool:
             grant = self._try_grant(key)
             if grant is not None:
                 return grant
-        deadline = None if timeout is None else self.clock() + timeout
+        now = self.clock()
+        deadline = None if timeout is None else now + timeout
         rule_no = self.rule_number(self.rule_for(key))
-        waiter = Waiter(key, next(self._seq), deadline, notify, expire, rule_no)
+        waiter = Waiter(key, next(self._seq), deadline, notify, expire, rule_no, now)
         self._waiters.setdefault(key, deque()).append(waiter)
         self._waiting += 1
         self.budget.waiting(rule_no, 1)

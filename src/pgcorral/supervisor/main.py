@@ -22,6 +22,7 @@ from typing import Any
 from pgcorral.config import Config
 from pgcorral.errors import ConfigError
 from pgcorral.management.server import ManagementServer
+from pgcorral.management.services import start_http
 from pgcorral.net import control
 from pgcorral.security.secrets import Secrets
 from pgcorral.supervisor.multi import Supervisor
@@ -87,6 +88,7 @@ class Daemon:
         runtime = self.runtime
         await runtime.start()
         await self.management.start()
+        http = await start_http(self)
         for signum, action in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast")):
             loop.add_signal_handler(signum, self.stop, action)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -99,6 +101,8 @@ class Daemon:
         mode = await runtime.run()
         sd_notify("STOPPING=1")
         self.management.close()
+        for service in http:
+            service.close()
         await runtime.shutdown(mode)
         log.info("pgcorral: stopped (%s)", mode)
         return 0

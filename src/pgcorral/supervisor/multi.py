@@ -35,6 +35,7 @@ from typing import Any
 from pgcorral.config import Config
 from pgcorral.errors import ConfigError
 from pgcorral.management.server import ManagementServer
+from pgcorral.management.services import start_http
 from pgcorral.net.control import replace_main_key, replace_server_key
 from pgcorral.security.secrets import Secrets
 from pgcorral.supervisor.channel import Channel, ChannelClosed, send_blocking
@@ -200,6 +201,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._bind()
         await self.management.start()
+        http = await start_http(self)
         await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
         try:
             async with asyncio.timeout(START_TIMEOUT):
@@ -216,6 +218,8 @@ class Supervisor:
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         await self._done
         self.management.close()
+        for service in http:
+            service.close()
         for sock in self._listening():
             sock.close()
         if self.unix_path:
@@ -435,6 +439,14 @@ def merge(operation: str, answers: list[Any], supervisor: Supervisor) -> Any:
     """One answer from the workers' answers to ``operation``."""
     if operation in ("status", "details"):
         return merge_status(answers, supervisor)
+    if operation == "stats":
+        merged = merge_stats(answers)
+        merged["pid"] = os.getpid()
+        merged["counters"]["management_commands"] = \
+            merged["counters"].get("management_commands", 0) + supervisor._commands
+        if supervisor.shutting_down:
+            merged["status"] = "graceful shutdown"
+        return merged
     if operation == "flush":
         out: dict[str, int] = {}
         for answer in answers:
@@ -471,6 +483,72 @@ def merge_status(answers: list[dict[str, Any]], supervisor: Supervisor) -> dict[
     return out
 
 
+#: pool fields that are not summed over workers
+_POOL_SAME = ("database", "user", "pool_mode", "pool_size", "min_pool_size")
+
+
+def _add_into(out: dict[str, Any], item: dict[str, Any]) -> None:
+    """Sum ``item`` into ``out``: numbers added, dicts by key, lists element-wise."""
+    for name, value in item.items():
+        have = out.get(name)
+        if have is None:
+            out[name] = (dict(value) if isinstance(value, dict) else
+                         list(value) if isinstance(value, list) else value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, list):
+                    have[k] = [a + b for a, b in zip(have.get(k, [0] * len(v)), v,
+                                                     strict=True)]
+                else:
+                    have[k] = have.get(k, 0) + v
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = have + value
+
+
+def merge_stats(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole pooler's ``stats`` from the workers': pools and client groups added up,
+    clients and server connections listed together (each row has its ``worker``)."""
+    if not answers:
+        return {"pools": [], "clients": [], "servers": [], "client_groups": [],
+                "counters": {}, "workers": [], "status": "running"}
+    out = {k: v for k, v in answers[0].items() if k not in ("worker", "pid")}
+    pools: dict[tuple[str, str], dict[str, Any]] = {}
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    counters: dict[str, int] = {}
+    for answer in answers:
+        for pool in answer["pools"]:
+            key = (pool["database"], pool["user"])
+            have = pools.get(key)
+            if have is None:
+                pools[key] = {**pool, "errors": dict(pool["errors"]),
+                              "logins": dict(pool["logins"]),
+                              "prepared": dict(pool["prepared"]),
+                              "hist": {k: list(v) for k, v in pool["hist"].items()},
+                              "hist_sum_us": dict(pool["hist_sum_us"])}
+                continue
+            maxwait = max(have["maxwait_us"], pool["maxwait_us"])
+            _add_into(have, {k: v for k, v in pool.items() if k not in _POOL_SAME})
+            have["maxwait_us"] = maxwait
+        for group in answer["client_groups"]:
+            gkey = (group["address"], group["application_name"], group["user"])
+            if gkey not in groups:
+                groups[gkey] = dict(group)
+            else:
+                _add_into(groups[gkey], {k: v for k, v in group.items()
+                                         if k not in ("address", "application_name", "user")})
+        for name, value in answer["counters"].items():
+            counters[name] = counters.get(name, 0) + value
+    out["pools"] = [pools[k] for k in sorted(pools)]
+    out["client_groups"] = [groups[k] for k in sorted(groups)]
+    out["clients"] = [c for a in answers for c in a["clients"]]
+    out["servers"] = [s for a in answers for s in a["servers"]]
+    out["counters"] = counters
+    out["started"] = min(a["started"] for a in answers)
+    out["workers"] = [{"worker": a["worker"], "pid": a["pid"], "clients": len(a["clients"]),
+                       "servers": len(a["servers"])} for a in answers]
+    return out
+
+
 def bind_tcp(host: str, port: int, backlog: int, reuseport: bool) -> list[socket.socket]:
     """Listening sockets for ``host`` (``*``: every address), inheritable by workers."""
     name = None if host in ("*", "") else host
@@ -499,4 +577,4 @@ def bind_tcp(host: str, port: int, backlog: int, reuseport: bool) -> list[socket
     return sockets
 
 
-__all__ = ["Supervisor", "bind_tcp", "merge", "merge_status"]
+__all__ = ["Supervisor", "bind_tcp", "merge", "merge_stats", "merge_status"]
