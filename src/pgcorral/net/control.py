@@ -101,7 +101,8 @@ def stats(ctx: Context) -> dict[str, Any]:
         if entry is None:
             rule = ctx.pool.rule_for(key)
             entry = pools[key] = {
-                "database": key[0], "user": key[1], "pool_mode": pipeline,
+                "database": key[0], "user": key[1],
+                "pool_mode": "transaction" if pipeline == "transaction" else "session",
                 "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
                 "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
                 "maxwait_us": 0,
