@@ -226,6 +226,8 @@ def stats(ctx: Context) -> dict[str, Any]:
                           for k, v in sorted(groups.items())],
         "counters": dict(ctx.counters), "disabled": sorted(ctx.disabled),
         "paused": sorted(ctx.pool.paused),
+        "workers": [{"worker": ctx.worker, "pid": os.getpid(), "clients": len(clients),
+                     "servers": len(servers)}],
         "server_sections": status(ctx)["servers"]}
 
 
@@ -324,6 +326,7 @@ def clear_counters(ctx: Context) -> None:
     for slot in ctx.pool.slots():
         if slot.conn is not None:
             slot.conn.tally = Tally()
+            slot.conn.at_link = Tally()  # a linked client's share so far: 0 too
 
 
 def replace_main_key(config: Config, name: str, value: object) -> tuple[Config, object]:

@@ -551,12 +551,17 @@ class TransactionClient(ClientConnection):
         await self._greet_and_serve(params, extra)
 
     async def _greet_and_serve(self, params: dict[str, str], extra: dict[str, str]) -> None:
-        self.tally.wait_us += self.login_wait_us
         self.cancel_pid, secret = self.ctx.cancels.issue_virtual(self)
         self.params = params
         self.extra = extra
         pipelined = self._greet(b"".join(msg.parameter_status(k, v) for k, v in params.items()),
                                 self.cancel_pid, secret, codes.TX_IDLE)
+        waited = self.login_wait_us
+        if waited:  # the login waited for a server connection (a full pool)
+            tally = self.tally
+            tally.wait_us += waited
+            tally.wait_count += 1
+            self.pstats.hist_wait.observe(waited)
         self.in_session = True
         try:
             if pipelined:
