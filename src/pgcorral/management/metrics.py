@@ -357,10 +357,12 @@ class SnapshotCollector(Collector):
                 / 1e6)
         out.add("pgagroal_query_count", sum(p["query_count"] for p in pools))
         out.add("pgagroal_tx_count", sum(p["xact_count"] for p in pools))
-        app = {(c["worker"], c["id"]): c["application_name"] for c in clients}
+        # the application_name of the client each server connection serves
+        app = {(c["worker"], c["server_id"]): c["application_name"] for c in clients
+               if c["server_id"]}
         for sv in servers:
             slot = (f"{sv['worker']}.{sv['id']}", sv["user"], sv["database"],
-                    app.get((sv["worker"], sv["client_id"]), "") if sv["client_id"] else "")
+                    app.get((sv["worker"], sv["id"]), ""))
             out.add("pgagroal_connection_query_count", sv["query_count"], *slot)
             out.add("pgagroal_connection", 1, *slot, _SLOT_STATE.get(sv["state"], "in_use"))
         out.add("pgagroal_active_connections",
