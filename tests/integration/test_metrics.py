@@ -171,8 +171,8 @@ def test_pgagroal_names_and_labels(pgcorral: DaemonFactory) -> None:
         assert m.value("pgagroal_logging_info") >= 1  # "started", at least
         assert m.value("pgcorral_up") == 1
         assert m.value("pgcorral_server", name="primary", state="primary") == 1
-    poll(lambda: scrape(port).value("pgagroal_connection", **POOL, id=slot.labels["id"],
-                                    application_name="", state="free") == 1,
+    poll(lambda: len(scrape(port).samples("pgagroal_connection", **POOL, id=slot.labels["id"],
+                                          application_name="", state="free")) == 1,
          "the server connection to be free")
     status, headers, body = request(port, "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
@@ -222,7 +222,8 @@ def test_traffic_moves_the_counters_and_histograms(pgcorral: DaemonFactory) -> N
         assert [float(b.labels["le"]) for b in buckets[:-1]] == sorted(
             float(b.labels["le"]) for b in buckets[:-1])
         assert counts[-1] == m.value(name + "_count", **POOL) >= 2, name
-        assert m.value(name + "_sum", **POOL) > 0, name
+        if name != "pgcorral_pool_wait_seconds":  # (a wait for an idle connection may be 0)
+            assert m.value(name + "_sum", **POOL) > 0, name
     assert m.value("pgcorral_pool_query_seconds_count", **POOL) >= 25
 
 
@@ -299,15 +300,22 @@ def test_clear_prometheus_zeroes_counters_not_gauges(pgcorral: DaemonFactory) ->
         assert cli_json(d, "clear", "prometheus")["cleared"] == "prometheus"
         m = scrape(port)
         for name in counters:
-            if name != "pgcorral_management_commands":  # the clear command itself may count
-                assert m.total(name + "_total") == 0, name
+            if name == "pgcorral_management_commands":  # the clear command itself may count
+                continue
+            if name == "pgcorral_client_group_connections":  # counts the live clients too
+                assert m.total(name + "_total") == 1
+                continue
+            if name in ("pgcorral_client_group_hold_time_seconds",
+                        "pgcorral_client_group_wait_time_seconds"):
+                continue  # include the session's hold in progress (net.control.stats)
+            assert m.total(name + "_total") == 0, name
         for name in ("pgagroal_tx_count", "pgagroal_query_count", "pgagroal_network_sent",
                      "pgagroal_auth_user_success", "pgcorral_pool_query_seconds_count",
                      "pgcorral_pool_wait_seconds_count"):
             assert m.total(name) == 0, name
         assert all(s.value == 0 for s in m.samples("pgcorral_pool_query_seconds_bucket"))
-        # gauges stay
-        assert m.value("pgagroal_total_connections") == 1
+        # gauges stay (the first client's connection may still be in its reset, or idle)
+        assert m.value("pgagroal_total_connections") >= 1
         assert m.value("pgagroal_client_active") == 1
         assert m.value("pgcorral_pool_servers", state="active", **POOL) == 1
         conn.execute("select 1")
@@ -316,25 +324,33 @@ def test_clear_prometheus_zeroes_counters_not_gauges(pgcorral: DaemonFactory) ->
 
 def test_cache_serves_one_body_for_max_age(pgcorral: DaemonFactory) -> None:
     age = 2.0
-    d, port = start(pgcorral, {"metrics_cache_max_age": "2s"})
-    for _ in range(5):  # two scrapes well inside the age (a loaded machine may need a retry)
+    _d, port = start(pgcorral, {"metrics_cache_max_age": "2s"})
+
+    def renewed(body: bytes) -> Scrape:
+        """The first body other than ``body`` (polling)."""
+        deadline = time.monotonic() + age + 10
+        while True:
+            scraped = scrape(port)
+            if scraped.body != body:
+                return scraped
+            assert time.monotonic() < deadline, "the cached body was never renewed"
+            time.sleep(0.02)
+
+    def stamp(m: Scrape) -> float:
+        return m.value("pgcorral_snapshot_timestamp_seconds")
+
+    for _ in range(5):  # a second scrape well inside the age of a fresh body
+        fresh = renewed(scrape(port).body)
         t0 = time.monotonic()
-        first = scrape(port).body
-        second = scrape(port).body
+        again = scrape(port)
         if time.monotonic() - t0 < age / 2:
             break
     else:
-        pytest.fail("two scrapes never fitted in half of metrics_cache_max_age")
-    assert first == second
-    queries(d, 1)  # a new body would differ (and the snapshot time always does)
-    while True:
-        third = Scrape(request(port)[2])
-        if third.body != first:
-            break
-        assert time.monotonic() - t0 < age + 10, "the cached body was never renewed"
-    assert time.monotonic() - t0 >= age  # not renewed before its age
-    assert third.value("pgcorral_snapshot_timestamp_seconds") > \
-        Scrape(first).value("pgcorral_snapshot_timestamp_seconds")
+        pytest.fail("no two scrapes fitted in half of metrics_cache_max_age")
+    assert again.body == fresh.body  # the same body, byte for byte
+    later = renewed(fresh.body)  # and a new one once it is old enough, not before
+    assert age - 0.05 <= stamp(later) - stamp(fresh) < age + 10
+    assert time.monotonic() - t0 < age + 10
 
 
 def test_a_body_over_the_max_size_is_not_cached(pgcorral: DaemonFactory) -> None:

@@ -14,7 +14,7 @@ from tests.unit.metricshelpers import complete_stats
 
 from pgcorral.config.model import Config, LimitRule, MainConfig
 from pgcorral.management.metrics import FAMILIES, index_page, render, top_groups
-from pgcorral.pool.stats import BUCKETS_US
+from pgcorral.pool.stats import BUCKETS_US, LOGIN_OUTCOMES
 
 LOGS = {"info": 4, "warn": 3, "error": 2, "fatal": 1}
 
@@ -86,7 +86,7 @@ def test_pgagroal_values_from_the_snapshot(families: dict[str, Any]) -> None:
     assert value(families, "pgagroal_limit_awaiting", user="bob", database="db2") == 2
     assert value(families, "pgagroal_auth_user_success") == 5 * 3 + 5 * 1
     assert value(families, "pgagroal_auth_user_bad_password") == 2
-    assert value(families, "pgagroal_auth_user_error") == 2 * (3 + 2)
+    assert value(families, "pgagroal_auth_user_error") == 4 + 6
     assert value(families, "pgagroal_network_sent") == sum(p["bytes_sent"] for p in s["pools"])
     assert value(families, "pgagroal_connection_flush") == 2
     assert value(families, "pgagroal_logging_warn") == 3
@@ -119,6 +119,20 @@ def test_pgcorral_pool_values(families: dict[str, Any]) -> None:
     assert value(families, "pgcorral_management_commands_total") == 3
     assert value(families, "pgcorral_server", name="standby", state="failed",
                  host="127.0.0.2", port="5432") == 1
+    assert value(families, "pgcorral_logins_total", outcome="refused") == 4
+    assert value(families, "pgcorral_pool_paused", **pool) == 0
+    assert value(families, "pgcorral_pool_paused", database="db2", user="bob") == 1
+
+
+def test_every_counter_of_the_workers_is_shown() -> None:
+    from pgcorral.net.context import COUNTERS
+
+    families = parse(render(complete_stats(), config(), LOGS))
+    for name in COUNTERS:
+        if name.startswith("logins_") and name.removeprefix("logins_") in LOGIN_OUTCOMES:
+            assert value(families, "pgcorral_logins_total", outcome=name[7:]) >= 0
+        else:
+            assert samples(families, f"pgcorral_{name}_total"), name
 
 
 @pytest.mark.parametrize("name,field", [("pgcorral_pool_wait_seconds", "wait"),

@@ -42,6 +42,7 @@ from pgcorral.config import Config, best_limit_rule
 from pgcorral.config.model import MainConfig
 from pgcorral.management.commands import Controller
 from pgcorral.management.http import Request, Response, Route
+from pgcorral.pool.stats import LOGIN_OUTCOMES
 from pgcorral.security.tls import http_side
 
 log = logging.getLogger("pgcorral.metrics")
@@ -141,11 +142,15 @@ FAMILIES: dict[str, Family] = _families(
     ("pgcorral_management_commands_total", "counter", (), "Management commands served."),
     ("pgcorral_server_connections_adopted_total", "counter", (),
      "Server connections handed over from another worker."),
+    ("pgcorral_logins_total", "counter", ("outcome",),
+     "Client logins by outcome (success, bad_password, refused, error), all pools and the "
+     "logins that named no pool."),
     # -- per pool (database, user) -------------------------------------------------------------
     ("pgcorral_pool_clients", "gauge", (*_POOL, "state"),
      "Clients of the pool by state: active, idle, waiting, login."),
     ("pgcorral_pool_servers", "gauge", (*_POOL, "state"),
      "Server connections of the pool by state: active, idle, used, tested, login."),
+    ("pgcorral_pool_paused", "gauge", _POOL, "1 while the pool's database is paused."),
     ("pgcorral_pool_size", "gauge", _POOL,
      "Most server connections the pool may have (limit rule, else max_connections)."),
     ("pgcorral_pool_maxwait_seconds", "gauge", _POOL,
@@ -189,7 +194,7 @@ FAMILIES: dict[str, Family] = _families(
      "Time the group's clients held a server connection."),
 )
 
-#: stats "counters" -> the family that shows each
+#: stats "counters" shown as pgcorral_<name>_total (the logins_* ones: pgcorral_logins_total)
 _GLOBAL_COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
                     "management_commands", "server_connections_adopted")
 _PIPELINE_MODE = {"performance": 0, "session": 1, "auto": 1, "transaction": 2}
@@ -343,6 +348,8 @@ class SnapshotCollector(Collector):
         counters = s.get("counters", {})
         for name in _GLOBAL_COUNTERS:
             out.add(f"pgcorral_{name}_total", counters.get(name, 0))
+        for outcome, n in _logins(s).items():
+            out.add("pgcorral_logins_total", n, outcome)
 
     def _pgagroal(self, out: _Out, s: dict[str, Any]) -> None:
         pools, clients, servers = s["pools"], s["clients"], s["servers"]
@@ -381,8 +388,7 @@ class SnapshotCollector(Collector):
                 out.add("pgagroal_limit", value, p["user"], p["database"], kind)
             out.add("pgagroal_limit_awaiting", p["cl_waiting"], p["user"], p["database"])
         out.add("pgagroal_connection_awaiting", sum(p["cl_waiting"] for p in pools))
-        logins = {k: sum(p["logins"].get(k, 0) for p in pools)
-                  for k in ("success", "bad_password", "refused", "error")}
+        logins = _logins(s)
         out.add("pgagroal_auth_user_success", logins["success"])
         out.add("pgagroal_auth_user_bad_password", logins["bad_password"])
         out.add("pgagroal_auth_user_error", logins["error"] + logins["refused"])
@@ -403,6 +409,7 @@ class SnapshotCollector(Collector):
                 out.add("pgcorral_pool_clients", p["cl_" + state], *key, state)
             for state in _SERVER_STATES:
                 out.add("pgcorral_pool_servers", p["sv_" + state], *key, state)
+            out.add("pgcorral_pool_paused", 1 if p.get("paused") else 0, *key)
             out.add("pgcorral_pool_size", p["pool_size"], *key)
             out.add("pgcorral_pool_maxwait_seconds", p["maxwait_us"] / 1e6, *key)
             for field, name, scale in _POOL_COUNTERS:
@@ -425,6 +432,12 @@ class SnapshotCollector(Collector):
             out.add("pgcorral_client_group_clients", g["clients"], *key)
             for field, name, scale in _GROUP_COUNTERS:
                 out.add(name, g[field] * scale, *key)
+
+
+def _logins(s: dict[str, Any]) -> dict[str, int]:
+    """Logins by outcome: the pooler's counters (they include logins naming no pool)."""
+    counters = s.get("counters", {})
+    return {k: counters.get("logins_" + k, 0) for k in LOGIN_OUTCOMES}
 
 
 def top_groups(groups: Iterable[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
