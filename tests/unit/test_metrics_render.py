@@ -178,6 +178,14 @@ def test_no_snapshot_is_up_zero() -> None:
     assert set(families) == {"pgcorral_up", "pgcorral_build_info", "pgagroal_os_info"}
 
 
+def test_up_is_zero_while_a_worker_does_not_answer() -> None:
+    stats = complete_stats()  # two workers answered
+    assert parse(render(stats, workers=2))["pgcorral_up"].samples[0].value == 1
+    families = parse(render(stats, workers=3))
+    assert families["pgcorral_up"].samples[0].value == 0
+    assert families["pgcorral_workers"].samples[0].value == 2
+
+
 def test_a_graceful_shutdown_and_the_transaction_pipeline() -> None:
     stats = copy.deepcopy(complete_stats())
     stats.update(status="graceful shutdown", pipeline="transaction")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import os
 import platform
 import re
 import ssl
@@ -115,16 +116,20 @@ FAMILIES: dict[str, Family] = _families(
     ("pgagroal_connection_flush", "untyped", (),
      "Server connections closed or marked by flush (counter)."),
     ("pgagroal_os_info", "gauge", ("os", "major", "minor", "patch"), "The kernel, 1."),
-    ("pgagroal_logging_info", "gauge", (), "Log lines at level info since start."),
-    ("pgagroal_logging_warn", "gauge", (), "Log lines at level warning since start."),
-    ("pgagroal_logging_error", "gauge", (), "Log lines at level error since start."),
-    ("pgagroal_logging_fatal", "gauge", (), "Log lines at level fatal since start."),
+    ("pgagroal_logging_info", "gauge", (),
+     "Log lines at level info since the metrics endpoint started."),
+    ("pgagroal_logging_warn", "gauge", (),
+     "Log lines at level warning since the metrics endpoint started."),
+    ("pgagroal_logging_error", "gauge", (),
+     "Log lines at level error since the metrics endpoint started."),
+    ("pgagroal_logging_fatal", "gauge", (),
+     "Log lines at level fatal since the metrics endpoint started."),
     # -- pgcorral's own: the process -----------------------------------------------------------
     ("pgcorral_up", "gauge", (),
      "1 when every worker answered the snapshot behind this scrape, else 0."),
     ("pgcorral_build_info", "gauge", ("version", "build"),
      "1; build is mypyc (compiled hot path), pure or partial."),
-    ("pgcorral_workers", "gauge", (), "Worker processes that answered."),
+    ("pgcorral_workers", "gauge", (), "Worker processes that answered the snapshot."),
     ("pgcorral_start_time_seconds", "gauge", (), "When the pooler started (epoch seconds)."),
     ("pgcorral_snapshot_timestamp_seconds", "gauge", (),
      "When the snapshot behind this body was taken (epoch seconds; older than the scrape by "
@@ -306,18 +311,21 @@ class _Out:
 class SnapshotCollector(Collector):
     """A collector over one ``stats`` snapshot (None: the snapshot could not be taken; then
     only ``pgcorral_up 0`` and the process facts). ``config``: limit rules for
-    ``pgagroal_limit{type="initial"}``, ``metrics_client_groups``."""
+    ``pgagroal_limit{type="initial"}``, ``metrics_client_groups``. ``workers``: how many
+    workers should have answered."""
 
     def __init__(self, stats: dict[str, Any] | None, config: Config | None = None,
-                 log_counts: dict[str, int] | None = None) -> None:
+                 log_counts: dict[str, int] | None = None, workers: int = 0) -> None:
         self.stats = stats
         self.config = config
         self.log_counts = log_counts
+        self.workers = workers  # how many should have answered (0: do not check)
 
     def collect(self) -> Iterator[Metric]:
         out = _Out()
         s = self.stats
-        out.add("pgcorral_up", 1 if s is not None else 0)
+        answered = len(s.get("workers") or [s]) if s is not None else 0
+        out.add("pgcorral_up", 1 if s is not None and answered >= self.workers else 0)
         out.add("pgcorral_build_info", 1, __version__, _build_label())
         out.add("pgagroal_os_info", 1, *_os_info())
         if self.log_counts is not None:
@@ -465,11 +473,16 @@ def top_groups(groups: Iterable[dict[str, Any]], limit: int) -> list[dict[str, A
 
 
 def render(stats: dict[str, Any] | None, config: Config | None = None,
-           log_counts: dict[str, int] | None = None) -> bytes:
+           log_counts: dict[str, int] | None = None, workers: int = 0) -> bytes:
     """The text exposition (format 0.0.4) of one snapshot."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(stats, config, log_counts))
+    registry.register(SnapshotCollector(stats, config, log_counts, workers))
     return generate_latest(registry)
+
+
+def expected_workers(main: MainConfig) -> int:
+    """The workers the pooler runs (as ``supervisor.main.run`` decides)."""
+    return main.workers or len(os.sched_getaffinity(0))
 
 
 class MetricsEndpoint:
@@ -502,13 +515,15 @@ class MetricsEndpoint:
         started = time.monotonic()
         try:
             stats: dict[str, Any] | None = dict(await self.controller.call("stats"))
-        except Exception as exc:  # a worker did not answer: pgcorral_up 0
+        except Exception as exc:  # no snapshot: pgcorral_up 0
             log.warning("metrics: no snapshot: %s", exc or type(exc).__name__)
             stats = None
+        if stats is not None and "pools" not in stats:  # no worker answered
+            stats = None
         config = self.controller.config
-        body = render(stats, config, dict(LOG_COUNTER.counts))
+        body = render(stats, config, dict(LOG_COUNTER.counts), expected_workers(config.main))
         main = config.main
-        if stats is not None and main.metrics_cache_max_age > 0 and \
+        if b"\npgcorral_up 1.0\n" in body and main.metrics_cache_max_age > 0 and \
                 len(body) <= main.metrics_cache_max_size:
             self._body, self._built_at = body, started
         else:
