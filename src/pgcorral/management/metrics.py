@@ -23,6 +23,7 @@ the pooler; it never touches a worker's state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import logging
 import os
@@ -253,6 +254,7 @@ def count_log_lines() -> None:
         logger.addHandler(LOG_COUNTER)
 
 
+@functools.cache
 def _build_label() -> str:
     from pgcorral.build import info
 
