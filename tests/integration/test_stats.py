@@ -215,3 +215,19 @@ def test_server_connection_rows(pgcorral: DaemonFactory) -> None:
     idle = wait_for(lambda: next((s for s in stats(d)["servers"]
                                   if s["pid"] == pid and s["state"] == "idle"), None))
     assert idle["xact_count"] >= 1 and idle["client_id"] == 0
+
+
+def test_connect_errors_per_server_section(pgcorral: DaemonFactory) -> None:
+    """A server that refuses connections: each failed open counts under its section (what
+    pgagroal_server_error shows), and the client's login under error."""
+    from devtools.pgcluster import find_free_port
+
+    d = pgcorral(servers=[("primary", "127.0.0.1", find_free_port())])
+    for _ in range(2):
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(d.dsn(), connect_timeout=10)
+    out = stats(d)
+    assert [(s["name"], s["errors"]) for s in out["server_sections"]] == [("primary", 2)]
+    assert out["counters"]["logins_error"] == 2
+    assert cli(d, "clear", "prometheus").returncode == 0
+    assert stats(d)["server_sections"][0]["errors"] == 0

@@ -159,10 +159,10 @@ KEYS: tuple[Key, ...] = (
         "How long a rendered /metrics response is cached; 0 = no cache."),
     Key("metrics_cache_max_size", "size", 262144, _NOT_LIVE,
         "Largest cached /metrics response, in bytes (at most 1M).", minimum=0, maximum=1048576),
-    Key("metrics_cert_file", "path", "", _LIVE, "Certificate that turns /metrics into HTTPS."),
-    Key("metrics_key_file", "path", "", _LIVE, "Private key for HTTPS metrics."),
-    Key("metrics_ca_file", "path", "", _LIVE, "CA that metrics client certificates are verified "
-        "against."),
+    Key("metrics_cert_file", "path", "", _NOT_LIVE, "Certificate that turns /metrics into HTTPS."),
+    Key("metrics_key_file", "path", "", _NOT_LIVE, "Private key for HTTPS metrics."),
+    Key("metrics_ca_file", "path", "", _NOT_LIVE,
+        "CA that metrics client certificates are verified against."),
     Key("metrics_client_groups", "int", 100, _LIVE, _OURS + "Client groups (address, "
         "application_name, user) /metrics shows one by one: the most transactions first, the "
         "others added up under address `(other)`. Bounds the series of the per-client view.",

@@ -367,7 +367,7 @@ class SnapshotCollector(Collector):
         out.add("pgagroal_pipeline_mode", _PIPELINE_MODE.get(s.get("pipeline", ""), 1))
         sections = s.get("server_sections", [])
         for section in sections:
-            out.add("pgagroal_server_error", 0, section["name"],
+            out.add("pgagroal_server_error", section.get("errors", 0), section["name"],
                     _SECTION_STATE.get(section["state"], section["state"]))
         out.add("pgagroal_failed_servers", sum(x["state"] == "failed" for x in sections))
         out.add("pgagroal_wait_time", max((c["wait_current_us"] for c in clients), default=0)

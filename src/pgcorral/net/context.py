@@ -82,6 +82,8 @@ class Context:
         self.disabled: set[str] = set()  # databases refusing new logins; "*" = all
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.failed_servers: set[str] = set()
+        #: connections to each server section that failed to open (pgagroal_server_error)
+        self.server_errors: dict[str, int] = {}
         self.switched_to: str | None = None  # switch-to: the server new connections go to
         self.started_at = time.time()
         #: counters per (real database, user) and per client group (pool.stats)
@@ -222,9 +224,13 @@ class Context:
 
         server = self.server
         generation = self.tls_generation
-        conn = await dial.connect(server, factory,
-                                  self.config.main.server_connect_timeout or None,
-                                  self.server_tls.get(server.name))
+        try:
+            conn = await dial.connect(server, factory,
+                                      self.config.main.server_connect_timeout or None,
+                                      self.server_tls.get(server.name))
+        except Exception:
+            self.server_errors[server.name] = self.server_errors.get(server.name, 0) + 1
+            raise
         conn.binding_policy = server.channel_binding
         conn.tls_generation = generation
         conn.server_name = server.name

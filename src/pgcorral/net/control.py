@@ -33,7 +33,8 @@ def status(ctx: Context) -> dict[str, Any]:
     current = ctx.server.name
     servers = [{"name": s.name, "host": s.host, "port": s.port,
                 "state": "primary" if s.name == current else
-                "failed" if s.name in ctx.failed_servers else "notinit"}
+                "failed" if s.name in ctx.failed_servers else "notinit",
+                "errors": ctx.server_errors.get(s.name, 0)}
                for s in ctx.config.servers]
     return {
         "status": "graceful shutdown" if ctx.shutting_down else "running",
@@ -318,11 +319,19 @@ def clear_counters(ctx: Context) -> None:
     server connections' tallies too (gauges such as pool state counts are not counters)."""
     for name in ctx.counters:
         ctx.counters[name] = 0
+    ctx.server_errors.clear()
     for pstats in ctx.stats.values():
         pstats.clear()
     ctx.groups.clear()
+    now_us = _now_us()
     for client in ctx.clients:
         client.tally = Tally()
+        # a hold or wait in progress counts from now on
+        if client.hold_since_us:
+            client.hold_since_us = now_us
+        if client.wait_since_us:
+            client.wait_since_us = now_us
+        client.login_wait_us = 0
     for slot in ctx.pool.slots():
         if slot.conn is not None:
             slot.conn.tally = Tally()

@@ -465,6 +465,7 @@ def merge_status(answers: list[dict[str, Any]], supervisor: Supervisor) -> dict[
     out = dict(answers[0])
     for name in _SUMMED:
         out[name] = sum(a[name] for a in answers)
+    out["servers"] = _merge_sections(answers)
     counters: dict[str, int] = {}
     for answer in answers:
         for name, value in answer["counters"].items():
@@ -507,6 +508,16 @@ def _add_into(out: dict[str, Any], item: dict[str, Any]) -> None:
             out[name] = have + value
 
 
+def _merge_sections(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The server sections of the first answer with every worker's connect errors added."""
+    key = "server_sections" if "server_sections" in answers[0] else "servers"
+    sections = [dict(s) for s in answers[0][key]]
+    for section in sections:
+        section["errors"] = sum(next((s.get("errors", 0) for s in a[key]
+                                      if s["name"] == section["name"]), 0) for a in answers)
+    return sections
+
+
 def merge_stats(answers: list[dict[str, Any]]) -> dict[str, Any]:
     """The whole pooler's ``stats`` from the workers': pools and client groups added up,
     clients and server connections listed together (each row has its ``worker``)."""
@@ -540,6 +551,7 @@ def merge_stats(answers: list[dict[str, Any]]) -> dict[str, Any]:
                                          if k not in ("address", "application_name", "user")})
         for name, value in answer["counters"].items():
             counters[name] = counters.get(name, 0) + value
+    out["server_sections"] = _merge_sections(answers)
     out["pools"] = [pools[k] for k in sorted(pools)]
     out["client_groups"] = [groups[k] for k in sorted(groups)]
     out["clients"] = [c for a in answers for c in a["clients"]]
