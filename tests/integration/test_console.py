@@ -123,7 +123,7 @@ def test_api_stats_shape_and_percentiles(daemon: tuple[Daemon, int]) -> None:
         assert mine[0]["state"] in ("idle", "active")
         groups = {(g["address"], g["application_name"], g["user"]): g
                   for g in stats["client_groups"]}
-        assert groups[("127.0.0.1", "console-test", "trustuser")]["xact_count"] == 20
+        assert groups[("127.0.0.1", "console-test", "trustuser")]["xact_count"] >= 20
         assert groups[("127.0.0.1", "watcher", "trustuser")]["clients"] == 1
         assert any(s["database"] == "pgcorral_test" for s in stats["servers"])
 

@@ -43,6 +43,10 @@ class Terminal:
         conf.write_text("set -g remain-on-exit on\nset -g status off\n", encoding="utf-8")
         line = " ".join(shlex.quote(a) for a in
                         ["env", *(f"{k}={v}" for k, v in env.items()), *command])
+        # the shell writes the exit status to a file (tmux 3.3's #{pane_dead_status} stays
+        # empty at times, and output written just before the pane dies can be lost)
+        self.status_file = tmp / "top-exit-status"
+        line = f"{line}; echo $? > {shlex.quote(str(self.status_file))}"
         self.tmux("-f", str(conf), "new-session", "-d", "-s", "top", "-x", "160", "-y", "50",
                   line)
 
@@ -66,10 +70,15 @@ class Terminal:
             assert time.monotonic() < deadline, f"timed out waiting for {what}; screen:\n{text}"
             time.sleep(0.1)
 
-    def dead(self) -> tuple[bool, str]:
-        out = self.tmux("display-message", "-p", "-t", "top", "#{pane_dead} #{pane_dead_status}")
-        flag, _, status = out.strip().partition(" ")
-        return flag == "1", status
+    def exit_status(self, timeout: float = 10.0) -> str:
+        """The program's exit status, once it has exited and the pane is dead."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = self.tmux("display-message", "-p", "-t", "top", "#{pane_dead}").strip()
+            if dead == "1" and self.status_file.exists():
+                return self.status_file.read_text(encoding="utf-8").strip()
+            assert time.monotonic() < deadline, f"the program did not exit:\n{self.screen()}"
+            time.sleep(0.05)
 
     def close(self) -> None:
         assert TMUX is not None
@@ -120,11 +129,7 @@ def watch(d: Daemon, term: Terminal) -> None:
                       f"20 more transactions than {before}")
     print(term.screen())
     term.tmux("send-keys", "-t", "top", "q")
-    deadline = time.monotonic() + 10
-    while not (state := term.dead())[0]:
-        assert time.monotonic() < deadline, "top did not exit on q:\n" + term.screen()
-        time.sleep(0.05)
-    assert state[1] == "0", term.screen()
+    assert term.exit_status() == "0", term.screen()
 
 
 def test_top_locally(pgcorral: DaemonFactory, terminals: list[Terminal],
@@ -180,24 +185,22 @@ def test_top_says_unavailable_and_comes_back(pgcorral: DaemonFactory,
     d.stop()
     term.wait_for(lambda s: s.startswith("unavailable: "), "unavailable")
     term.tmux("send-keys", "-t", "top", "q")
-    deadline = time.monotonic() + 10
-    while not term.dead()[0]:
-        assert time.monotonic() < deadline, "top did not exit on q:\n" + term.screen()
-        time.sleep(0.05)
+    assert term.exit_status() == "0"
 
 
 # --- what Screen computes ----------------------------------------------------------------------
 
 
-def snap(t: float, xacts: int, xact_us: list[int], clients: list[tuple[int, int]]) -> dict[str, Any]:
+def snap(t: float, xacts: int, xact_us: list[int],
+         clients: list[tuple[int, int]]) -> dict[str, Any]:
     hist = [0] * NBUCKETS
     for us in xact_us:
         hist[bucket_index(us)] += 1
     pool = {"database": "db", "user": "u", "pool_mode": "transaction", "cl_active": 1,
             "cl_waiting": 2, "cl_idle": 3, "sv_active": 1, "sv_idle": 4, "sv_used": 1,
             "sv_tested": 1, "sv_login": 1, "maxwait_us": 2500, "xact_count": xacts,
-            "query_count": 2 * xacts, "hist": {"xact": hist, "wait": [xacts] + [0] * (NBUCKETS - 1),
-                                               "query": hist}}
+            "query_count": 2 * xacts,
+            "hist": {"xact": hist, "wait": [xacts] + [0] * (NBUCKETS - 1), "query": hist}}
     rows = [{"worker": 0, "id": i, "address": "127.0.0.1", "port": 5000 + i,
              "application_name": f"app{i}", "user": "u", "database": "db", "state": "idle",
              "xact_count": n, "wait_us": 0, "hold_us": 0, "tls": "", "connect_time": t - 10,

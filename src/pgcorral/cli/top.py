@@ -163,6 +163,8 @@ class Feed:
             raise
         if answer.get("outcome") != "ok":
             raise ManagementError(f"stats: {answer.get('reason', 'failed')}")
+        if "time" not in answer:  # the supervisor before any worker answered
+            raise ManagementError("no worker is running yet")
         return answer
 
     def close(self) -> None:

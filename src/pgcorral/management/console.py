@@ -145,10 +145,13 @@ class Console:
         self._pending = future
         try:
             stats = dict(await self.controller.call("stats"))
+            if "time" not in stats:  # the supervisor before any worker answered
+                raise Unavailable("no worker is running yet")
         except Exception as exc:
-            future.set_exception(Unavailable(str(exc) or type(exc).__name__))
+            reason = str(exc) or type(exc).__name__
+            future.set_exception(Unavailable(reason))
             future.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise Unavailable(str(exc) or type(exc).__name__) from exc
+            raise Unavailable(reason) from exc
         else:
             self._cached = (time.monotonic(), stats)
             future.set_result(stats)
