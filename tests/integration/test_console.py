@@ -59,13 +59,14 @@ def api(port: int, path: str) -> dict[str, Any]:
     return answer
 
 
-def poll(condition: Any, what: str, timeout: float = 20.0) -> Any:
+def poll(condition: Any, what: str, timeout: float = 20.0,
+         more: Any = lambda: "") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {more()}"
         time.sleep(0.1)
 
 
@@ -401,11 +402,15 @@ def test_page_in_chromium(daemon: tuple[Daemon, int], tmp_path: Path) -> None:
         assert "xss" not in dom.ids
         assert any(cells[3][1] == EVIL for _, cells in dom.rows["clients-body"]), \
             dom.rows["clients-body"]
+        # the sampler has a baseline (with workers it starts when they answer), so the
+        # next transactions fall into a sample's interval
+        poll(lambda: api(port, "/api/history")["samples"], "a first sample")
         transactions(d, 25)
         poll(lambda: (p := pool_of(api(port, "/api/stats"))) and p["xact_count"] >= before + 25,
              "25 more transactions")
         poll(lambda: any(p["tps"] > 0 for s in api(port, "/api/history")["samples"]
-                         for p in s["pools"]), "a sample with transactions")
+                         for p in s["pools"]), "a sample with transactions",
+             more=lambda: f"history: {api(port, '/api/history')}\nlog: {d.log()}")
         dom = Dom(chromium(url, "--dump-dom"))
         row = dom.pool_row(POOL)
         assert row is not None and number(row["xacts"]) >= before + 25
