@@ -114,11 +114,12 @@ def test_api_stats_shape_and_percentiles(daemon: tuple[Daemon, int]) -> None:
         for kind in pct.values():
             assert set(kind) == {"p50", "p95", "p99"}
             assert kind["p50"] <= kind["p95"] <= kind["p99"]
-        # 20 of 21 transactions slept 20 ms: their median lies in the 16-32 ms bucket
-        assert 16384 <= pct["xact"]["p50"] <= 32768, pct
+        # 20 of 21 transactions slept 20 ms: their median lies in the 16-32 ms bucket (or,
+        # on a loaded machine, the next one)
+        assert 16384 <= pct["xact"]["p50"] <= 65536, pct
         assert len(pool["hist"]["xact"]) == NBUCKETS
         assert sum(pool["hist"]["xact"]) == pool["xact_count"]
-        assert pool["hist"]["xact"][bucket_index(20_000)] >= 20
+        assert sum(pool["hist"]["xact"][bucket_index(20_000):]) >= 20
         mine = [c for c in stats["clients"] if c["application_name"] == "watcher"]
         assert len(mine) == 1 and mine[0]["user"] == "trustuser"
         assert mine[0]["state"] in ("idle", "active")
@@ -291,6 +292,15 @@ def test_snapshot_is_shared_and_cached() -> None:
         assert controller.calls == 2 and all(g is got[0] for g in got)
         await c.snapshot()
         assert controller.calls == 2  # younger than MAX_AGE
+        # the caller whose call it is gets cancelled: the others hear of it, they do not hang
+        first = asyncio.ensure_future(c.snapshot(max_age=0))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(c.snapshot(max_age=0))
+        await asyncio.sleep(0)
+        first.cancel()
+        with pytest.raises(console.Unavailable):
+            await asyncio.wait_for(second, 5)
+        assert (await c.snapshot(max_age=0))["time"] == 1.0  # and the next call is made
     asyncio.run(go())
 
 

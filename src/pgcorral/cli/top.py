@@ -102,7 +102,8 @@ class Screen:
                                               strict=True)]
                 p95 = percentile(xact, 0.95) if sum(xact) > 0 else None
                 w95 = percentile(wait, 0.95) if sum(wait) > 0 else None
-            rows.append([_cut(p["database"], 24), _cut(p["user"], 20), p["pool_mode"],
+            mode = p["pool_mode"] + ("/paused" if p.get("paused") else "")
+            rows.append([_cut(p["database"], 24), _cut(p["user"], 20), mode,
                          str(p["cl_active"]), str(p["cl_waiting"]), str(p["cl_idle"]),
                          str(p["sv_active"]), str(p["sv_idle"]),
                          str(p["sv_used"] + p["sv_tested"] + p["sv_login"]),

@@ -147,11 +147,13 @@ class Console:
             stats = dict(await self.controller.call("stats"))
             if "time" not in stats:  # the supervisor before any worker answered
                 raise Unavailable("no worker is running yet")
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: whoever shares the call must not hang
             reason = str(exc) or type(exc).__name__
             future.set_exception(Unavailable(reason))
             future.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise Unavailable(reason) from exc
+            if isinstance(exc, Exception):
+                raise Unavailable(reason) from exc
+            raise
         else:
             self._cached = (time.monotonic(), stats)
             future.set_result(stats)
