@@ -308,7 +308,6 @@ def test_cross_key_checks(tmp_path: Path) -> None:
         ":5: failover: failover needs at least two servers",
         ":6: failover_notify_script: needs failover_script",
         ":7: health_check: health_check is on but health_check_user is not set",
-        ":8: console: the console needs metrics to be on",
         ":9: management: port 2345 is already used by port",
     ]
 

@@ -37,6 +37,8 @@ _COMMANDS_HELP = """commands:
   switch-to <server>                    send new server connections to <server>
   clear prometheus | clear server <name>  reset counters / a failed server
   conf reload | ls | get [key] | set <key> <value> | alias
+  stats                                 everything the views show (pools, clients, servers)
+  top [--interval S]                    live view of pools and clients; q quits
 """
 
 
@@ -58,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--port", type=int, help="remote management port")
     p.add_argument("-U", "--user", help="admin user (remote)")
     p.add_argument("-P", "--password", help="admin password (remote; or PGCORRAL_PASSWORD)")
-    p.add_argument("-F", "--format", choices=("text", "json"), default="text",
+    p.add_argument("-F", "--format", choices=("text", "json"), default=None,
                    help="output format (default text)")
+    p.add_argument("--interval", type=float, default=None, metavar="S",
+                   help="top: seconds between refreshes (default 1)")
     p.add_argument("-V", "--version", action="version", version=f"{_PROG} {__version__}")
     p.add_argument("-?", "--help", action="help", help="display help")
     p.add_argument("command", nargs="*", help="the command and its arguments")
@@ -91,6 +95,7 @@ def _connect(args: argparse.Namespace) -> ManagementClient:
         if not sys.stdin.isatty():
             raise _Usage("remote management needs -P PASSWORD or PGCORRAL_PASSWORD")
         password = getpass.getpass(f"Password for {user}: ")
+    args.password = password  # asked once: top connects again after a failure
     return ManagementClient.remote(args.host, args.port, user, password)
 
 
@@ -100,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             raise _Usage("no command given (see -?)")
         name, rest = args.command[0], args.command[1:]
+        if name == "top":
+            return _top(args, rest)
+        if args.interval is not None:
+            raise _Usage("--interval applies to top only")
         if name not in protocol.COMMANDS and name not in protocol.ALIASES:
             raise _Usage(f"unknown command {name!r} (see -?)")
         client = _connect(args)
@@ -119,9 +128,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_PROG}: {answer.get('command', name)}: {answer.get('reason', 'failed')}",
               file=sys.stderr)
         return 1
-    if args.format == "text":
+    if args.format != "json":
         print(render_text(answer))
     return 0
+
+
+def _top(args: argparse.Namespace, rest: list[str]) -> int:
+    """``top``: the first connection is made before the screen is taken, so that a daemon
+    that is not running fails like every other command."""
+    from pgcorral.cli import top  # curses is loaded only for top
+
+    if rest:
+        raise _Usage(f"top takes no arguments (got {' '.join(rest)!r}); use --interval S")
+    if args.format is not None:
+        raise _Usage("-F does not apply to top")
+    interval = 1.0 if args.interval is None else args.interval
+    if not 0.1 <= interval <= 3600:
+        raise _Usage("--interval must be between 0.1 and 3600 seconds")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise _Usage("top needs a terminal (use stats -F json in scripts)")
+    feed = top.Feed(lambda: _connect(args))
+    try:
+        feed.stats()
+    except ManagementError:
+        feed.close()
+        raise
+    try:
+        return top.run(feed, interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.close()
 
 
 # --- text output --------------------------------------------------------------------------------

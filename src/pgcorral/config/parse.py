@@ -243,8 +243,6 @@ def _check_main(path: str, main: MainConfig, where: dict[str, int], header: int,
             report("failover_notify_script", "must differ from failover_script")
     if main.health_check and not main.health_check_user:
         report("health_check", "health_check is on but health_check_user is not set")
-    if main.console and not main.metrics:
-        report("console", "the console needs metrics to be on")
     seen: dict[int, str] = {main.port: "port"}
     for name in ("metrics", "management", "console"):
         port = cast(int, getattr(main, name))

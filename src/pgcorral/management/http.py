@@ -28,8 +28,9 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 log = logging.getLogger("pgcorral.http")
@@ -93,6 +94,7 @@ class HttpServer:
         self.tls = tls
         self._servers: list[asyncio.AbstractServer] = []
         self._open = 0
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, host: str, port: int) -> None:
         hosts = None if host in ("*", "") else host
@@ -104,10 +106,17 @@ class HttpServer:
         log.info("%s: listening on %s:%d (%s)", self.name, host, port,
                  "https" if self.tls is not None else "http")
 
+    def run_beside(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` (e.g. the console's sampler) until ``close``."""
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
     def close(self) -> None:
         for server in self._servers:
             server.close()
         self._servers.clear()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:

@@ -20,7 +20,9 @@ async def start_http(controller: Controller) -> list[HttpServer]:
         await server.start(main.host, main.metrics)
         servers.append(server)
     if main.console:
-        server = HttpServer("console", console.routes(controller), metrics.tls_context(main))
+        routes, state = console.service(controller)
+        server = HttpServer("console", routes, metrics.tls_context(main))
         await server.start(main.host, main.console)
+        server.run_beside(state.run())  # the history sampler
         servers.append(server)
     return servers
