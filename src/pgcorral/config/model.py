@@ -113,6 +113,8 @@ class MainConfig:
     metrics_key_file: str = ""
     metrics_ca_file: str = ""
     console: int = 0
+    admin_users: str = ""
+    stats_users: str = ""
     pidfile: str = ""
     update_process_title: str = "verbose"
     tracker: bool = False
