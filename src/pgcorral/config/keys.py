@@ -169,7 +169,8 @@ KEYS: tuple[Key, ...] = (
         _OURS + "PgBouncer's key: comma-separated users who may run every command of the SQL admin "
         "console (database `pgcorral` or `pgbouncer`); admins.conf users may too."),
     Key("stats_users", "string", "", _LIVE,
-        _OURS + "PgBouncer's key: comma-separated users who may run SHOW in the SQL admin console."),
+        _OURS + "PgBouncer's key: comma-separated users who may run SHOW in the SQL admin "
+        "console."),
     Key("pidfile", "path", "", _NOT_LIVE,
         "PID file; empty or absent means <unix_socket_dir>/pgcorral.<port>.pid."),
     Key("update_process_title", "enum", "verbose", _LIVE, "What the process title shows.",
