@@ -36,7 +36,8 @@ class Config:
     pgbouncer_scram_secret: str  # what PgBouncer's userlist.txt holds: plain or verifier
     targets: list[str]
     workers: list[int]  # one pgcorral target per value
-    builds: list[str]  # ... and per build (src, pure)
+    builds: list[str]  # ... and per build (src, pure, base)
+    base_rev: str  # the git revision of the base build
     scale: int
     pool_size: int
     mode: str
@@ -47,6 +48,7 @@ class Config:
     start_timeout: float
     warmup: int
     tls: bool  # TLS on both legs of every target (bench/corralbench/tls.py)
+    metrics_scrape: float  # > 0: pgcorral targets serve /metrics, scraped this often (s)
     keep: bool
     results_dir: str
 
@@ -99,7 +101,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument(
         "--builds", type=csv(str, BUILDS), default=["src"],
         help="pgcorral builds, one target each per --workers value: src (src/ as it is, "
-        "compiled after `make build`) and/or pure (its .py files only: pgcorral-wN-pure)",
+        "compiled after `make build`), pure (its .py files only: pgcorral-wN-pure), base "
+        "(the revision --base-rev, compiled in a copy: pgcorral-wN-base)",
+    )  # fmt: skip
+    p.add_argument("--base-rev", default="HEAD~1",
+                   help="git revision of the base build (default HEAD~1)")
+    p.add_argument(
+        "--metrics-scrape", type=float, default=0.0,
+        help="seconds between scrapes of /metrics on every pgcorral target (they get a "
+        "`metrics` port); 0 (default) = no metrics port",
     )  # fmt: skip
     p.add_argument("--pool-size", type=int, default=100, help="pooler server connections (100)")
     p.add_argument("--mode", choices=list(MODES), default="session", help="pooling mode")
@@ -140,11 +150,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         rounds=rounds, duration=duration, clients=a.clients, workloads=a.workloads,
         auth=list(dict.fromkeys(a.auth)), pgbouncer_scram_secret=a.pgbouncer_scram_secret,
         targets=a.targets, workers=list(dict.fromkeys(a.workers)),
-        builds=list(dict.fromkeys(a.builds)), scale=scale,
+        builds=list(dict.fromkeys(a.builds)), base_rev=a.base_rev, scale=scale,
         pool_size=a.pool_size, mode=a.mode, jobs=a.jobs,
         profile=a.profile, py_spy=a.py_spy, pgcorral_python=a.pgcorral_python,
         start_timeout=a.start_timeout,
-        warmup=warmup, tls=a.tls, keep=a.keep, results_dir=a.results_dir,
+        warmup=warmup, tls=a.tls, metrics_scrape=a.metrics_scrape, keep=a.keep,
+        results_dir=a.results_dir,
     )  # fmt: skip
 
 

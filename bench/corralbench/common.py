@@ -71,8 +71,10 @@ def auth_user(auth: str) -> str:
 
 
 #: What --builds accepts: "src" runs src/ as it is (compiled if `make build` ran there),
-#: "pure" runs a copy of src/'s .py files only (the pure-Python fallback).
-BUILDS = ("src", "pure")
+#: "pure" runs a copy of src/'s .py files only (the pure-Python fallback), "base" runs the
+#: git revision --base-rev, compiled with mypyc in a copy (the cost of a change, measured in
+#: the same run: e.g. the counters of issue 12 against the revision before them).
+BUILDS = ("src", "pure", "base")
 
 
 def pgcorral_name(workers: int, build: str = "src") -> str:

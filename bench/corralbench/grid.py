@@ -162,7 +162,8 @@ class Bench:
                             self.cfg.pgcorral_python, self.tmp / pgcorral_name(workers, build),
                             self.cluster, self.cfg.pool_size, self.mode, self.psql,
                             self.cfg.start_timeout, workers=workers, scram=self.scram,
-                            build=build, tls=self.tls,
+                            build=build, tls=self.tls, base_rev=self.cfg.base_rev,
+                            metrics_scrape=self.cfg.metrics_scrape,
                         ))  # fmt: skip
 
     def start_target(self, target: Target) -> None:

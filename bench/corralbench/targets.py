@@ -10,7 +10,9 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +329,10 @@ log_pooler_errors = 1
         )
         wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
                    self.client_env())  # fmt: skip
+        if self.metrics_port:
+            self._scraping.clear()
+            threading.Thread(target=self.scrape_forever, daemon=True,
+                             name=f"scrape-{self.name}").start()
 
     def version(self) -> str | None:
         return first_line([self.binary, "--version"])
@@ -338,11 +344,18 @@ class PgCorralTarget(PoolerTarget):
     def __init__(
         self, python: str, workdir: Path, cluster: PgCluster, pool_size: int, mode: ModeSpec,
         psql: str, start_timeout: float, workers: int = 1, scram: ScramUser | None = None,
-        build: str = "src", tls: Tls | None = None,
+        build: str = "src", tls: Tls | None = None, base_rev: str = "HEAD~1",
+        metrics_scrape: float = 0.0,
     ) -> None:  # fmt: skip
         self.name = pgcorral_name(workers, build)
         self.workers = workers
         self.build = build
+        self.base_rev = base_rev
+        # /metrics served and scraped every metrics_scrape seconds while the target runs
+        self.metrics_scrape = metrics_scrape
+        self.metrics_port = find_free_port() if metrics_scrape > 0 else 0
+        self.scrapes = {"ok": 0, "failed": 0}
+        self._scraping = threading.Event()
         super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram, tls)
         self.python = python
         # The vault (only with the scram user): a master key of its own in a 0700 directory
@@ -364,6 +377,7 @@ max_connections = {self.pool_size}
 pipeline = {self.mode.pgcorral_pipeline}
 blocking_timeout = 30
 workers = {self.workers}
+{f"metrics = {self.metrics_port}" if self.metrics_port else ""}
 {tls_main}
 [primary]
 host = {self.cluster.host}
@@ -402,6 +416,8 @@ port = {self.cluster.port}
         the pure build a copy of its .py files (no compiled modules)."""
         if self.build == "src":
             return REPO / "src"
+        if self.build == "base":
+            return self.base_source()
         pure = self.workdir / "pure-src"
         if not pure.exists():
             shutil.copytree(
@@ -409,6 +425,36 @@ port = {self.cluster.port}
                 ignore=shutil.ignore_patterns("*.so", "__pycache__"),
             )  # fmt: skip
         return pure
+
+    def base_source(self) -> Path:
+        """The revision ``base_rev`` of this repository, exported and compiled with mypyc
+        (``setup.py build_ext --inplace``, as `make build` does) in the work directory."""
+        tree = self.workdir / "base-tree"
+        if not (tree / "src").exists():
+            tree.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", self.base_rev],
+                                     capture_output=True, check=True, timeout=120)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True,
+                           timeout=120)
+            env = clean_env(PGCORRAL_BUILD="compiled")
+            res = subprocess.run([self.python, "setup.py", "-q", "build_ext", "--inplace"],
+                                 cwd=tree, env=env, capture_output=True, text=True,
+                                 timeout=1800, check=False)
+            if res.returncode != 0:
+                raise TargetError(f"{self.name}: compiling {self.base_rev} failed: "
+                                  f"{res.stderr[-2000:]}")
+        return tree / "src"
+
+    def scrape_forever(self) -> None:
+        """GET /metrics every ``metrics_scrape`` seconds until the target stops (a thread)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        while not self._scraping.wait(self.metrics_scrape):
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    answer.read()
+                self.scrapes["ok"] += 1
+            except OSError:
+                self.scrapes["failed"] += 1
 
     def make_vault(self) -> None:
         """pgcorral-admin master-key, then user add of the scram user into users_file."""
@@ -453,6 +499,13 @@ port = {self.cluster.port}
         )
         wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
                    self.client_env())  # fmt: skip
+
+    def stop(self) -> None:
+        self._scraping.set()
+        if self.metrics_port:
+            log(f"{self.name}: /metrics scraped {self.scrapes['ok']} times "
+                f"({self.scrapes['failed']} failed)")
+        super().stop()
 
     def version(self) -> str | None:
         # e.g. "pgcorral 0.1.0 (compiled with mypyc)"

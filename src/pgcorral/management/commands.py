@@ -114,21 +114,18 @@ def _toggle(enable: bool) -> Handler:
 
 
 def _pause(pause: bool) -> Handler:
-    """``pause [database]`` / ``resume [database]``: new transactions of the database (all:
-    every database) wait for a server connection until resumed (``net.control.pause``).
-    ``pause`` answers at once; the SQL console's PAUSE then waits for the active server
-    connections to finish, as PgBouncer's does."""
+    """``pause [database]`` / ``resume [database]``: clients of the database (all: every
+    database) get no server connection until resumed; what runs now goes on
+    (``net.control.pause``). ``pause`` answers at once; the SQL console's PAUSE then waits
+    for the active server connections to finish, as PgBouncer's does."""
     name = "pause" if pause else "resume"
 
     async def handler(c: Controller, args: list[str]) -> Fields:
         _max_args(args, 1, f"{name} [database]")
         database = args[0] if args else "all"
-        try:
-            await c.call(name, database)
-        except KeyError:  # a worker without the operation (an older build)
-            raise CommandError(f"{name} is not supported by this pgcorral") from None
+        paused = await c.call(name, database)
         log.info("%s database %s", "paused" if pause else "resumed", database)
-        return {"database": database}
+        return {"database": database, "paused": paused}
     return handler
 
 

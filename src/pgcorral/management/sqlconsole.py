@@ -234,6 +234,10 @@ class Snapshot:
                 return dict(section)
         return dict(sections[0]) if sections else {"host": "", "port": 0}
 
+    def paused(self, database: str) -> bool:
+        paused = self.stats.get("paused", [])
+        return "*" in paused or database in paused
+
     def disabled(self, database: str) -> bool:
         disabled = self.stats.get("disabled", [])
         return "*" in disabled or database in disabled
@@ -388,7 +392,7 @@ def show_databases(s: Snapshot) -> Sequence[Row]:
             limit["min_size"]) if limit else 0)
         current = sum(int(p[k]) for p in mine for k in (
             "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login"))
-        paused = bool(mine) and all(p.get("paused", False) for p in mine)
+        paused = s.paused(name) or (bool(mine) and all(p.get("paused") for p in mine))
         rows.append([name, server.get("host", ""), server.get("port", 0), name, None,
                      pool_size, min_size, 0, mode, 0, current, int(paused),
                      int(s.disabled(name))])
@@ -439,8 +443,7 @@ def show_lists(s: Snapshot) -> Sequence[Row]:
 
 
 def show_state(s: Snapshot) -> Sequence[Row]:
-    pools = s.pools()
-    paused = bool(pools) and all(p.get("paused", False) for p in pools)
+    paused = "*" in s.stats.get("paused", [])
     active = s.stats.get("status", "running") == "running"
     return [["active", "yes" if active else "no"], ["paused", "yes" if paused else "no"],
             ["suspended", "no"]]

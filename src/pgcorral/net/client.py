@@ -48,6 +48,7 @@ from pgcorral.net import console
 from pgcorral.net.auth import VaultLogin, authenticate_client, authenticate_with_verifier
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
+from pgcorral.net.server import NO_POOL_STATS
 from pgcorral.net.tls import TlsLink
 from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
@@ -80,6 +81,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgcorral.client")
 _header_unpack_from = struct.Struct("!BI").unpack_from
 _client_ids = itertools.count(1)  # client ids, unique in a worker (views add the worker)
+#: SQLSTATEs of a login refused by policy (counted as "refused", not "error")
+_REFUSALS = frozenset(["28000", "57P01", "57P03", "53300", "08P01", "0A000", "3D000"])
 
 #: Bound of the per-worker cache of hba decisions (cleared on reload and when full).
 HBA_CACHE_LIMIT = 4096
@@ -140,11 +143,12 @@ class ClientConnection(Endpoint):
         self.port = 0
         self.connect_time = 0.0  # epoch seconds
         self.tally = Tally()
-        self.pstats: PoolStats | None = None  # the pool's counters, once logged in
-        self.request_us = 0  # monotonic microseconds: the latest request began
-        self.xact_us = 0  # the current transaction began
-        self.wait_since_us = 0  # waiting for a server connection since; 0: not waiting
-        self.hold_since_us = 0  # holding a server connection since; 0: not holding
+        self.pstats: PoolStats = NO_POOL_STATS  # the pool's counters, once logged in
+        # monotonic microseconds: waiting for a server connection since (0: not waiting),
+        # holding one since (session pooling; 0: not holding); the login's wait in all
+        self.wait_since_us = 0
+        self.hold_since_us = 0
+        self.login_wait_us = 0
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -171,6 +175,12 @@ class ClientConnection(Endpoint):
         server = self.server
         if server is not None:
             self.activity += 1  # for disconnect_client
+            server.tally.bytes_received += len(data)
+            if not server.request_us:  # a request begins (and maybe a transaction)
+                now = time.monotonic_ns() // 1000
+                server.request_us = now
+                if not server.xact_start_us:
+                    server.xact_start_us = now
             # Fast path: the chunk starts on a message boundary and holds whole messages, none
             # of them a Terminate (the usual case: one request). The tracker's state is then
             # unchanged; anything else goes through BoundaryTracker.feed.
@@ -644,7 +654,12 @@ class ClientConnection(Endpoint):
         if timeout > 0:
             ctx.waits.watch()
             waits: list[asyncio.Future[Any]] = [granted, self._ended]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            since = self.wait_since_us = time.monotonic_ns() // 1000
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self.wait_since_us = 0
+                self.login_wait_us += time.monotonic_ns() // 1000 - since
         if not granted.done() and ctx.pool.cancel(result):
             if self._ended.done():
                 raise ConnectionLost("client left while waiting")
@@ -748,6 +763,11 @@ class ClientConnection(Endpoint):
         """``_greet`` with AuthenticationOk and the ParameterStatus messages in ``head``."""
         self.linked_once = True
         self.seen_activity = (self.activity, time.monotonic())
+        ctx = self.ctx
+        pstats = self.pstats = ctx.pool_stats((ctx.config.real_database(self.database),
+                                               self.user))
+        pstats.login("success")
+        ctx.counters["logins_success"] += 1
         if self.ctx.config.main.log_connections:
             log.info("connection authorized: user=%s database=%s host=%s", self.user,
                      self.database, self.address or "[local]")
@@ -766,6 +786,14 @@ class ClientConnection(Endpoint):
         self.server = server
         self.peer = server
         server.peer = self
+        server.client_id = self.id
+        server.mark()
+        now = time.monotonic_ns() // 1000
+        self.hold_since_us = now
+        tally = self.tally
+        tally.wait_count += 1
+        tally.wait_us += self.login_wait_us
+        self.pstats.hist_wait.observe(self.login_wait_us)
         self._phase = _LINKED
         ended = self._ended
         if ended is not None and ended.done():  # the client left while the coroutine worked
@@ -788,6 +816,12 @@ class ClientConnection(Endpoint):
     def release(self, server: ServerConnection, clean: bool) -> None:
         """Unlink ``server`` and give it back to the pool: after its reset (in callbacks, see
         ``ServerConnection.reset_then``), or closed."""
+        if self.hold_since_us:  # linked: what the session did through it is the client's
+            tally = self.tally
+            tally.add_since(server.tally, server.at_link)
+            tally.hold_us += time.monotonic_ns() // 1000 - self.hold_since_us
+            self.hold_since_us = 0
+            server.client_id = 0
         self.server = None
         self.peer = None
         server.peer = None
@@ -808,7 +842,21 @@ class ClientConnection(Endpoint):
         self.dirty = True
         self.end("protocol violation")
 
+    def _count_failed_login(self, exc: PgCorralError) -> None:
+        """A client that never got in: its outcome counted (globally, and under its pool when
+        that pool exists: made-up names must not grow the table)."""
+        code = exc.sqlstate
+        outcome = "bad_password" if code == "28P01" else "refused" if code in _REFUSALS \
+            else "error"
+        ctx = self.ctx
+        ctx.counters["logins_" + outcome] += 1
+        pstats = ctx.stats.get((ctx.config.real_database(self.database), self.user))
+        if pstats is not None:
+            pstats.login(outcome)
+
     def _fail(self, exc: PgCorralError) -> None:
+        if not self.linked_once and self.user:
+            self._count_failed_login(exc)
         if isinstance(exc, ClientProtocolError) and exc.silent:
             log.info("closing client %s: %s", self.address or "[local]", exc.message)
             return

@@ -40,7 +40,8 @@ log = logging.getLogger("pgcorral.context")
 
 #: The counters ``clear prometheus`` resets.
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
-            "management_commands", "server_connections_adopted")
+            "management_commands", "server_connections_adopted", "logins_success",
+            "logins_bad_password", "logins_refused", "logins_error")
 
 #: Makes the server connection of a slot: (context, slot, on_lost) -> connection.
 ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], ServerConnection]
@@ -48,7 +49,9 @@ ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], 
 
 def session_server(ctx: Context, slot: Slot,
                    on_lost: Callable[[ServerConnection], None]) -> ServerConnection:
-    return ServerConnection(slot, on_lost)
+    conn = ServerConnection(slot, on_lost)
+    conn.pstats = ctx.pool_stats(slot.key)
+    return conn
 
 
 class Context:
@@ -122,10 +125,9 @@ class Context:
 
     def retire(self, client: ClientConnection) -> None:
         """A client left: its counters join its pool's and its group's."""
-        pstats = client.pstats
-        if pstats is None:
+        if not client.linked_once:
             return
-        pstats.retired.add(client.tally)
+        client.pstats.retired.add(client.tally)
         groups = self.groups
         key = group_key(groups, (client.address or "[local]",
                                  client.settings.get("application_name", ""), client.user))

@@ -75,7 +75,15 @@ def _client_state(client: Any) -> str:
         return "waiting"
     if client.server is not None:
         return "active"
-    return "idle" if client.pstats is not None else "login"
+    return "idle" if client.linked_once else "login"
+
+
+def _request_time(server: Any, now: float, now_us: int, otherwise: float) -> float:
+    """Epoch seconds of the latest request on ``server`` (running, else answered)."""
+    if server is None:
+        return otherwise
+    at = server.request_us or server.last_ready_us
+    return now - (now_us - at) / 1e6 if at else otherwise
 
 
 def _server_state(slot: Any) -> str:
@@ -105,7 +113,7 @@ def stats(ctx: Context) -> dict[str, Any]:
                 "pool_mode": "transaction" if pipeline == "transaction" else "session",
                 "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
                 "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
-                "maxwait_us": 0,
+                "maxwait_us": 0, "paused": ctx.pool.is_paused(key),
                 "pool_size": rule.max_size if rule is not None and rule.max_size > 0
                 else ctx.pool.max_connections,
                 "min_pool_size": rule.min_size if rule is not None else 0,
@@ -118,10 +126,15 @@ def stats(ctx: Context) -> dict[str, Any]:
     clients = []
     for client in ctx.clients:
         state = _client_state(client)
-        tally: Tally = client.tally
-        key = client.server.slot.key if client.server is not None else (
+        tally = Tally()
+        tally.add(client.tally)
+        server = client.server
+        if server is not None and (client.hold_since_us or getattr(server, "client", None)
+                                   is client):  # linked: what it did through it so far
+            tally.add_since(server.tally, server.at_link)
+        key = server.slot.key if server is not None else (
             ctx.config.real_database(client.database), client.user)
-        if client.pstats is not None or state == "waiting":
+        if client.linked_once or state == "waiting":
             entry = pool_entry(key)
             entry["cl_" + state] += 1
             entry["_tally"].add(tally)
@@ -133,8 +146,7 @@ def stats(ctx: Context) -> dict[str, Any]:
             "application_name": client.settings.get("application_name", ""),
             "state": state, "tls": client.tls.version() if client.tls is not None else "",
             "connect_time": client.connect_time,
-            "request_time": now - (now_us - client.request_us) / 1e6 if client.request_us
-            else client.connect_time,
+            "request_time": _request_time(server, now, now_us, client.connect_time),
             "wait_us": wait, "hold_us": hold,
             "wait_current_us": now_us - client.wait_since_us if client.wait_since_us else 0,
             "server_pid": client.server.pid if client.server is not None else 0,
@@ -163,15 +175,24 @@ def stats(ctx: Context) -> dict[str, Any]:
             "request_time": round(now - (now_mono - slot.last_used), 3),
             "client_id": conn.client_id if conn is not None else 0,
             **(conn.tally.as_dict() if conn is not None else Tally().as_dict())})
+    prepared: dict[tuple[str, str], list[int]] = {}
+    for slot in ctx.pool.slots():
+        statements = getattr(slot.conn, "statements", None)
+        if statements is not None:
+            counts = prepared.setdefault(slot.key, [0, 0, 0])
+            counts[0] += statements.hits
+            counts[1] += statements.misses
+            counts[2] += statements.evictions
     pool_list = []
     for key in sorted(pools):
         entry = pools[key]
         pstats = ctx.stats.get(key) or PoolStats()
+        live = prepared.get(key, [0, 0, 0])
         entry.update(entry.pop("_tally").as_dict())
         entry["errors"] = dict(pstats.errors)
         entry["logins"] = dict(pstats.logins)
-        entry["prepared"] = {"hits": pstats.hits, "misses": pstats.misses,
-                             "evictions": pstats.evictions}
+        entry["prepared"] = {"hits": pstats.hits + live[0], "misses": pstats.misses + live[1],
+                             "evictions": pstats.evictions + live[2]}
         entry["hist"] = {"wait": list(pstats.hist_wait.counts),
                          "xact": list(pstats.hist_xact.counts),
                          "query": list(pstats.hist_query.counts)}
@@ -204,7 +225,24 @@ def stats(ctx: Context) -> dict[str, Any]:
         "client_groups": [{"address": k[0], "application_name": k[1], "user": k[2], **v}
                           for k, v in sorted(groups.items())],
         "counters": dict(ctx.counters), "disabled": sorted(ctx.disabled),
+        "paused": sorted(ctx.pool.paused),
+        "workers": [{"worker": ctx.worker, "pid": os.getpid(), "clients": len(clients),
+                     "servers": len(servers)}],
         "server_sections": status(ctx)["servers"]}
+
+
+def pause(ctx: Context, database: str) -> list[str]:
+    """PAUSE: clients of ``database`` ("all"/"*": every one) get no server connection until
+    ``resume``; transactions and sessions running now go on. The paused databases."""
+    ctx.pool.pause("*" if database in ALL_DATABASES else ctx.config.real_database(database))
+    log.info("paused %s", database)
+    return sorted(ctx.pool.paused)
+
+
+def resume(ctx: Context, database: str) -> list[str]:
+    ctx.pool.resume("*" if database in ALL_DATABASES else ctx.config.real_database(database))
+    log.info("resumed %s", database)
+    return sorted(ctx.pool.paused)
 
 
 def disable(ctx: Context, database: str) -> list[str]:
@@ -288,6 +326,7 @@ def clear_counters(ctx: Context) -> None:
     for slot in ctx.pool.slots():
         if slot.conn is not None:
             slot.conn.tally = Tally()
+            slot.conn.at_link = Tally()  # a linked client's share so far: 0 too
 
 
 def replace_main_key(config: Config, name: str, value: object) -> tuple[Config, object]:
@@ -344,6 +383,6 @@ def kill_client(ctx: Context, client_id: int) -> bool:
 
 
 #: What the management layer may call, by name (the supervisor sends these names to workers).
-OPERATIONS = {f.__name__: f for f in (status, details, stats, disable, enable, flush, switch_to,
-                                       clear_server, clear_counters, set_main_key,
-                                       set_server_key, kill_client)}
+OPERATIONS = {f.__name__: f for f in (status, details, stats, pause, resume, disable, enable,
+                                       flush, switch_to, clear_server, clear_counters,
+                                       set_main_key, set_server_key, kill_client)}

@@ -21,8 +21,10 @@ from pgcorral.pool.pool import Slot
 
 def transaction_server(ctx: Context, slot: Slot,
                        on_lost: Callable[[ServerConnection], None]) -> ServerConnection:
-    return TxServerConnection(slot, on_lost, ctx.config.main.max_prepared_statements,
+    conn = TxServerConnection(slot, on_lost, ctx.config.main.max_prepared_statements,
                               ctx.registry.known)
+    conn.pstats = ctx.pool_stats(slot.key)
+    return conn
 
 
 class Pipeline(NamedTuple):

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from pgcorral.errors import AuthenticationError, ServerError, ServerProtocolError
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.pipelines.settings import Pairs, canonical_names
-from pgcorral.pool.stats import Tally
+from pgcorral.pool.stats import PoolStats, Tally
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.framing import MessageReader
+from pgcorral.protocol.messages import error_sqlstate_ending_at
 from pgcorral.protocol.replies import EXTENDED_ROW_REPLIES, Replies
 from pgcorral.protocol.scram import tls_server_end_point
 from pgcorral.protocol.scram_client import without_channel_binding
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgcorral.server")
 
 _READY_TAIL = b"\0\0\0\x05"
+_TX_IDLE = codes.TX_IDLE
+#: the pool counters of a server connection no pool gave any (tests, pgcorral's own probes)
+NO_POOL_STATS = PoolStats()
 #: Seconds a terminated connection may wait for PostgreSQL to close it before it is aborted.
 DRAIN_TIMEOUT = 2.0
 
@@ -121,8 +125,15 @@ class ServerConnection(Endpoint):
         self.server_name = ""  # the server section it is connected to (cancels go there)
         # counters (pool.stats): what its clients did through it; ``connect_time`` is epoch
         self.tally = Tally()
+        self.at_link = Tally()  # ``tally`` when the current client was linked (``mark``)
         self.connect_time = time.time()
         self.client_id = 0  # the linked client's id (views), 0 when none
+        self.pstats: PoolStats = NO_POOL_STATS  # its pool's, set by the factory (context)
+        # monotonic microseconds: the request being answered began (0: none), its
+        # transaction began (0: none), the last ReadyForQuery came
+        self.request_us = 0
+        self.xact_start_us = 0
+        self.last_ready_us = 0
 
     def data_received(self, data: bytes) -> None:
         client = self.peer
@@ -131,12 +142,17 @@ class ServerConnection(Endpoint):
                 client.transport.write(data)
             except RuntimeError:  # the client's transport closed under us (uvloop raises)
                 return
+            self.tally.bytes_sent += len(data)
             if len(data) >= 6 and data[-6] == 90 and data[-5:-1] == _READY_TAIL:
-                self.status = data[-1]
+                status = self.status = data[-1]
+                self.ready(data, status)
                 if client.terminating:
                     client.end("terminate")
             else:
                 self.status = -1
+                n = len(data)
+                if data[-1] == 0 and n >= 8 and data[-2] == 0 and data[-3] != 0:
+                    self.count_error(data, n)  # maybe an ErrorResponse, its ReadyForQuery next
             return
         if self.draining:
             return  # a FATAL or notice after our Terminate
@@ -148,6 +164,44 @@ class ServerConnection(Endpoint):
             self.close()
             return
         self.buffer(data)
+
+    def mark(self) -> None:
+        """A client is linked: what it does from now on is its own (``at_link``)."""
+        self.at_link.copy_from(self.tally)
+        self.request_us = self.xact_start_us = 0
+
+    def ready(self, data: bytes, status: int) -> None:
+        """Session pooling: ``data`` ended with a ReadyForQuery of ``status``: count the query
+        (one per chunk, however many ReadyForQuery it holds) and, at 'I', the transaction;
+        an ErrorResponse right before it counts under its SQLSTATE class."""
+        now = time.monotonic_ns() // 1000
+        self.last_ready_us = now
+        tally = self.tally
+        pstats = self.pstats
+        tally.query_count += 1
+        start = self.request_us
+        if start:
+            took = now - start
+            tally.query_us += took
+            pstats.hist_query.observe(took)
+            self.request_us = 0
+        if status == _TX_IDLE:
+            tally.xact_count += 1
+            start = self.xact_start_us
+            if start:
+                took = now - start
+                tally.xact_us += took
+                pstats.hist_xact.observe(took)
+                self.xact_start_us = 0
+        n = len(data)
+        if n >= 14 and data[-7] == 0 and data[-8] == 0 and data[-9] != 0:
+            self.count_error(data, n - 6)
+
+    def count_error(self, data: bytes, end: int) -> None:
+        """Session pooling: count the ErrorResponse that may end at ``end`` in ``data``."""
+        code = error_sqlstate_ending_at(data, end)
+        if code:
+            self.pstats.error(code)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from pgcorral.errors import (
@@ -243,6 +244,7 @@ class TransactionClient(ClientConnection):
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
         self._acquiring = True
+        self.wait_since_us = time.monotonic_ns() // 1000  # counted when linked (``_link``)
         # bound methods made per wait (rare: no idle connection), not kept on self: that
         # made every client a reference cycle, freed only by the cyclic collector (with the
         # OpenSSL memory of a TLS client, which it does not count)
@@ -363,6 +365,12 @@ class TransactionClient(ClientConnection):
         forwarder = self.forwarder
         send, self._rest, seen = forwarder.feed(data, plan, router.status)
         if send:
+            server.tally.bytes_received += len(send)
+            if not server.request_us:  # a request begins (and maybe a transaction)
+                now = time.monotonic_ns() // 1000
+                server.request_us = now
+                if not server.xact_start_us:
+                    server.xact_start_us = now
             server.status = -1
             try:
                 server.transport.write(send)
@@ -392,6 +400,17 @@ class TransactionClient(ClientConnection):
         self._acquiring = False
         self.server = self.peer = self.linked = server
         server.peer = server.client = self
+        server.client_id = self.id
+        server.mark()
+        waited = 0
+        since = self.wait_since_us
+        if since:
+            waited = time.monotonic_ns() // 1000 - since
+            self.wait_since_us = 0
+        tally = self.tally
+        tally.wait_count += 1
+        tally.wait_us += waited
+        self.pstats.hist_wait.observe(waited)
         self.forwarder.link()
         if self.writing_paused:  # flow control follows the link
             server.transport.pause_reading()
@@ -440,6 +459,11 @@ class TransactionClient(ClientConnection):
     def _unlink(self, server: TxServerConnection) -> None:
         self.server = self.peer = self.linked = None
         server.peer = server.client = None
+        server.client_id = 0
+        # what the transaction did is the client's; it held the connection for its length
+        tally = self.tally
+        tally.add_since(server.tally, server.at_link)
+        tally.hold_us += server.tally.xact_us - server.at_link.xact_us
         self.params = server.params  # replaced, never changed in place: shared safely
         if server.writing_paused:
             self.transport.resume_reading()
@@ -532,6 +556,12 @@ class TransactionClient(ClientConnection):
         self.extra = extra
         pipelined = self._greet(b"".join(msg.parameter_status(k, v) for k, v in params.items()),
                                 self.cancel_pid, secret, codes.TX_IDLE)
+        waited = self.login_wait_us
+        if waited:  # the login waited for a server connection (a full pool)
+            tally = self.tally
+            tally.wait_us += waited
+            tally.wait_count += 1
+            self.pstats.hist_wait.observe(waited)
         self.in_session = True
         try:
             if pipelined:

@@ -15,6 +15,7 @@ free, the client unlinks it (``net.transaction``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -42,6 +43,9 @@ class TxServerConnection(ServerConnection):
         self.after_cancels: Callable[[], None] | None = None  # release held for them
         #: ``peer`` with its type, set with it by the client (the hot path reads it)
         self.client: TransactionClient | None = None
+        # the router's counters already counted (``count_readies``)
+        self.readies_seen = 0
+        self.idle_seen = 0
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -60,7 +64,10 @@ class TxServerConnection(ServerConnection):
         if router.changes:
             self._set_params({**self.params, **router.changes})
             router.changes.clear()
+        if router.readies != self.readies_seen:
+            self.count_readies(router)
         if out:
+            self.tally.bytes_sent += len(out)
             try:
                 client.transport.write(out)
             except RuntimeError:  # the client's transport closed under us (uvloop raises)
@@ -70,6 +77,48 @@ class TxServerConnection(ServerConnection):
             client.server_free(self, data[free_at:])
         elif client.terminating and router.plan.idle and router.at_boundary:
             client.end("terminate")  # Terminate came in a transaction: its replies are out
+
+    def count_readies(self, router: ReplyRouter) -> None:
+        """ReadyForQuery messages passed: count the queries (the time from the first request
+        to the last ReadyForQuery of the chunk goes to the first), the transactions that
+        ended, and the errors the router saw."""
+        now = time.monotonic_ns() // 1000
+        self.last_ready_us = now
+        tally = self.tally
+        pstats = self.pstats
+        readies = router.readies
+        tally.query_count += readies - self.readies_seen
+        self.readies_seen = readies
+        start = self.request_us
+        if start:
+            took = now - start
+            tally.query_us += took
+            pstats.hist_query.observe(took)
+            self.request_us = 0
+        idle = router.idle_readies
+        if idle != self.idle_seen:
+            tally.xact_count += idle - self.idle_seen
+            self.idle_seen = idle
+            start = self.xact_start_us
+            if start:
+                took = now - start
+                tally.xact_us += took
+                pstats.hist_xact.observe(took)
+                self.xact_start_us = 0
+        errors = router.errors
+        if errors:
+            for code in errors:
+                pstats.error(code)
+            errors.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        statements = self.statements
+        pstats = self.pstats
+        pstats.hits += statements.hits
+        pstats.misses += statements.misses
+        pstats.evictions += statements.evictions
+        statements.hits = statements.misses = statements.evictions = 0
+        super().connection_lost(exc)
 
     def cancel_done(self) -> None:
         """A forwarded cancel request finished; a release held for it may go on."""

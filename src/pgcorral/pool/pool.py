@@ -104,6 +104,9 @@ class Pool:
         self._waiting = 0
         self._rules: dict[Key, LimitRule | None] = {}
         self._rule_numbers = {id(rule): i + 1 for i, rule in enumerate(self.limits)}
+        #: PAUSE: databases whose clients get no server connection until RESUME ("*": all);
+        #: they wait as for a full pool (``blocking_timeout`` applies)
+        self.paused: set[str] = set()
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -122,6 +125,10 @@ class Pool:
         """(clients waiting, when the first of them began to wait) per database/user."""
         return {key: (len(queue), queue[0].since) for key, queue in self._waiters.items()
                 if queue}
+
+    def is_paused(self, key: Key) -> bool:
+        paused = self.paused
+        return bool(paused) and (key[0] in paused or "*" in paused)
 
     def count(self, state: str) -> int:
         return sum(1 for s in self._slots.values() if s.state == state)
@@ -162,7 +169,7 @@ class Pool:
         """A slot for ``key`` now, or a Waiter registered until ``timeout`` seconds pass
         (``expire`` is what the network layer calls then, see ``expired_waiters``)."""
         queue = self._waiters.get(key)
-        if not queue:  # nobody of this pair is ahead in line
+        if not queue and not (self.paused and self.is_paused(key)):  # nobody ahead in line
             grant = self._try_grant(key)
             if grant is not None:
                 return grant
@@ -179,7 +186,7 @@ class Pool:
         """The most recently used idle slot of ``key`` if one is free and nobody of that pair
         waits; else None (the caller then goes through ``request``). The transaction
         pipeline's fast path, without a Grant."""
-        if key in self._waiters:
+        if key in self._waiters or (self.paused and self.is_paused(key)):
             return None
         stack = self._idle.get(key)
         if not stack:
@@ -215,7 +222,7 @@ class Pool:
             return False
         slot.last_used = self.clock()
         queue = self._waiters.get(slot.key)
-        if queue:
+        if queue and not (self.paused and self.is_paused(slot.key)):
             slot.state = ACTIVE
             self._notify(queue.popleft(), Grant(slot, new=False))
             return False
@@ -265,6 +272,19 @@ class Pool:
         slot.state = ACTIVE
         self._slots[slot.id] = slot
         return slot
+
+    def pause(self, database: str) -> None:
+        """New requests of ``database`` ("*": every database) wait until ``resume``."""
+        self.paused.add(database)
+
+    def resume(self, database: str) -> None:
+        """End a pause ("*": every pause) and serve who waited."""
+        if database == "*":
+            self.paused.clear()
+        else:
+            self.paused.discard(database)
+        if self._waiting:
+            self._dispatch()
 
     def retry(self) -> None:
         """Capacity may have come back elsewhere (another worker closed a connection)."""
@@ -379,6 +399,8 @@ class Pool:
         """Serve waiters in arrival order, skipping pairs that still cannot be served."""
         heads = sorted((q[0] for q in self._waiters.values()), key=lambda w: w.seq)
         for waiter in heads:
+            if self.paused and self.is_paused(waiter.key):
+                continue
             queue = self._waiters.get(waiter.key)
             while queue:
                 grant = self._try_grant(waiter.key)

@@ -119,6 +119,27 @@ class Tally:
         self.wait_count += other.wait_count
         self.hold_us += other.hold_us
 
+    def copy_from(self, other: Tally) -> None:
+        self.xact_count = other.xact_count
+        self.query_count = other.query_count
+        self.bytes_received = other.bytes_received
+        self.bytes_sent = other.bytes_sent
+        self.xact_us = other.xact_us
+        self.query_us = other.query_us
+        self.wait_us = other.wait_us
+        self.wait_count = other.wait_count
+        self.hold_us = other.hold_us
+
+    def add_since(self, now: Tally, mark: Tally) -> None:
+        """Add what ``now`` counted since it was ``mark`` (a server connection's tally while
+        it served one client, given to that client at unlink)."""
+        self.xact_count += now.xact_count - mark.xact_count
+        self.query_count += now.query_count - mark.query_count
+        self.bytes_received += now.bytes_received - mark.bytes_received
+        self.bytes_sent += now.bytes_sent - mark.bytes_sent
+        self.xact_us += now.xact_us - mark.xact_us
+        self.query_us += now.query_us - mark.query_us
+
     def as_dict(self) -> dict[str, int]:
         return {"xact_count": self.xact_count, "query_count": self.query_count,
                 "bytes_received": self.bytes_received, "bytes_sent": self.bytes_sent,

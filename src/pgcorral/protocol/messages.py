@@ -213,6 +213,40 @@ def parse_fields(body: bytes | memoryview) -> dict[str, str]:
     return fields
 
 
+def error_sqlstate(body: bytes) -> str:
+    """The SQLSTATE (field ``C``) of an ErrorResponse body; "" when it has none."""
+    pos, n = 0, len(body)
+    while pos < n and body[pos] != 0:
+        end = body.find(b"\0", pos + 1)
+        if end < 0:
+            return ""
+        if body[pos] == 67:  # 'C'
+            return body[pos + 1:end].decode("ascii", "replace")
+        pos = end + 1
+    return ""
+
+
+#: How far back ``error_sqlstate_ending_at`` looks for the start of an ErrorResponse.
+_ERROR_LOOKBACK = 4096
+
+
+def error_sqlstate_ending_at(data: bytes, end: int) -> str:
+    """The SQLSTATE of an ErrorResponse that ends exactly at ``end`` in ``data`` (the chunk
+    end, or just before a final ReadyForQuery), or "" when none does. Callers check the cheap
+    hint first: an ErrorResponse ends with a non-empty field value and two NULs
+    (``data[end-3] != 0``, ``data[end-2] == data[end-1] == 0``). The message start is found
+    backwards: a type byte 'E' whose length reaches exactly to ``end`` (a ParameterStatus
+    with an empty value, or binary row data, may end so too; they do not match)."""
+    low = max(0, end - _ERROR_LOOKBACK)
+    pos = data.rfind(b"E", low, end - 5)
+    while pos >= 0:
+        (length,) = _I32.unpack_from(data, pos + 1)
+        if pos + 1 + length == end:
+            return error_sqlstate(data[pos + 5:end])
+        pos = data.rfind(b"E", low, pos)
+    return ""
+
+
 def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
     raw = bytes(body)
     parts = raw.split(b"\0")

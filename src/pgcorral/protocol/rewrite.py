@@ -160,11 +160,14 @@ def _ensure(name: str, identity: bytes, server: ServerStatements, parts: list[by
     """Make ``name`` usable on the server; True if it already was (nothing sent)."""
     if name in server:
         server.touch(name)
+        server.hits += 1
         return True
     present = name in server.pending_close  # evicted, its Close not sent yet
     if present:
         del server.pending_close[name]
+        server.hits += 1
     else:
+        server.misses += 1
         parts.append(build_parse(name.encode(), identity))
         steps.append(ReplyStep(PARSE_ENDS, drop=drop, prepares=name))
     server.pending_close.update(dict.fromkeys(server.add(name)))
@@ -273,6 +276,7 @@ def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientState
     if pooled is None or pooled not in lru:
         return None
     lru.move_to_end(pooled)  # ServerStatements.touch
+    server.hits += 1
     wire = registry.encoded[pooled]
     length = end - pos - 1 - (name_end - name_at) + len(wire)
     return b"".join((_header.pack(_BIND, length), data[pos + 5:name_at], wire,

@@ -49,10 +49,15 @@ class StatementRegistry:
 class ServerStatements:
     """The pooler names prepared on one server connection (LRU, most recent last)."""
 
-    __slots__ = ("capacity", "lru", "pending_close")
+    __slots__ = ("capacity", "evictions", "hits", "lru", "misses", "pending_close")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        # counters for the views: a statement found prepared here, prepared here first,
+        # closed to keep within ``capacity``
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
         #: the names, least recently used first (the mapper's hot path, ``bind_fast``, looks
         #: names up and touches them here directly)
         self.lru: OrderedDict[str, None] = OrderedDict()
@@ -79,6 +84,7 @@ class ServerStatements:
         evicted: list[str] = []
         while len(self.lru) > self.capacity:
             evicted.append(self.lru.popitem(last=False)[0])
+        self.evictions += len(evicted)
         return evicted
 
     def discard(self, name: str) -> None:

@@ -29,7 +29,7 @@ from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.messages import parse_parameter_status
+from pgcorral.protocol.messages import error_sqlstate, parse_parameter_status
 from pgcorral.protocol.replyplan import ALL_QUIET, DROP, ReplyPlan
 
 # ``Final``: compiled, a C static load instead of a lookup in the module's dict.
@@ -43,6 +43,7 @@ _DATA_ROW: Final = codes.DATA_ROW
 _COPY_DATA: Final = codes.COPY_DATA
 _ALL_QUIET: Final = ALL_QUIET
 _TX_IDLE: Final = codes.TX_IDLE
+_ERROR: Final = codes.ERROR_RESPONSE
 
 
 class ReplyRouter:
@@ -54,13 +55,19 @@ class ReplyRouter:
     """
 
     __slots__ = ("_body", "_drop", "_header", "_in_body", "_skip", "_type", "changes",
-                 "max_length", "plan", "status")
+                 "errors", "idle_readies", "max_length", "plan", "readies", "status")
 
     def __init__(self, plan: ReplyPlan, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
         self.plan = plan
         self.max_length = max_length
         self.status = codes.TX_IDLE  # of the last ReadyForQuery
         self.changes: dict[str, str] = {}  # ParameterStatus values since the caller last looked
+        # counters for the views: ReadyForQuery messages passed, those with status 'I' (a
+        # transaction ended), and the SQLSTATEs of ErrorResponses passed (the caller empties
+        # it; an ErrorResponse split across chunks is not seen)
+        self.readies = 0
+        self.idle_readies = 0
+        self.errors: list[str] = []
         self._header = b""  # a header split across chunks
         self._in_body = False
         self._skip = 0  # body bytes of the current message still to come
@@ -172,6 +179,9 @@ class ReplyRouter:
                         raise FramingError("ReadyForQuery with a body that is not one byte")
                     status = data[end - 1]
                     self.status = status
+                    self.readies += 1
+                    if status == _TX_IDLE:
+                        self.idle_readies += 1
                     # free when nothing is expected (and so nothing fabricated is due)
                     if client_at_rest and status == _TX_IDLE and not steps:
                         return (data if run == 0 and not out and pos == n else
@@ -181,11 +191,15 @@ class ReplyRouter:
                 continue
             # the plan's attention: the reply ends a request, is an error, is dropped, ...
             head = steps[0]  # (quiet is ALL_QUIET when nothing is expected)
+            dropped = False  # pgcorral's own request's reply: not the client's query
             if head.plain and type_ in head.ends:
                 plan.pop_plain()  # a request passed unchanged is answered
             elif plan.on_server_reply(type_) == DROP:
                 out.append(data[run:pos])
                 run = end
+                dropped = True
+            if type_ == _ERROR and not dropped:
+                self.errors.append(error_sqlstate(data[pos + 5:end]))
             quiet = steps[0].quiet if steps else _ALL_QUIET
             pos = end
             if fabricated:  # (taking them leaves the plan's steps as they are)
@@ -197,6 +211,10 @@ class ReplyRouter:
                     raise FramingError("ReadyForQuery with a body that is not one byte")
                 status = data[end - 1]
                 self.status = status
+                if not dropped:
+                    self.readies += 1
+                    if status == _TX_IDLE:
+                        self.idle_readies += 1
                 if client_at_rest and status == _TX_IDLE and not steps:
                     out.append(data[run:pos])
                     return b"".join(out), pos
@@ -235,6 +253,10 @@ class ReplyRouter:
             if len(body) != 1:
                 raise FramingError("ReadyForQuery with a body that is not one byte")
             self.status = body[0]
+            if not self._drop:
+                self.readies += 1
+                if body[0] == _TX_IDLE:
+                    self.idle_readies += 1
             return True
         self._collect_parameter(bytes(body))
         return False

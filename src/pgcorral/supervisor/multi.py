@@ -94,7 +94,7 @@ class Supervisor:
         self._done: asyncio.Future[None] | None = None
         self._commands = 0
         self._state: dict[str, Any] = {"disabled": set(), "switched_to": None,
-                                       "failed_servers": set()}
+                                       "failed_servers": set(), "paused": set()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._quick_deaths: dict[int, int] = {}  # worker index -> deaths soon after start
 
@@ -138,6 +138,8 @@ class Supervisor:
         state = self._state
         if operation in ("enable", "disable") and answer is not None:
             state["disabled"] = set(answer)  # the workers' disabled list after the change
+        elif operation in ("pause", "resume") and answer is not None:
+            state["paused"] = set(answer)
         elif operation == "switch_to":
             state["switched_to"] = args[0]
             if answer not in (None, args[0]):  # the previous server is marked failed

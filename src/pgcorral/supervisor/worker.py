@@ -63,6 +63,7 @@ class Worker:
         ctx.disabled.update(state["disabled"])
         ctx.switched_to = state["switched_to"]
         ctx.failed_servers.update(state["failed_servers"])
+        ctx.pool.paused.update(state["paused"])
         self.channel = Channel(self._on_message, self._on_lost)
         self._starving = False
         # SCM_RIGHTS to and from the supervisor (server connections handed over)
