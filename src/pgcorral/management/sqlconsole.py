@@ -99,7 +99,7 @@ def result(columns: Sequence[Column], rows: Sequence[Row], tag: str = "SHOW") ->
 
 
 def error(sqlstate: str, text: str) -> bytes:
-    return msg.error_response(sqlstate, text)
+    return msg.error_response(sqlstate, text, severity="ERROR")
 
 
 # --- timestamps and ids ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ admins.conf user and the users/frontend vault otherwise (``net.auth.authenticate
 ``trust`` and ``cert`` ask for none. Then a greeting of pgcorral's own, and one statement per
 simple Query answered by ``ctx.admin_console`` (``management.sqlconsole``, set by the process
 that runs the worker: it reaches the whole pooler's management commands). The extended
-protocol is refused as PgBouncer refuses it (an error, then the connection is closed).
+protocol gets PgBouncer's error, and the session goes on after the batch's Sync.
 
 This module knows no statement and no pool: it moves messages.
 """
@@ -99,15 +99,30 @@ async def serve(client: ClientConnection, rule: HbaRule) -> None:
         log.info("admin console connection authorized: user=%s database=%s host=%s", user,
                  client.database, client.address or "[local]")
     client.write(greeting(client, kind == "admin"))
+    skipping = False  # after an extended-protocol message, until its Sync
     while True:
         type_, body = await _next_message(client)
         if type_ == codes.TERMINATE:
             return
+        if skipping:
+            if type_ == codes.SYNC:
+                skipping = False
+                client.write(msg.ready_for_query())
+            continue
+        if type_ in _EXTENDED:
+            # refused, and the session goes on: the rest of the batch is skipped up to its
+            # Sync, as PostgreSQL skips a failed batch (FunctionCall has no Sync)
+            client.write(msg.error_response("08P01", _EXTENDED_REFUSED, severity="ERROR"))
+            if type_ == codes.FUNCTION_CALL:
+                client.write(msg.ready_for_query())
+            else:
+                skipping = type_ != codes.SYNC
+                if not skipping:
+                    client.write(msg.ready_for_query())
+            continue
         if type_ != codes.QUERY:
-            what = ("extended query protocol" if type_ in _EXTENDED else
-                    f"message type {chr(type_)!r}")
-            raise ClientProtocolError(f"{what} not supported by admin console; use the simple "
-                                      "query protocol")
+            raise ClientProtocolError(f"unexpected message type {chr(type_)!r} in the admin "
+                                      "console")
         console = ctx.admin_console
         statement = body[:-1].decode("utf-8", "replace") if body.endswith(b"\0") else ""
         if console is None:
@@ -117,6 +132,8 @@ async def serve(client: ClientConnection, rule: HbaRule) -> None:
         client.write(reply + msg.ready_for_query())
 
 
+_EXTENDED_REFUSED = ("extended query protocol not supported by admin console; use the simple "
+                     "query protocol")
 _EXTENDED = (codes.PARSE, codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.SYNC, codes.FLUSH,
              codes.CLOSE, codes.FUNCTION_CALL)
 
