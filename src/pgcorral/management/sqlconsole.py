@@ -379,7 +379,8 @@ def show_databases(s: Snapshot) -> Sequence[Row]:
     pools: dict[str, list[dict[str, Any]]] = {}
     for pool in s.pools():
         pools.setdefault(pool["database"], []).append(pool)
-    names = sorted(set(pools) | {n for n in limits if n != "all"})
+    named = {*limits, *s.stats.get("paused", []), *s.stats.get("disabled", [])}
+    names = sorted(set(pools) | (named - {"all", "*"}))
     mode = "transaction" if s.stats.get("pipeline") == "transaction" else "session"
     rows: list[Row] = []
     for name in names:
