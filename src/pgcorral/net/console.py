@@ -126,9 +126,16 @@ async def serve(client: ClientConnection, rule: HbaRule) -> None:
         console = ctx.admin_console
         statement = body[:-1].decode("utf-8", "replace") if body.endswith(b"\0") else ""
         if console is None:
-            reply = msg.error_response("0A000", "the admin console is not available here")
+            reply = msg.error_response("0A000", "the admin console is not available here",
+                                       severity="ERROR")
         else:
-            reply = await console(statement, kind == "admin")
+            answer = asyncio.ensure_future(console(statement, kind == "admin"))
+            while not answer.done():  # PAUSE may wait long: stop when the client is gone
+                await asyncio.wait({answer}, timeout=SHUTDOWN_POLL)
+                if client.closed and not answer.done():
+                    answer.cancel()
+                    return
+            reply = answer.result()
         client.write(reply + msg.ready_for_query())
 
 
