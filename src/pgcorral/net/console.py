@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgcorral import __version__
 from pgcorral.errors import ClientProtocolError, NoHbaEntry, ShuttingDown
@@ -130,12 +130,16 @@ async def serve(client: ClientConnection, rule: HbaRule) -> None:
                                        severity="ERROR")
         else:
             answer = asyncio.ensure_future(console(statement, kind == "admin"))
-            while not answer.done():  # PAUSE may wait long: stop when the client is gone
-                await asyncio.wait({answer}, timeout=SHUTDOWN_POLL)
-                if client.closed and not answer.done():
+            answer.add_done_callback(_retrieve)
+            try:
+                while not answer.done():  # PAUSE may wait long: stop when the client leaves
+                    await asyncio.wait({answer}, timeout=SHUTDOWN_POLL)
+                    if client.closed and not answer.done():
+                        return
+                reply = answer.result()
+            finally:
+                if not answer.done():
                     answer.cancel()
-                    return
-            reply = answer.result()
         client.write(reply + msg.ready_for_query())
 
 
@@ -150,10 +154,21 @@ async def _next_message(client: ClientConnection) -> tuple[int, bytes]:
     console sessions."""
     ctx = client.ctx
     read = asyncio.ensure_future(client.read_message())
-    while True:
-        done, _ = await asyncio.wait({read}, timeout=SHUTDOWN_POLL)
-        if done:
-            return read.result()
-        if ctx.shutting_down and all(is_console(c.database) for c in ctx.clients):
+    read.add_done_callback(_retrieve)  # its error is ours (or nobody's, at the loop's end)
+    try:
+        while True:
+            done, _ = await asyncio.wait({read}, timeout=SHUTDOWN_POLL)
+            if done:
+                return read.result()
+            if ctx.shutting_down and all(is_console(c.database) for c in ctx.clients):
+                raise ShuttingDown("pgcorral is shutting down")
+    finally:
+        if not read.done():  # (also when this coroutine is cancelled at the loop's end)
             read.cancel()
-            raise ShuttingDown("pgcorral is shutting down")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of a helper task as seen: when the session's coroutine was cancelled
+    at the loop's end, nobody else will."""
+    if not task.cancelled():
+        task.exception()
