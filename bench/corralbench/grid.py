@@ -89,7 +89,11 @@ class Bench:
         self.cluster.init(
             settings={
                 # direct runs need one backend per client (500-client cells)
-                "max_connections": str(max(400, max(self.cfg.clients) + 50)),
+                # every pooler target keeps up to --pool-size connections
+                "max_connections": str(max(400, max(self.cfg.clients) + 50 + self.cfg.pool_size
+                                           * len(target_names(self.cfg.targets,
+                                                              self.cfg.workers,
+                                                              self.cfg.builds)))),
                 "shared_buffers": "256MB",
                 "fsync": "off",
                 "synchronous_commit": "off",

@@ -25,6 +25,9 @@ from .procs import PROCS, clean_env, first_line, tail
 from .proctree import CpuSample, descendants, stop_leftovers, tree_cpu
 from .tls import Tls, start_tls
 
+#: loopback scrapes never go through an http_proxy of the environment
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class TargetError(RuntimeError):
     """A target could not be started or died."""
@@ -329,10 +332,6 @@ log_pooler_errors = 1
         )
         wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
                    self.client_env())  # fmt: skip
-        if self.metrics_port:
-            self._scraping.clear()
-            threading.Thread(target=self.scrape_forever, daemon=True,
-                             name=f"scrape-{self.name}").start()
 
     def version(self) -> str | None:
         return first_line([self.binary, "--version"])
@@ -450,7 +449,7 @@ port = {self.cluster.port}
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         while not self._scraping.wait(self.metrics_scrape):
             try:
-                with urllib.request.urlopen(url, timeout=5) as answer:
+                with _NO_PROXY.open(url, timeout=5) as answer:
                     answer.read()
                 self.scrapes["ok"] += 1
             except OSError:
@@ -499,6 +498,10 @@ port = {self.cluster.port}
         )
         wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
                    self.client_env())  # fmt: skip
+        if self.metrics_port:
+            self._scraping.clear()
+            threading.Thread(target=self.scrape_forever, daemon=True,
+                             name=f"scrape-{self.name}").start()
 
     def stop(self) -> None:
         self._scraping.set()

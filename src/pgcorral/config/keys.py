@@ -163,6 +163,10 @@ KEYS: tuple[Key, ...] = (
     Key("metrics_key_file", "path", "", _LIVE, "Private key for HTTPS metrics."),
     Key("metrics_ca_file", "path", "", _LIVE, "CA that metrics client certificates are verified "
         "against."),
+    Key("metrics_client_groups", "int", 100, _LIVE, _OURS + "Client groups (address, "
+        "application_name, user) /metrics shows one by one: the most transactions first, the "
+        "others added up under address `(other)`. Bounds the series of the per-client view.",
+        minimum=0, maximum=100000),
     Key("console", "int", 0, _NOT_LIVE, "Port of the web console; 0 = off.",
         minimum=0, maximum=65535),
     Key("admin_users", "string", "", _LIVE,

@@ -33,9 +33,9 @@ def read_text(path: str, problems: list[str]) -> str | None:
 
 def _check_tls(path: str, text: str, main: MainConfig, servers: list[ServerConfig],
                problems: list[str]) -> None:
-    """Every TLS context builds (certificates, keys, CAs, ciphers); a problem names the key's
-    line."""
-    from pgcorral.security.tls import TlsFileError, client_side, server_side
+    """Every TLS context builds (certificates, keys, CAs, ciphers; clients, servers, the
+    metrics and console ports); a problem names the key's line."""
+    from pgcorral.security.tls import TlsFileError, client_side, http_side, server_side
 
     def line_of(section: str | None, key: str) -> int | None:
         for found in read_ini(path, text, []):
@@ -47,6 +47,10 @@ def _check_tls(path: str, text: str, main: MainConfig, servers: list[ServerConfi
 
     try:
         client_side(main)
+    except TlsFileError as exc:
+        problems.append(problem(path, line_of(None, exc.key), None, str(exc)))
+    try:
+        http_side(main)
     except TlsFileError as exc:
         problems.append(problem(path, line_of(None, exc.key), None, str(exc)))
     for server in servers:

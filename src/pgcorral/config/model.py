@@ -112,6 +112,7 @@ class MainConfig:
     metrics_cert_file: str = ""
     metrics_key_file: str = ""
     metrics_ca_file: str = ""
+    metrics_client_groups: int = 100
     console: int = 0
     admin_users: str = ""
     stats_users: str = ""

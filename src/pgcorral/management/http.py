@@ -8,10 +8,15 @@ everywhere:
 * the request line and headers must arrive within ``READ_TIMEOUT`` seconds and fit in
   ``MAX_HEAD`` bytes, else 408 / 431 and the connection is closed (a slow or garbage scraper
   holds one socket for at most that long and nothing else);
-* anything that is not ``METHOD SP target SP HTTP/1.x`` is 400; a method other than GET/HEAD
-  is 405; an unknown path 404;
+* anything that is not ``METHOD SP target SP HTTP/1.x`` is 400, answered as soon as the
+  request line has arrived (garbage does not wait for the end of a head it will never send);
+  a method other than GET/HEAD is 405; an unknown path 404;
 * a response is written with a ``WRITE_TIMEOUT`` (a scraper that stops reading is dropped);
-* at most ``MAX_CONNECTIONS`` connections at once; more are closed at accept.
+* at most ``MAX_CONNECTIONS`` connections at once; more get a canned 503 and are closed at
+  once (nothing is read from them).
+
+``PGCORRAL_HTTP_READ_TIMEOUT`` (seconds), read for every connection, replaces ``READ_TIMEOUT``:
+a test hook (the daemon is a subprocess), not a configuration key.
 
 TLS when an ``ssl.SSLContext`` is given (``metrics_cert_file`` / ``metrics_key_file``).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +35,7 @@ from urllib.parse import parse_qsl, urlsplit
 log = logging.getLogger("pgcorral.http")
 
 READ_TIMEOUT = 5.0
+READ_TIMEOUT_ENV = "PGCORRAL_HTTP_READ_TIMEOUT"
 WRITE_TIMEOUT = 10.0
 MAX_HEAD = 16384
 MAX_CONNECTIONS = 64
@@ -62,6 +69,20 @@ def text(status: int, message: str) -> Response:
     return Response(status, (message + "\n").encode())
 
 
+def read_timeout() -> float:
+    """``READ_TIMEOUT``, or ``PGCORRAL_HTTP_READ_TIMEOUT`` when that is a positive number."""
+    try:
+        value = float(os.environ.get(READ_TIMEOUT_ENV, ""))
+    except ValueError:
+        return READ_TIMEOUT
+    return value if value > 0 else READ_TIMEOUT
+
+
+#: What a connection over ``MAX_CONNECTIONS`` gets, before it is closed.
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 5\r\nConnection: close\r\nRetry-After: 1\r\n\r\nbusy\n")
+
+
 class HttpServer:
     """Serves ``routes`` (exact paths) on one port."""
 
@@ -77,7 +98,7 @@ class HttpServer:
         hosts = None if host in ("*", "") else host
         server = await asyncio.start_server(self._serve, hosts, port, ssl=self.tls,
                                             reuse_address=True, limit=MAX_HEAD,
-                                            ssl_handshake_timeout=READ_TIMEOUT
+                                            ssl_handshake_timeout=read_timeout()
                                             if self.tls is not None else None)
         self._servers.append(server)
         log.info("%s: listening on %s:%d (%s)", self.name, host, port,
@@ -90,6 +111,8 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:
+            with contextlib.suppress(Exception):
+                writer.write(_BUSY)
             writer.close()
             return
         self._open += 1
@@ -106,7 +129,17 @@ class HttpServer:
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            async with asyncio.timeout(read_timeout()):
+                head = await reader.readuntil(b"\n")
+                if parse_request_line(head) is None:
+                    return text(400, "bad request"), False
+                while True:  # header lines up to the empty one
+                    line = await reader.readuntil(b"\n")
+                    head += line
+                    if len(head) > MAX_HEAD:
+                        return text(431, "request head too large"), False
+                    if line in (b"\r\n", b"\n"):
+                        break
         except TimeoutError:
             return text(408, "request timeout"), False
         except asyncio.LimitOverrunError:
@@ -147,16 +180,25 @@ class HttpServer:
         await writer.drain()
 
 
+def parse_request_line(line: bytes) -> tuple[str, str, str] | None:
+    """Method, target and version of a request line (``METHOD SP target SP HTTP/1.x CRLF``),
+    None when it is not one."""
+    parts = line.rstrip(b"\r\n").decode("latin-1").split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha() \
+            or not parts[0].isascii() or not parts[1].startswith("/"):
+        return None
+    return parts[0], parts[1], parts[2]
+
+
 def parse_head(head: bytes) -> Request | None:
     """The request line and headers, or None when they are not HTTP/1.x."""
     try:
         decoded = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
         return None
-    lines = decoded.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha() \
-            or not parts[1].startswith("/"):
+    lines = [line.removesuffix("\r") for line in decoded.split("\n")]
+    parts = parse_request_line(lines[0].encode("latin-1"))
+    if parts is None:
         return None
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -170,4 +212,5 @@ def parse_head(head: bytes) -> Request | None:
     return Request(parts[0].upper(), target.path, dict(parse_qsl(target.query)), headers)
 
 
-__all__ = ["HttpServer", "Request", "Response", "Route", "parse_head", "text"]
+__all__ = ["HttpServer", "Request", "Response", "Route", "parse_head", "parse_request_line",
+           "read_timeout", "text"]

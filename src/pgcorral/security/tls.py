@@ -209,6 +209,31 @@ def server_side(server: ServerConfig) -> ServerSideTls:
     return ServerSideTls(mode, context, server.host)
 
 
+def http_side(main: MainConfig) -> ssl.SSLContext | None:
+    """HTTPS for the metrics and console ports: None unless ``metrics_cert_file`` and
+    ``metrics_key_file`` are set; with ``metrics_ca_file`` every client must present a
+    certificate that CA signed. TLS 1.2 or later. TlsFileError when a file does not load or
+    only some of the three are set."""
+    cert, key, ca = main.metrics_cert_file, main.metrics_key_file, main.metrics_ca_file
+    if not (cert or key or ca):
+        return None
+    if not cert or not key:
+        have, missing = (("metrics_cert_file", "metrics_key_file") if cert else
+                         ("metrics_key_file", "metrics_cert_file") if key else
+                         ("metrics_ca_file", "metrics_cert_file"))
+        raise TlsFileError(have, "", f"{missing} is not set (HTTPS needs "
+                           "metrics_cert_file and metrics_key_file)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    _load_chain(context, "metrics_cert_file", cert, "metrics_key_file", key)
+    if ca:
+        _load_ca(context, "metrics_ca_file", ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 def peer_common_name(ssl_object: ssl.SSLObject) -> str | None:
     """The CN of the verified client certificate, None without one (PostgreSQL maps the CN to
     the user name: hba ``cert`` and ``clientcert=verify-full``)."""
