@@ -26,8 +26,8 @@ flush_timeout disconnect_client disconnect_client_force
 PGAGROAL_MAIN_KEYS = _PGAGROAL_MAIN_KEYS.split()
 
 OURS = ["max_packet_size", "max_prepared_statements", "workers", "server_connect_timeout",
-        "tls_crl_file", "tls_min_protocol_version", "tls_max_protocol_version", "tls_ciphers",
-        "metrics_client_groups"]
+        "admin_users", "stats_users", "tls_crl_file", "tls_min_protocol_version",
+        "tls_max_protocol_version", "tls_ciphers", "metrics_client_groups"]
 
 
 def _main_keys() -> dict[str, object]:

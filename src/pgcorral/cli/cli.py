@@ -33,6 +33,8 @@ _COMMANDS_HELP = """commands:
   flush [gracefully|idle|all] [db]      close server connections (flush-idle, flush-gracefully,
                                         flush-all); all aborts clients: USE WITH CAUTION
   enable [db] / disable [db]            allow / refuse new logins to a database (default all)
+  pause [db] / resume [db]              hold / release new transactions of a database
+  kill-client <id>                      abort one client (id from the console's SHOW CLIENTS)
   shutdown [gracefully|immediate|cancel]  stop pgcorral (gracefully, stop, cancel-shutdown)
   switch-to <server>                    send new server connections to <server>
   clear prometheus | clear server <name>  reset counters / a failed server

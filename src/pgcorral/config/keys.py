@@ -169,6 +169,12 @@ KEYS: tuple[Key, ...] = (
         minimum=0, maximum=100000),
     Key("console", "int", 0, _NOT_LIVE, "Port of the web console; 0 = off.",
         minimum=0, maximum=65535),
+    Key("admin_users", "string", "", _LIVE,
+        _OURS + "PgBouncer's key: comma-separated users who may run every command of the SQL admin "
+        "console (database `pgcorral` or `pgbouncer`); admins.conf users may too."),
+    Key("stats_users", "string", "", _LIVE,
+        _OURS + "PgBouncer's key: comma-separated users who may run SHOW in the SQL admin "
+        "console."),
     Key("pidfile", "path", "", _NOT_LIVE,
         "PID file; empty or absent means <unix_socket_dir>/pgcorral.<port>.pid."),
     Key("update_process_title", "enum", "verbose", _LIVE, "What the process title shows.",

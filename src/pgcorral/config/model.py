@@ -114,6 +114,8 @@ class MainConfig:
     metrics_ca_file: str = ""
     metrics_client_groups: int = 100
     console: int = 0
+    admin_users: str = ""
+    stats_users: str = ""
     pidfile: str = ""
     update_process_title: str = "verbose"
     tracker: bool = False

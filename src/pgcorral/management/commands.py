@@ -113,6 +113,33 @@ def _toggle(enable: bool) -> Handler:
     return handler
 
 
+def _pause(pause: bool) -> Handler:
+    """``pause [database]`` / ``resume [database]``: clients of the database (all: every
+    database) get no server connection until resumed; what runs now goes on
+    (``net.control.pause``). ``pause`` answers at once; the SQL console's PAUSE then waits
+    for the active server connections to finish, as PgBouncer's does."""
+    name = "pause" if pause else "resume"
+
+    async def handler(c: Controller, args: list[str]) -> Fields:
+        _max_args(args, 1, f"{name} [database]")
+        database = args[0] if args else "all"
+        paused = await c.call(name, database)
+        log.info("%s database %s", "paused" if pause else "resumed", database)
+        return {"database": database, "paused": paused}
+    return handler
+
+
+async def kill_client(c: Controller, args: list[str]) -> Fields:
+    """``kill-client <id>``: abort the client with that id (the id SHOW CLIENTS shows:
+    ``worker * 1000000000 + the worker's own id``)."""
+    if len(args) != 1 or not args[0].isdigit():
+        raise CommandError("usage: kill-client <client id>")
+    if not await c.call("kill_client", int(args[0])):
+        raise CommandError(f"no client with id {args[0]}")
+    log.info("killed client %s", args[0])
+    return {"client": int(args[0])}
+
+
 async def shutdown(c: Controller, args: list[str]) -> Fields:
     _max_args(args, 1, "shutdown [gracefully|immediate|cancel]")
     mode = args[0] if args else "gracefully"
@@ -239,6 +266,9 @@ HANDLERS: dict[str, Handler] = {
     "flush": flush,
     "enable": _toggle(True),
     "disable": _toggle(False),
+    "pause": _pause(True),
+    "resume": _pause(False),
+    "kill-client": kill_client,
     "shutdown": shutdown,
     "switch-to": switch_to,
     "clear": clear,

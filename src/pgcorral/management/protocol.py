@@ -25,8 +25,8 @@ MAX_FRAME = 1 << 20
 MAX_ANSWER = 256 << 20
 
 #: Every command the daemon knows (first word), pgagroal's current names.
-COMMANDS = ("ping", "status", "stats", "flush", "enable", "disable", "shutdown", "switch-to",
-            "clear", "conf")
+COMMANDS = ("ping", "status", "stats", "flush", "enable", "disable", "pause", "resume",
+            "kill-client", "shutdown", "switch-to", "clear", "conf")
 #: pgagroal 0.5.0 / 1.6 names: alias -> (command, arguments put before the user's).
 ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "is-alive": ("ping", ()),

@@ -44,6 +44,7 @@ from pgcorral.errors import (
     ShuttingDown,
     StartupRejected,
 )
+from pgcorral.net import console
 from pgcorral.net.auth import VaultLogin, authenticate_client, authenticate_with_verifier
 from pgcorral.net.endpoint import ConnectionLost, Endpoint
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
@@ -404,6 +405,9 @@ class ClientConnection(Endpoint):
         rule = self.hba_rule = self._hba_rule()
         if rule.clientcert:
             self._check_client_cert(rule)
+        if console.is_console(self.database):  # the SQL admin console (net.console)
+            self._start(console.serve(self, rule))
+            return
         if ctx.shutting_down:
             raise ShuttingDown("pgcorral is shutting down")
         ctx.check_enabled(self.database)  # a disabled database: DatabaseDisabled 57P03

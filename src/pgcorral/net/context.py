@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.config import Config, HbaRule, ServerConfig
@@ -72,6 +72,10 @@ class Context:
         #: set by the worker runtime with several workers in session pooling: an idle
         #: connection another worker's client waits for is offered to it (net.handoff)
         self.offer: Callable[[tuple[str, str], int], None] | None = None
+        #: set by the daemon (one process) or the worker process: answers one statement of the
+        #: SQL admin console (``management.sqlconsole``) as protocol messages, for the whole
+        #: pooler; (statement, admin?) -> bytes. None: no console (tests of one Context)
+        self.admin_console: Callable[[str, bool], Awaitable[bytes]] | None = None
         self.all_idle = asyncio.Event()
         self.aliases = config.aliases()
         self.auth_query = AuthQuery()

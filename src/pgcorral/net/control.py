@@ -371,7 +371,27 @@ def set_server_key(ctx: Context, server: str, name: str, value: object) -> objec
     return old
 
 
+#: Client ids the SQL admin console shows are unique across workers:
+#: ``worker * CLIENT_ID_STRIDE + id`` (``id`` counts per worker).
+CLIENT_ID_STRIDE = 1_000_000_000
+
+
+def kill_client(ctx: Context, client_id: int) -> bool:
+    """Abort the client ``client_id`` (a console id, see CLIENT_ID_STRIDE) if it is one of this
+    worker's; True if it was (every worker is asked, only the owner finds it)."""
+    worker, local = divmod(client_id, CLIENT_ID_STRIDE)
+    if worker != ctx.worker:
+        return False
+    for client in list(ctx.clients):
+        if client.id == local:
+            log.info("killing client %d (%s, user %r, database %r)", client_id,
+                     client.address or "[local]", client.user, client.database)
+            client.abort()
+            return True
+    return False
+
+
 #: What the management layer may call, by name (the supervisor sends these names to workers).
 OPERATIONS = {f.__name__: f for f in (status, details, stats, pause, resume, disable, enable,
                                        flush, switch_to, clear_server, clear_counters,
-                                       set_main_key, set_server_key)}
+                                       set_main_key, set_server_key, kill_client)}

@@ -14,6 +14,7 @@ management commands drive (``management.commands``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from typing import Any
 
 from pgcorral.config import Config
 from pgcorral.errors import ConfigError
+from pgcorral.management import sqlconsole
+from pgcorral.management.commands import dispatch
 from pgcorral.management.server import ManagementServer
 from pgcorral.management.services import start_http
 from pgcorral.net import control
@@ -39,6 +42,8 @@ class Daemon:
         self.ctx = self.runtime.ctx
         self._reload_config = reload_config
         self.management = ManagementServer(self)
+        # the SQL admin console runs management commands with this daemon as controller
+        self.ctx.admin_console = functools.partial(sqlconsole.answer, manage=self._manage)
 
     # --- the Controller of management.commands -----------------------------------------------
 
@@ -80,6 +85,9 @@ class Daemon:
         log.info("configuration reloaded")
         sd_notify("READY=1")
         return []
+
+    async def _manage(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await dispatch(self, request)
 
     # --- running -----------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from pgcorral.config import Config
 from pgcorral.errors import ConfigError
+from pgcorral.management.commands import dispatch
 from pgcorral.management.server import ManagementServer
 from pgcorral.management.services import start_http
 from pgcorral.net.control import replace_main_key, replace_server_key
@@ -370,10 +371,24 @@ class Supervisor:
             for other in self.workers.values():
                 if other is not handle:
                     other.channel.send("cancel", message[1], message[2])
+        elif kind == "admin":  # a statement of the SQL admin console (management.sqlconsole)
+            self._spawn_task(self._admin(handle, message[1], message[2]))
         elif kind == "ready":
             handle.pid = message[1]
             if not handle.ready.done():
                 handle.ready.set_result(message[1])
+
+    async def _admin(self, handle: WorkerHandle, request_id: int,
+                     request: dict[str, Any]) -> None:
+        """A management request from a worker's SQL console, run with this supervisor as the
+        controller (so for every worker); the answer goes back to that worker."""
+        try:
+            answer = await dispatch(self, request)
+        except Exception as exc:
+            log.exception("admin console request %r failed", request.get("command"))
+            handle.channel.reply(request_id, False, RuntimeError(str(exc)))
+            return
+        handle.channel.reply(request_id, True, answer)
 
     async def _find_room(self, starved: WorkerHandle, key: tuple[str, str],
                          rule_no: int | None) -> None:
@@ -455,6 +470,8 @@ def merge(operation: str, answers: list[Any], supervisor: Supervisor) -> Any:
             for name, value in answer.items():
                 out[name] = out.get(name, 0) + value
         return out
+    if operation == "kill_client":  # only the worker that has the client finds it
+        return any(answers)
     return answers[0] if answers else None
 
 

@@ -13,6 +13,7 @@ pooler) and stops at once when the supervisor is gone (end of the control channe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import socket
 import sys
 from typing import Any
 
+from pgcorral.management import sqlconsole
 from pgcorral.net import control, handoff
 from pgcorral.pool.budget import RULE_FULL
 from pgcorral.supervisor.channel import Channel, receive_blocking
@@ -82,6 +84,8 @@ class Worker:
         self.budget.on_freed = lambda: self.channel.send("freed")
         ctx.pool.on_starved = self._starved
         ctx.cancel_elsewhere = lambda pid, secret: self.channel.send("cancel", pid, secret)
+        # the SQL admin console: management commands run by the supervisor, for every worker
+        ctx.admin_console = functools.partial(sqlconsole.answer, manage=self._manage)
         if handoff.hands_over(ctx):
             ctx.offer = lambda key, rule_no: self.channel.send("offer", key, rule_no)
         await self.runtime.start()
@@ -92,6 +96,10 @@ class Worker:
         self.channel.send("stopped", mode)
         self.channel.close()
         return 0
+
+    async def _manage(self, request: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.channel.request("admin", request)
+        return answer
 
     def _starved(self, key: tuple[str, str], rule_no: int, outcome: int) -> None:
         """No room for a new connection and nothing idle here to close: ask the supervisor to
