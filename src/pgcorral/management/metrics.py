@@ -103,7 +103,8 @@ FAMILIES: dict[str, Family] = _families(
     ("pgagroal_auth_user_bad_password", "untyped", (),
      "Client logins refused for a wrong password (counter)."),
     ("pgagroal_auth_user_error", "untyped", (),
-     "Client logins that failed otherwise: refused (hba, limits) or an error (counter)."),
+     "Client logins that failed otherwise: refused (hba, a full pool, shutdown, an unknown or "
+     "disabled database) or an error (counter)."),
     ("pgagroal_client_wait", "gauge", (),
      "Clients logging in or waiting for a server connection."),
     ("pgagroal_client_active", "gauge", (), "Clients holding a server connection."),
