@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.config import Config
+from pgcorral.net.console import is_console
 from pgcorral.pool.pool import ACTIVE, IDLE, OPENING
 from pgcorral.pool.stats import BUCKETS_US, PoolStats, Tally
 
@@ -72,6 +73,8 @@ def _now_us() -> int:
 
 
 def _client_state(client: Any) -> str:
+    if is_console(client.database):
+        return "console"  # a session of the SQL admin console (net.console)
     if client.wait_since_us:
         return "waiting"
     if client.server is not None:
