@@ -355,6 +355,7 @@ class PgCorralTarget(PoolerTarget):
         self.metrics_port = find_free_port() if metrics_scrape > 0 else 0
         self.scrapes = {"ok": 0, "failed": 0}
         self._scraping = threading.Event()
+        self._version: str | None = None
         super().__init__(workdir, cluster, pool_size, mode, psql, start_timeout, scram, tls)
         self.python = python
         # The vault (only with the scram user): a master key of its own in a 0700 directory
@@ -498,6 +499,7 @@ port = {self.cluster.port}
         )
         wait_ready(self.name, self.port, self.psql, self.proc, self.logfile, self.start_timeout,
                    self.client_env())  # fmt: skip
+        self.version()
         if self.metrics_port:
             self._scraping.clear()
             threading.Thread(target=self.scrape_forever, daemon=True,
@@ -511,6 +513,9 @@ port = {self.cluster.port}
         super().stop()
 
     def version(self) -> str | None:
-        # e.g. "pgcorral 0.1.0 (compiled with mypyc)"
-        return first_line([self.python, "-m", "pgcorral", "-V"],
-                          env={"PYTHONPATH": str(self.source())})
+        # e.g. "pgcorral 0.1.0 (compiled with mypyc)"; asked once, while the source exists
+        # (the base build's tree goes with the work directory)
+        if self._version is None:
+            self._version = first_line([self.python, "-m", "pgcorral", "-V"],
+                                       env={"PYTHONPATH": str(self.source())})
+        return self._version
