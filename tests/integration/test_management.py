@@ -76,7 +76,8 @@ def test_status_counts_and_output_shapes(pgcorral: DaemonFactory) -> None:
         assert status["active_connections"] == 1 and status["clients"] == 1
         assert status["max_connections"] == 20 and status["status"] == "running"
         assert status["servers"] == [{"name": "primary", "host": "127.0.0.1",
-                                      "port": status["servers"][0]["port"], "state": "primary"}]
+                                      "port": status["servers"][0]["port"], "state": "primary",
+                                      "errors": 0}]
         details = cli_json(d, "details")  # the 0.5.0 name of status details
         assert details["connections"][0]["pid"] == pid
         assert details["connections"][0]["state"] == "active"
