@@ -44,8 +44,10 @@ VIEWS = ["POOLS", "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "CLIENTS"
          "ACTIVE_SOCKETS", "DNS_HOSTS", "DNS_ZONES"]
 
 
-def start(pgcorral: DaemonFactory, tmp_path: Path, **conf: str) -> Daemon:
+def start(pgcorral: DaemonFactory, tmp_path: Path, listen: str = "", **conf: str) -> Daemon:
     users, env = write_vault(tmp_path, {ADMIN: ADMIN_PW, STATS: STATS_PW, PLAIN: PLAIN_PW})
+    if listen:
+        env["PGCORRAL_LISTEN"] = listen
     admins, _ = write_vault(tmp_path, {VAULT_ADMIN: VAULT_ADMIN_PW}, name="admins.conf")
     return pgcorral(conf_extra={"admin_users": f"{ADMIN}, other", "stats_users": STATS, **conf},
                     hba=HBA, env=env, args=["-u", users, "-A", admins])
@@ -439,7 +441,9 @@ def test_shutdown(pgcorral: DaemonFactory, tmp_path: Path) -> None:
 def test_show_clients_covers_every_worker(pgcorral: DaemonFactory, tmp_path: Path) -> None:
     # transaction pooling: clients need no server connection of their own, so the test may
     # open more clients than max_connections until the kernel gave both workers some
-    daemon = start(pgcorral, tmp_path, pipeline="transaction")
+    # (SO_REUSEPORT: the kernel spreads connections over the workers' own sockets by a hash;
+    # one shared socket may give nearly all of them to one worker)
+    daemon = start(pgcorral, tmp_path, listen="reuseport", pipeline="transaction")
     clients: list[psycopg.Connection[Any]] = []
     try:
         with console(daemon) as conn:
