@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 from devtools.pgcluster import find_free_port
+from tests.integration.test_management import poll
 
 from pgcorral.config import Config
 from pgcorral.management import console
@@ -57,17 +58,6 @@ def api(port: int, path: str) -> dict[str, Any]:
     assert headers["Content-Type"] == "application/json"
     answer: dict[str, Any] = json.loads(body)
     return answer
-
-
-def poll(condition: Any, what: str, timeout: float = 20.0,
-         more: Any = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what} {more()}"
-        time.sleep(0.1)
 
 
 def pool_of(stats: dict[str, Any]) -> dict[str, Any] | None:

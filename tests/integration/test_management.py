@@ -47,10 +47,14 @@ def cli_json(d: Daemon, *args: str) -> dict[str, Any]:
     return answer
 
 
-def poll(condition: Any, what: str, timeout: float = 15.0) -> None:
+def poll(condition: Any, what: str, timeout: float = 20.0, more: Any = lambda: "") -> Any:
+    """Wait until ``condition()`` is truthy; its value. ``more()`` adds to the failure."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {more()}"
         time.sleep(0.05)
 
 

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from devtools.pgcluster import PgCluster, find_free_port, unprivileged_user
 from tests.conftest import Daemon, DaemonFactory
-from tests.integration.test_management import cli_json
+from tests.integration.test_management import cli_json, poll
 from tests.pgwire import connect_error, error_fields, read_message, startup_packet
 from tests.vaultfiles import write_vault
 
@@ -82,16 +82,6 @@ def failure(conn: psycopg.Connection[Any], statement: str) -> psycopg.Error:
     with pytest.raises(psycopg.Error) as caught:
         conn.execute(statement)
     return caught.value
-
-
-def poll(check: Any, what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def psql(pg: PgCluster, dsn: str, *commands: str, password: str = ADMIN_PW,

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from tests.conftest import Daemon, DaemonFactory
-from tests.integration.test_management import cli, cli_json
+from tests.integration.test_management import cli, cli_json, poll
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +36,6 @@ def pool(d: Daemon, user: str = "trustuser", database: str = "pgcorral_test") ->
     raise AssertionError(f"no pool {user}@{database} in {stats(d)['pools']}")
 
 
-def wait_for(check: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_transactions_queries_bytes_and_histograms(pgcorral: DaemonFactory,
                                                    pipeline: str) -> None:
@@ -63,7 +52,7 @@ def test_transactions_queries_bytes_and_histograms(pgcorral: DaemonFactory,
         assert live["cl_active"] + live["cl_idle"] == 1
         client = next(c for c in stats(d)["clients"] if c["application_name"] == "statstest")
         assert client["xact_count"] >= n + 1
-    after = wait_for(lambda: (p := pool(d))["cl_active"] + p["cl_idle"] == 0 and p)
+    after = poll(lambda: (p := pool(d))["cl_active"] + p["cl_idle"] == 0 and p, "the client gone")
     # n autocommit statements and one explicit transaction (BEGIN, 2 selects, COMMIT)
     assert after["xact_count"] == n + 1, after
     assert after["query_count"] == n + 4, after
@@ -132,7 +121,7 @@ def test_waiting_client_is_seen_and_its_wait_counted(pgcorral: DaemonFactory,
     thread = threading.Thread(target=waiter)
     thread.start()
     try:
-        busy = wait_for(lambda: (p := pool(d))["cl_waiting"] == 1 and p)
+        busy = poll(lambda: (p := pool(d))["cl_waiting"] == 1 and p, "a waiting client")
         assert busy["sv_active"] == 1
         time.sleep(0.3)  # (the wait to be measured, not a wait for a condition)
         assert pool(d)["maxwait_us"] >= 300_000
@@ -212,8 +201,9 @@ def test_server_connection_rows(pgcorral: DaemonFactory) -> None:
         client = next(c for c in out["clients"] if c["server_pid"] == pid)
         assert row["state"] == "active" and row["client_id"] == client["id"]
         assert row["server"] == "primary" and row["database"] == "pgcorral_test"
-    idle = wait_for(lambda: next((s for s in stats(d)["servers"]
-                                  if s["pid"] == pid and s["state"] == "idle"), None))
+    idle = poll(lambda: next((s for s in stats(d)["servers"]
+                              if s["pid"] == pid and s["state"] == "idle"), None),
+                "the server connection idle")
     assert idle["xact_count"] >= 1 and idle["client_id"] == 0
 
 

@@ -175,12 +175,7 @@ class ClientConnection(Endpoint):
         server = self.server
         if server is not None:
             self.activity += 1  # for disconnect_client
-            server.tally.bytes_received += len(data)
-            if not server.request_us:  # a request begins (and maybe a transaction)
-                now = time.monotonic_ns() // 1000
-                server.request_us = now
-                if not server.xact_start_us:
-                    server.xact_start_us = now
+            server.sending(len(data))
             # Fast path: the chunk starts on a message boundary and holds whole messages, none
             # of them a Terminate (the usual case: one request). The tracker's state is then
             # unchanged; anything else goes through BoundaryTracker.feed.

@@ -99,115 +99,77 @@ def _server_state(slot: Any) -> str:
     return "active" if conn is not None and conn.peer is not None else "tested"
 
 
-def stats(ctx: Context) -> dict[str, Any]:
-    """Everything the views show, for this worker: pools with their state counts, totals and
-    histograms; every client and server connection with its counters; client groups. Plain
-    data (it crosses processes); ``supervisor.multi.merge_stats`` adds workers up. Times:
-    ``*_time`` epoch seconds, ``*_us`` microseconds."""
-    now_us, now = _now_us(), time.time()
-    pipeline = ctx.config.main.pipeline
-    pools: dict[tuple[str, str], dict[str, Any]] = {}
+def _new_pool_entry(ctx: Context, key: tuple[str, str]) -> dict[str, Any]:
+    rule = ctx.pool.rule_for(key)
+    return {
+        "database": key[0], "user": key[1],
+        "pool_mode": "transaction" if ctx.config.main.pipeline == "transaction" else "session",
+        "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
+        "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
+        "maxwait_us": 0, "paused": ctx.pool.is_paused(key),
+        "pool_size": rule.max_size if rule is not None and rule.max_size > 0
+        else ctx.pool.max_connections,
+        "min_pool_size": rule.min_size if rule is not None else 0,
+        "_tally": Tally()}
 
-    def pool_entry(key: tuple[str, str]) -> dict[str, Any]:
-        entry = pools.get(key)
-        if entry is None:
-            rule = ctx.pool.rule_for(key)
-            entry = pools[key] = {
-                "database": key[0], "user": key[1],
-                "pool_mode": "transaction" if pipeline == "transaction" else "session",
-                "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
-                "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
-                "maxwait_us": 0, "paused": ctx.pool.is_paused(key),
-                "pool_size": rule.max_size if rule is not None and rule.max_size > 0
-                else ctx.pool.max_connections,
-                "min_pool_size": rule.min_size if rule is not None else 0,
-                "_tally": Tally()}
-        return entry
 
-    for key, pstats in ctx.stats.items():
-        entry = pool_entry(key)
-        entry["_tally"].add(pstats.retired)
-    clients = []
-    for client in ctx.clients:
-        state = _client_state(client)
-        tally = Tally()
-        tally.add(client.tally)
-        server = client.server
-        if server is not None and (client.hold_since_us or getattr(server, "client", None)
-                                   is client):  # linked: what it did through it so far
-            tally.add_since(server.tally, server.at_link)
-        key = server.slot.key if server is not None else (
-            ctx.config.real_database(client.database), client.user)
-        if client.linked_once or state == "waiting":
-            entry = pool_entry(key)
-            entry["cl_" + state] += 1
-            entry["_tally"].add(tally)
-        hold = tally.hold_us + (now_us - client.hold_since_us if client.hold_since_us else 0)
-        wait = tally.wait_us + (now_us - client.wait_since_us if client.wait_since_us else 0)
-        clients.append({
-            "id": client.id, "worker": ctx.worker, "database": client.database,
-            "user": client.user, "address": client.address or "[local]", "port": client.port,
-            "application_name": client.settings.get("application_name", ""),
-            "state": state, "tls": client.tls.version() if client.tls is not None else "",
-            "connect_time": client.connect_time,
-            "request_time": _request_time(server, now, now_us, client.connect_time),
-            "wait_us": wait, "hold_us": hold,
-            "wait_current_us": now_us - client.wait_since_us if client.wait_since_us else 0,
-            "server_pid": client.server.pid if client.server is not None else 0,
-            "server_id": client.server.slot.id if client.server is not None else 0,
-            **{k: v for k, v in tally.as_dict().items()
-               if k not in ("wait_time_us", "hold_time_us")}})
-    for key, (_count, since) in ctx.pool.waiting_by_key().items():
-        entry = pool_entry(key)
-        entry["maxwait_us"] = max(entry["maxwait_us"], int((time.monotonic() - since) * 1e6))
-    servers = []
-    now_mono = time.monotonic()
-    for slot in sorted(ctx.pool.slots(), key=lambda s: s.id):
-        conn = slot.conn
-        state = _server_state(slot)
-        pool_entry(slot.key)["sv_" + state] += 1
-        section = ctx.config.server_named(conn.server_name) if conn is not None and \
-            conn.server_name else None
-        servers.append({
-            "id": slot.id, "worker": ctx.worker, "database": slot.key[0], "user": slot.key[1],
-            "state": state, "pid": conn.pid if conn is not None else 0,
-            "server": conn.server_name if conn is not None else "",
-            "host": section.host if section is not None else "",
-            "port": section.port if section is not None else 0,
-            "tls": bool(conn.tls) if conn is not None else False,
-            "connect_time": round(now - (now_mono - slot.created_at), 3),
-            "request_time": round(now - (now_mono - slot.last_used), 3),
-            "client_id": conn.client_id if conn is not None else 0,
-            **(conn.tally.as_dict() if conn is not None else Tally().as_dict())})
-    prepared: dict[tuple[str, str], list[int]] = {}
-    for slot in ctx.pool.slots():
-        statements = getattr(slot.conn, "statements", None)
-        if statements is not None:
-            counts = prepared.setdefault(slot.key, [0, 0, 0])
-            counts[0] += statements.hits
-            counts[1] += statements.misses
-            counts[2] += statements.evictions
-    pool_list = []
-    for key in sorted(pools):
-        entry = pools[key]
-        pstats = ctx.stats.get(key) or PoolStats()
-        live = prepared.get(key, [0, 0, 0])
-        entry.update(entry.pop("_tally").as_dict())
-        entry["errors"] = dict(pstats.errors)
-        entry["logins"] = dict(pstats.logins)
-        entry["prepared"] = {"hits": pstats.hits + live[0], "misses": pstats.misses + live[1],
-                             "evictions": pstats.evictions + live[2]}
-        entry["hist"] = {"wait": list(pstats.hist_wait.counts),
-                         "xact": list(pstats.hist_xact.counts),
-                         "query": list(pstats.hist_query.counts)}
-        entry["hist_sum_us"] = {"wait": pstats.hist_wait.sum_us,
-                                "xact": pstats.hist_xact.sum_us,
-                                "query": pstats.hist_query.sum_us}
-        pool_list.append(entry)
-    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for gkey, group in ctx.groups.items():
-        groups[gkey] = {"clients": 0, "clients_total": group.clients,
-                        **group.tally.as_dict()}
+def _client_row(ctx: Context, client: Any, tally: Tally, state: str, now: float,
+                now_us: int) -> dict[str, Any]:
+    server = client.server
+    return {
+        "id": client.id, "worker": ctx.worker, "database": client.database,
+        "user": client.user, "address": client.address or "[local]", "port": client.port,
+        "application_name": client.settings.get("application_name", ""),
+        "state": state, "tls": client.tls.version() if client.tls is not None else "",
+        "connect_time": client.connect_time,
+        "request_time": _request_time(server, now, now_us, client.connect_time),
+        "wait_us": tally.wait_us + (now_us - client.wait_since_us if client.wait_since_us
+                                    else 0),
+        "hold_us": tally.hold_us + (now_us - client.hold_since_us if client.hold_since_us
+                                    else 0),
+        "wait_current_us": now_us - client.wait_since_us if client.wait_since_us else 0,
+        "server_pid": server.pid if server is not None else 0,
+        "server_id": server.slot.id if server is not None else 0,
+        **{k: v for k, v in tally.as_dict().items()
+           if k not in ("wait_time_us", "hold_time_us")}}
+
+
+def _server_row(ctx: Context, slot: Any, state: str, now: float,
+                now_mono: float) -> dict[str, Any]:
+    conn = slot.conn
+    section = ctx.config.server_named(conn.server_name) if conn is not None and \
+        conn.server_name else None
+    return {
+        "id": slot.id, "worker": ctx.worker, "database": slot.key[0], "user": slot.key[1],
+        "state": state, "pid": conn.pid if conn is not None else 0,
+        "server": conn.server_name if conn is not None else "",
+        "host": section.host if section is not None else "",
+        "port": section.port if section is not None else 0,
+        "tls": bool(conn.tls) if conn is not None else False,
+        "connect_time": round(now - (now_mono - slot.created_at), 3),
+        "request_time": round(now - (now_mono - slot.last_used), 3),
+        "client_id": conn.client_id if conn is not None else 0,
+        **(conn.tally if conn is not None else Tally()).as_dict()}
+
+
+def _pool_counters(entry: dict[str, Any], pstats: PoolStats, live: list[int]) -> None:
+    """The pool's totals (its ``_tally``), errors, logins, prepared statements (``live``:
+    those of its open server connections) and histograms, into its entry."""
+    entry.update(entry.pop("_tally").as_dict())
+    entry["errors"] = dict(pstats.errors)
+    entry["logins"] = dict(pstats.logins)
+    entry["prepared"] = {"hits": pstats.hits + live[0], "misses": pstats.misses + live[1],
+                         "evictions": pstats.evictions + live[2]}
+    hists = {"wait": pstats.hist_wait, "xact": pstats.hist_xact, "query": pstats.hist_query}
+    entry["hist"] = {name: list(h.counts) for name, h in hists.items()}
+    entry["hist_sum_us"] = {name: h.sum_us for name, h in hists.items()}
+
+
+def _client_groups(ctx: Context, clients: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (address, application_name, user): the departed clients' group plus the live."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {
+        gkey: {"clients": 0, "clients_total": group.clients, **group.tally.as_dict()}
+        for gkey, group in ctx.groups.items()}
     for c in clients:
         gkey = (str(c["address"]), str(c["application_name"]), str(c["user"]))
         g = groups.get(gkey)
@@ -220,14 +182,65 @@ def stats(ctx: Context) -> dict[str, Any]:
             g[name] += c[name]
         g["wait_time_us"] += c["wait_us"]
         g["hold_time_us"] += c["hold_us"]
+    return [{"address": k[0], "application_name": k[1], "user": k[2], **v}
+            for k, v in sorted(groups.items())]
+
+
+def stats(ctx: Context) -> dict[str, Any]:
+    """Everything the views show, for this worker: pools with their state counts, totals and
+    histograms; every client and server connection with its counters; client groups. Plain
+    data (it crosses processes); ``supervisor.multi.merge_stats`` adds workers up. Times:
+    ``*_time`` epoch seconds, ``*_us`` microseconds."""
+    now_us, now, now_mono = _now_us(), time.time(), time.monotonic()
+    pools: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def pool_entry(key: tuple[str, str]) -> dict[str, Any]:
+        entry = pools.get(key)
+        if entry is None:
+            entry = pools[key] = _new_pool_entry(ctx, key)
+        return entry
+
+    for key, pstats in ctx.stats.items():
+        pool_entry(key)["_tally"].add(pstats.retired)
+    clients = []
+    for client in ctx.clients:
+        state = _client_state(client)
+        tally = Tally()
+        tally.add(client.tally)
+        server = client.server
+        if server is not None and (client.hold_since_us or getattr(server, "client", None)
+                                   is client):  # linked: what it did through it so far
+            tally.add_since(server.tally, server.at_link)
+        if client.linked_once or state == "waiting":
+            entry = pool_entry(server.slot.key if server is not None else (
+                ctx.config.real_database(client.database), client.user))
+            entry["cl_" + state] += 1
+            entry["_tally"].add(tally)
+        clients.append(_client_row(ctx, client, tally, state, now, now_us))
+    for key, (_count, since) in ctx.pool.waiting_by_key().items():
+        entry = pool_entry(key)
+        entry["maxwait_us"] = max(entry["maxwait_us"], int((now_mono - since) * 1e6))
+    servers = []
+    prepared: dict[tuple[str, str], list[int]] = {}
+    for slot in sorted(ctx.pool.slots(), key=lambda s: s.id):
+        state = _server_state(slot)
+        pool_entry(slot.key)["sv_" + state] += 1
+        servers.append(_server_row(ctx, slot, state, now, now_mono))
+        statements = getattr(slot.conn, "statements", None)
+        if statements is not None:
+            counts = prepared.setdefault(slot.key, [0, 0, 0])
+            counts[0] += statements.hits
+            counts[1] += statements.misses
+            counts[2] += statements.evictions
+    for key, entry in pools.items():
+        _pool_counters(entry, ctx.stats.get(key) or PoolStats(), prepared.get(key, [0, 0, 0]))
     return {
         "time": now, "started": ctx.started_at, "status": "graceful shutdown"
-        if ctx.shutting_down else "running", "pipeline": pipeline,
+        if ctx.shutting_down else "running", "pipeline": ctx.config.main.pipeline,
         "max_connections": ctx.pool.max_connections, "worker": ctx.worker,
-        "pid": os.getpid(), "buckets_us": list(BUCKETS_US), "pools": pool_list,
-        "clients": clients, "servers": servers,
-        "client_groups": [{"address": k[0], "application_name": k[1], "user": k[2], **v}
-                          for k, v in sorted(groups.items())],
+        "pid": os.getpid(), "buckets_us": list(BUCKETS_US),
+        "pools": [pools[k] for k in sorted(pools)], "clients": clients, "servers": servers,
+        "client_groups": _client_groups(ctx, clients),
         "counters": dict(ctx.counters), "disabled": sorted(ctx.disabled),
         "paused": sorted(ctx.pool.paused),
         "workers": [{"worker": ctx.worker, "pid": os.getpid(), "clients": len(clients),

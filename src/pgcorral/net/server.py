@@ -170,29 +170,44 @@ class ServerConnection(Endpoint):
         self.at_link.copy_from(self.tally)
         self.request_us = self.xact_start_us = 0
 
-    def ready(self, data: bytes, status: int) -> None:
-        """Session pooling: ``data`` ended with a ReadyForQuery of ``status``: count the query
-        (one per chunk, however many ReadyForQuery it holds) and, at 'I', the transaction;
-        an ErrorResponse right before it counts under its SQLSTATE class."""
+    def sending(self, n: int) -> None:
+        """``n`` bytes of the linked client's requests go to PostgreSQL: unless a request is
+        being answered, one begins now (and, outside a transaction, a transaction)."""
+        self.tally.bytes_received += n
+        if not self.request_us:
+            now = time.monotonic_ns() // 1000
+            self.request_us = now
+            if not self.xact_start_us:
+                self.xact_start_us = now
+
+    def answered(self, queries: int, xacts: int) -> None:
+        """ReadyForQuery came: ``queries`` requests answered (the time since the first went
+        to PostgreSQL is counted once) and ``xacts`` transactions ended."""
         now = time.monotonic_ns() // 1000
         self.last_ready_us = now
         tally = self.tally
         pstats = self.pstats
-        tally.query_count += 1
+        tally.query_count += queries
         start = self.request_us
         if start:
             took = now - start
             tally.query_us += took
             pstats.hist_query.observe(took)
             self.request_us = 0
-        if status == _TX_IDLE:
-            tally.xact_count += 1
+        if xacts:
+            tally.xact_count += xacts
             start = self.xact_start_us
             if start:
                 took = now - start
                 tally.xact_us += took
                 pstats.hist_xact.observe(took)
                 self.xact_start_us = 0
+
+    def ready(self, data: bytes, status: int) -> None:
+        """Session pooling: ``data`` ended with a ReadyForQuery of ``status``: count the query
+        (one per chunk, however many ReadyForQuery it holds) and, at 'I', the transaction;
+        an ErrorResponse right before it counts under its SQLSTATE class."""
+        self.answered(1, 1 if status == _TX_IDLE else 0)
         n = len(data)
         if n >= 14 and data[-7] == 0 and data[-8] == 0 and data[-9] != 0:
             self.count_error(data, n - 6)

@@ -365,12 +365,7 @@ class TransactionClient(ClientConnection):
         forwarder = self.forwarder
         send, self._rest, seen = forwarder.feed(data, plan, router.status)
         if send:
-            server.tally.bytes_received += len(send)
-            if not server.request_us:  # a request begins (and maybe a transaction)
-                now = time.monotonic_ns() // 1000
-                server.request_us = now
-                if not server.xact_start_us:
-                    server.xact_start_us = now
+            server.sending(len(send))
             server.status = -1
             try:
                 server.transport.write(send)

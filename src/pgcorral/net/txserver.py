@@ -15,7 +15,6 @@ free, the client unlinks it (``net.transaction``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -82,31 +81,12 @@ class TxServerConnection(ServerConnection):
         """ReadyForQuery messages passed: count the queries (the time from the first request
         to the last ReadyForQuery of the chunk goes to the first), the transactions that
         ended, and the errors the router saw."""
-        now = time.monotonic_ns() // 1000
-        self.last_ready_us = now
-        tally = self.tally
-        pstats = self.pstats
-        readies = router.readies
-        tally.query_count += readies - self.readies_seen
-        self.readies_seen = readies
-        start = self.request_us
-        if start:
-            took = now - start
-            tally.query_us += took
-            pstats.hist_query.observe(took)
-            self.request_us = 0
-        idle = router.idle_readies
-        if idle != self.idle_seen:
-            tally.xact_count += idle - self.idle_seen
-            self.idle_seen = idle
-            start = self.xact_start_us
-            if start:
-                took = now - start
-                tally.xact_us += took
-                pstats.hist_xact.observe(took)
-                self.xact_start_us = 0
+        readies, idle = router.readies, router.idle_readies
+        self.answered(readies - self.readies_seen, idle - self.idle_seen)
+        self.readies_seen, self.idle_seen = readies, idle
         errors = router.errors
         if errors:
+            pstats = self.pstats
             for code in errors:
                 pstats.error(code)
             errors.clear()
