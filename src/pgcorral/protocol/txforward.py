@@ -160,7 +160,7 @@ class ClientForwarder:
             if n > 5 and data[0] == _QUERY and not _MAYBE_SPECIAL[data[5]]:
                 length: int = _length(data, 1)[0]
                 if length + 1 == n and length - 4 <= self.max_length and not may_touch_state(
-                        data[5:]):
+                        data, 5):
                     statements = plan.server
                     if statements.capacity <= 0:
                         plan.extend(_QUERY_STEPS)
