@@ -338,3 +338,20 @@ def test_the_admin_console_shows_who_is_pinned(pgcorral: DaemonFactory) -> None:
         assert [r["pinned"] for r in mine] == ["advisory lock"]
     finally:
         a.close()
+
+
+def test_set_role_follows_its_client(pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    pg.psql("DO $$ BEGIN CREATE ROLE pgc_ledger_role; EXCEPTION WHEN duplicate_object THEN "
+            "NULL; END $$; GRANT pgc_ledger_role TO trustuser")
+    d = pgcorral(tx_conf(1))
+    a, b = connect(d), connect(d)
+    try:
+        a.execute("SET ROLE pgc_ledger_role")
+        for _ in range(3):
+            assert one(b.execute("SELECT current_user")) == ("trustuser",)
+            assert one(a.execute("SELECT current_user")) == ("pgc_ledger_role",)
+        a.execute("RESET ROLE")
+        assert one(a.execute("SELECT current_user")) == ("trustuser",)
+    finally:
+        a.close()
+        b.close()
