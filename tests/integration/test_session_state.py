@@ -355,3 +355,34 @@ def test_set_role_follows_its_client(pgcorral: DaemonFactory, pg: PgCluster) -> 
     finally:
         a.close()
         b.close()
+
+
+# --------------------------------------------------------------------------- pids
+
+
+def test_signalling_a_virtual_pid_is_refused_clearly(pgcorral: DaemonFactory) -> None:
+    """pg_cancel_backend / pg_terminate_backend of a pid pgcorral gave a client: PostgreSQL
+    itself raises 0A000 with pgcorral's message (so a transaction is aborted as by any error);
+    the client named is untouched; the cancel protocol still works with the same pid."""
+    d = pgcorral(tx_conf(2, workers="1"))
+    a, b = connect(d), connect(d)
+    try:
+        vpid = b.info.backend_pid
+        assert vpid >= 1 << 22
+        with pytest.raises(errors.FeatureNotSupported, match="virtual pid"):
+            a.execute(f"SELECT pg_terminate_backend({vpid})")
+        a.execute("BEGIN")
+        with pytest.raises(errors.FeatureNotSupported, match="cancel protocol"):
+            a.execute(f"SELECT pg_cancel_backend({vpid})")
+        with pytest.raises(errors.InFailedSqlTransaction):
+            a.execute("SELECT 1")
+        a.execute("ROLLBACK")
+        assert one(b.execute("SELECT 1")) == (1,)
+        timer = threading.Timer(0.5, b.cancel)
+        timer.start()
+        with pytest.raises(errors.QueryCanceled):
+            b.execute("SELECT pg_sleep(20)")
+        timer.join()
+    finally:
+        a.close()
+        b.close()

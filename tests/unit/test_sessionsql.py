@@ -17,6 +17,7 @@ from pgcorral.protocol.sessionsql import (
     pins,
     probe_result,
     single_prepare,
+    vpid_refusal,
 )
 
 STATEFUL = [
@@ -90,3 +91,16 @@ def test_single_prepare() -> None:
     assert single_prepare("  prepare a (int) AS SELECT $1\n;")
     assert not single_prepare("PREPARE a AS SELECT 1; PREPARE b AS SELECT 2")
     assert not single_prepare("SELECT 1; PREPARE a AS SELECT 1")
+
+
+def test_vpid_refusal() -> None:
+    from pgcorral.net.cancels import VIRTUAL_PID_BASE
+    from pgcorral.protocol.sessionsql import _VIRTUAL_PID_BASE
+    assert VIRTUAL_PID_BASE == _VIRTUAL_PID_BASE
+    refused = vpid_refusal(b"SELECT pg_cancel_backend(4194305)\0")
+    assert refused.startswith(b"Q") and b"0A000" in refused and b"4194305" in refused
+    assert vpid_refusal(b"select PG_TERMINATE_BACKEND ( 4194999 , 100)\0")
+    assert vpid_refusal(b"SELECT 1; SELECT pg_terminate_backend((4194305))\0")
+    assert vpid_refusal(b"SELECT pg_cancel_backend(12345)\0") == b""  # a real pid: PostgreSQL's
+    assert vpid_refusal(b"SELECT pg_cancel_backend(pid) FROM pg_stat_activity\0") == b""
+    assert may_touch_state(b"SELECT pg_cancel_backend(4194305)")

@@ -22,7 +22,10 @@ Pure: no I/O.
 from __future__ import annotations
 
 import json
+import re
 from typing import Final, NamedTuple
+
+from pgcorral.protocol.messages import query as query_message
 
 #: Statement keywords (lower case, followed by a non-identifier byte) that may create or
 #: remove session state, by their first byte. CREATE counts when TEMP follows somewhere.
@@ -74,7 +77,8 @@ def may_touch_state(text: bytes, start: int = 0) -> bool:
     look at the first word, and one more per ``;``."""
     low = text.lower()
     # (``find``, not ``in``: the operator goes through the buffer protocol, twice the cost)
-    if low.find(b"advisory") >= 0 or low.find(b"set_config") >= 0:
+    if low.find(b"advisory") >= 0 or low.find(b"set_config") >= 0 or low.find(
+            b"_backend") >= 0:  # (pg_cancel_backend, pg_terminate_backend: ``vpid_refusal``)
         return True
     if _statement_at(low, start):
         return True
@@ -85,6 +89,38 @@ def may_touch_state(text: bytes, start: int = 0) -> bool:
             return True
         semi = low.find(b";", semi + 1)
     return False
+
+
+#: The first virtual pid (net.cancels.VIRTUAL_PID_BASE): no Linux pid is this large.
+_VIRTUAL_PID_BASE: Final = 1 << 22
+_SIGNAL_CALL: Final = re.compile(
+    rb"(?i)pg_(cancel|terminate)_backend\s*\(\s*\(?\s*([0-9]{7,10})\b")
+
+
+def vpid_refusal(body: bytes) -> bytes:
+    """A Query that makes PostgreSQL refuse the client's ``pg_cancel_backend(N)`` or
+    ``pg_terminate_backend(N)`` of a virtual pid (one pgcorral gave a client in BackendKeyData:
+    no backend has it), or b"" when ``body`` (a Query body) has none.
+
+    Refused, not translated: the call may sit anywhere in a statement, the client it names may
+    be served by another worker process, and PostgreSQL's permission rule (same role or
+    pg_signal_backend) cannot be checked by pgcorral. The error comes from PostgreSQL (a DO
+    block that raises it), so an open transaction is aborted exactly as by any error. The
+    cancel protocol (libpq's PQcancel, psycopg's ``cancel()``, asyncpg's timeouts) works with
+    virtual pids; the admin console's KILL_CLIENT ends a client."""
+    for match in _SIGNAL_CALL.finditer(body):
+        pid = int(match.group(2))
+        if pid >= _VIRTUAL_PID_BASE:
+            what = match.group(1).decode()
+            message = (f"pg_{what}_backend({pid}): {pid} is a virtual pid that pgcorral gave "
+                       "a client in transaction pooling, not a PostgreSQL backend")
+            hint = ("Use the cancel protocol (PQcancel, conn.cancel()) to cancel that client's "
+                    "query, or KILL_CLIENT in pgcorral's admin console to end it.")
+            message, hint = message.replace("'", "''"), hint.replace("'", "''")
+            return query_message(
+                "DO $pgcorral$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = "
+                f"'{message}', HINT = '{hint}'; END $pgcorral$")
+    return b""
 
 
 #: What a server connection holds that outlives a transaction, in one round trip. Each column

@@ -35,7 +35,7 @@ from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep, type_table
 from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
-from pgcorral.protocol.sessionsql import may_touch_state
+from pgcorral.protocol.sessionsql import may_touch_state, vpid_refusal
 from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 
 # Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
@@ -314,6 +314,14 @@ class ClientForwarder:
                 if type_ == _QUERY:
                     if may_touch_state(data[pos + 5:end]):
                         seen |= SESSION_STATE
+                        refusal = vpid_refusal(data[pos + 5:end])
+                        if refusal:  # pg_cancel_backend(virtual pid): PostgreSQL refuses
+                            if run < pos:
+                                parts.append(data[run:pos])
+                            parts.append(refusal)
+                            run = pos = end
+                            steps += _STEPS[type_]
+                            continue
                 elif type_ == _PARSE:
                     if may_touch_state(_parse_text(data, pos, end)):
                         seen |= SESSION_STATE
