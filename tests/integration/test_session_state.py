@@ -386,3 +386,22 @@ def test_signalling_a_virtual_pid_is_refused_clearly(pgcorral: DaemonFactory) ->
     finally:
         a.close()
         b.close()
+
+
+def test_listen_inside_a_transaction_pins_and_delivers(pgcorral: DaemonFactory) -> None:
+    """LISTEN inside a transaction block runs on the server connection: the client is pinned
+    to it and gets the notifications there, until UNLISTEN."""
+    d = pgcorral(tx_conf(2, workers="1"))
+    a, b = connect(d), connect(d)
+    try:
+        with a.transaction():
+            a.execute("LISTEN ledger_channel")
+        assert pinned_clients(d) == ["LISTEN"]
+        b.execute("NOTIFY ledger_channel, 'hello'")
+        got = next(a.notifies(timeout=10, stop_after=1))
+        assert (got.channel, got.payload) == ("ledger_channel", "hello")
+        a.execute("UNLISTEN ledger_channel")
+        assert pinned_clients(d) == []
+    finally:
+        a.close()
+        b.close()
