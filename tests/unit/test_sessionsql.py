@@ -104,3 +104,36 @@ def test_vpid_refusal() -> None:
     assert vpid_refusal(b"SELECT pg_cancel_backend(12345)\0") == b""  # a real pid: PostgreSQL's
     assert vpid_refusal(b"SELECT pg_cancel_backend(pid) FROM pg_stat_activity\0") == b""
     assert may_touch_state(b"SELECT pg_cancel_backend(4194305)")
+
+
+@pytest.mark.parametrize("capacity", [0, 10])  # mapping off and on
+def test_the_forwarder_flags_requests_that_may_touch_state(capacity: int) -> None:
+    """Queries and Parses whose text hits, and the Binds of named statements whose text hit
+    (a prepared lock statement bound again), set SESSION_STATE; other requests do not, on the
+    fast paths as on the general one."""
+    from tests.unit.txhelpers import EXECUTE, SYNC, bind, parse, query
+
+    from pgcorral.protocol import codes
+    from pgcorral.protocol.replyplan import ReplyPlan
+    from pgcorral.protocol.statements import ClientStatements, ServerStatements, StatementRegistry
+    from pgcorral.protocol.txforward import SESSION_STATE, ClientForwarder
+
+    registry = StatementRegistry()
+    forwarder = ClientForwarder(ClientStatements(), registry)
+    plan = ReplyPlan(ServerStatements(capacity), registry.known)
+    forwarder.link()
+
+    def seen(*messages: bytes) -> int:
+        _, rest, flags = forwarder.feed(b"".join(messages), plan, codes.TX_IDLE)
+        assert rest == b""
+        return flags & SESSION_STATE
+
+    assert not seen(query(b"SELECT 1"))
+    assert seen(query(b"SET work_mem = '8MB'"))
+    assert seen(query(b"SELECT 1"), query(b"SELECT pg_advisory_lock(1)"))
+    assert not seen(parse(b"", b"SELECT $1::int"), bind(b""), EXECUTE, SYNC)
+    assert seen(parse(b"", b"SELECT pg_advisory_lock($1)"), bind(b""), EXECUTE, SYNC)
+    assert seen(parse(b"lock", b"SELECT pg_advisory_lock($1)"), bind(b"lock"), EXECUTE, SYNC)
+    assert not seen(parse(b"plain", b"SELECT 2"), bind(b"plain"), EXECUTE, SYNC)
+    assert seen(bind(b"lock"), EXECUTE, SYNC)  # bound again, no Parse: still seen
+    assert not seen(bind(b"plain"), EXECUTE, SYNC)

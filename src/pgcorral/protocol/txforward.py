@@ -327,6 +327,9 @@ class ClientForwarder:
                         seen |= SESSION_STATE
                         if end > pos + 5 and data[pos + 5] != 0:
                             self.stateful.add(data[pos + 5:data.find(b"\0", pos + 5, end)])
+                    elif self.stateful and end > pos + 5 and data[pos + 5] != 0:
+                        # the name now means another text (after a Close or DEALLOCATE)
+                        self.stateful.discard(data[pos + 5:data.find(b"\0", pos + 5, end)])
                 elif type_ == _BIND and self.stateful and _bind_statement(
                         data, pos, end) in self.stateful:
                     seen |= SESSION_STATE
