@@ -336,6 +336,8 @@ def test_the_admin_console_shows_who_is_pinned(pgcorral: DaemonFactory) -> None:
         rows = cli_json(d, "stats")["clients"]
         mine = [r for r in rows if r["application_name"] == "pinner"]
         assert [r["pinned"] for r in mine] == ["advisory lock"]
+        pools = cli_json(d, "stats")["pools"]  # (pgcorral_pool_pinned_clients in /metrics)
+        assert sum(p["cl_pinned"] for p in pools) == 1
     finally:
         a.close()
 

@@ -107,6 +107,7 @@ def _new_pool_entry(ctx: Context, key: tuple[str, str]) -> dict[str, Any]:
         "database": key[0], "user": key[1],
         "pool_mode": "transaction" if ctx.config.main.pipeline == "transaction" else "session",
         "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
+        "cl_pinned": 0,  # transaction pipeline: clients pinned to a server connection
         "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
         "maxwait_us": 0, "paused": ctx.pool.is_paused(key),
         "pool_size": rule.max_size if rule is not None and rule.max_size > 0
@@ -219,6 +220,8 @@ def stats(ctx: Context) -> dict[str, Any]:
             entry = pool_entry(server.slot.key if server is not None else (
                 ctx.config.real_database(client.database), client.user))
             entry["cl_" + state] += 1
+            if getattr(client, "pinned", None):
+                entry["cl_pinned"] += 1
             entry["_tally"].add(tally)
         clients.append(_client_row(ctx, client, tally, state, now, now_us))
     for key, (_count, since) in ctx.pool.waiting_by_key().items():
