@@ -137,3 +137,17 @@ def test_the_forwarder_flags_requests_that_may_touch_state(capacity: int) -> Non
     assert not seen(parse(b"plain", b"SELECT 2"), bind(b"plain"), EXECUTE, SYNC)
     assert seen(bind(b"lock"), EXECUTE, SYNC)  # bound again, no Parse: still seen
     assert not seen(bind(b"plain"), EXECUTE, SYNC)
+
+
+def test_fatal_ending_at() -> None:
+    """PostgreSQL's goodbye (a FATAL or PANIC ErrorResponse last) is told from an ERROR."""
+    from pgcorral.protocol.messages import error_response, fatal_ending_at, ready_for_query
+    fatal = error_response("57P01", "terminating connection", severity="FATAL")
+    error = error_response("42P01", "no such table", severity="ERROR")
+    panic = error_response("XX000", "bad", severity="PANIC")
+    rows = b"D\0\0\0\x0b\0\x01\0\0\0\x01x"
+    for data, expected in ((fatal, True), (rows + fatal, True), (panic, True),
+                           (error, False), (rows + error, False)):
+        assert fatal_ending_at(data, len(data)) is expected
+    data = fatal + ready_for_query(b"I")
+    assert not fatal_ending_at(data, len(data))

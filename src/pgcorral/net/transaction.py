@@ -835,7 +835,7 @@ class TransactionClient(ClientConnection):
         self._unpin()
         if server is None:
             return
-        if reason == "server lost":
+        if reason == "server lost" and not server.fatal_sent:  # one error, not two
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
         if pinned:  # its advisory locks, temporary tables, cursors go with the backend
             self._unlink(server)

@@ -74,6 +74,8 @@ class TxServerConnection(ServerConnection):
                 client.transport.write(out)
             except RuntimeError:  # the client's transport closed under us (uvloop raises)
                 return
+            if out[-1] == 0:  # maybe an ErrorResponse last: PostgreSQL's FATAL goodbye?
+                self.note_fatal(out)
         if free_at >= 0:
             self.status = router.status
             client.server_free(self, data[free_at:])
