@@ -56,6 +56,11 @@ KEYS: tuple[Key, ...] = (
         "listen() backlog; 0 or absent means max(max_connections / 4, 128) (pgagroal: floor "
         "16; pgcorral raises it because clients outnumber server connections).", minimum=0),
     Key("keep_alive", "bool", True, _LIVE, "Set SO_KEEPALIVE on sockets."),
+    Key("so_reuseport", "bool", False, _NOT_LIVE,
+        _OURS + "Listen with SO_REUSEPORT, so that a second pgcorral can start on the same "
+        "port for a rolling restart: the old one is then stopped with `shutdown "
+        "wait_for_clients` (docs/RELIABILITY.md, rolling restarts); cancel requests reach the "
+        "right process through peer sockets in unix_socket_dir."),
     Key("nodelay", "bool", True, _LIVE, "Set TCP_NODELAY on sockets."),
     Key("ev_backend", "enum", "auto", _NOT_LIVE,
         "pgagroal's event loop backend; accepted for compatibility.",
