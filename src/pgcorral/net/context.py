@@ -301,6 +301,12 @@ class Context:
         server: Any = client.server
         if server is None or server.closed:
             return True  # transaction pipeline: between transactions there is nothing to cancel
+        await self.cancel_backend(server)
+        return True
+
+    async def cancel_backend(self, server: Any) -> None:
+        """Send a CancelRequest with the real key of ``server``'s backend (a client's cancel,
+        or ``query_timeout``)."""
         held = server if hasattr(server, "cancel_done") else None
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
@@ -310,11 +316,11 @@ class Context:
             await dial.send_cancel(target, server.pid, server.secret,
                                    self.server_tls.get(target.name))
         except (OSError, TimeoutError, ServerUnavailable) as exc:
-            log.warning("could not forward cancel request for pid %d: %s", pid, exc)
+            log.warning("could not forward a cancel request to backend %d: %s", server.pid,
+                        exc)
         finally:
             if held is not None:
                 held.cancel_done()
-        return True
 
 
 def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:

@@ -129,12 +129,15 @@ class WorkerRuntime:
         while True:
             main = ctx.config.main
             short = [t for t in (main.idle_timeout, main.max_connection_age,
-                                 main.disconnect_client) if t > 0]
+                                 main.disconnect_client, main.query_timeout,
+                                 main.idle_transaction_timeout, main.transaction_timeout)
+                     if t > 0]
             if main.validation == "background":
                 short.append(main.background_interval)
             await asyncio.sleep(min([MAINTENANCE_TICK, *[t / 2 for t in short]]))
             maintenance.close_expired(ctx)
             maintenance.disconnect_idle_clients(ctx)
+            maintenance.enforce_timeouts(ctx)
             # top up to MIN_SIZE (INITIAL_SIZE after a flush)
             if self._prefill is None or self._prefill.done():
                 initial, ctx.prefill_initial = ctx.prefill_initial, False
