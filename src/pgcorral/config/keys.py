@@ -56,6 +56,11 @@ KEYS: tuple[Key, ...] = (
         "listen() backlog; 0 or absent means max(max_connections / 4, 128) (pgagroal: floor "
         "16; pgcorral raises it because clients outnumber server connections).", minimum=0),
     Key("keep_alive", "bool", True, _LIVE, "Set SO_KEEPALIVE on sockets."),
+    Key("max_client_conn", "int_auto", 0, _LIVE,
+        _OURS + "Client connections accepted at once (PgBouncer's key), shared evenly by the "
+        "workers; a client beyond gets FATAL 53300 \"sorry, too many clients already\" at "
+        "once. auto (0): as many as the file-descriptor limit allows, keeping max_connections "
+        "+ 64 descriptors for server connections and pgcorral's own files.", minimum=0),
     Key("so_reuseport", "bool", False, _NOT_LIVE,
         _OURS + "Listen with SO_REUSEPORT, so that a second pgcorral can start on the same "
         "port for a rolling restart: the old one is then stopped with `shutdown "

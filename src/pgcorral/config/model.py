@@ -57,6 +57,7 @@ class MainConfig:
     unix_socket_dir: str = "/tmp"
     backlog: int = 0
     keep_alive: bool = True
+    max_client_conn: int = 0
     so_reuseport: bool = False
     nodelay: bool = True
     ev_backend: str = "auto"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,8 @@ log = logging.getLogger("pgcorral.context")
 #: The counters ``clear prometheus`` resets.
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
             "management_commands", "server_connections_adopted", "logins_success",
-            "logins_bad_password", "logins_refused", "logins_error")
+            "logins_bad_password", "logins_refused", "logins_error",
+            "clients_refused_too_many")
 
 #: Makes the server connection of a slot: (context, slot, on_lost) -> connection.
 ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], ServerConnection]
@@ -69,6 +71,8 @@ class Context:
         #: shutdown wait_for_clients: listeners closed, stopping once the clients have left
         #: by themselves (``shutting_down`` stays False: nobody is told to go)
         self.draining = False
+        self.too_many_logged = 0.0  # when a refusal for max_client_conn was last logged
+        self.workers = 1  # worker processes sharing max_client_conn (set by the worker)
         self.cancels: CancelKeys[ClientConnection] = CancelKeys(worker)
         #: set by the worker runtime with several workers: hand a CancelRequest that matches
         #: no client here to the other workers
@@ -115,6 +119,18 @@ class Context:
         #: under an older one is not pooled again (``release_server``)
         self.tls_generation = 0
         self._load_tls(config, startup=True)
+
+    def client_limit(self) -> int:
+        """Clients this worker accepts at once: its share of max_client_conn, or (auto) what
+        the descriptor limit leaves after max_connections + 64 (read each time: an operator
+        may raise the limit of the running process with prlimit)."""
+        main = self.config.main
+        if main.max_client_conn > 0:
+            return -(-main.max_client_conn // self.workers)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return max(1, soft - self.pool.max_connections - 64)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
