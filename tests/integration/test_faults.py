@@ -156,3 +156,39 @@ def test_a_cancel_the_server_never_closes(pgcorral: DaemonFactory, pg: PgCluster
             conn.close()
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("pipeline", ["session", "transaction"])
+def test_pause_and_resume_under_load(pgcorral: DaemonFactory, pipeline: str) -> None:
+    """PgBouncer's test_pause_resume: queries keep coming while the pool is paused and resumed
+    five times; they wait, none fails."""
+    from tests.integration.test_management import cli
+
+    d = pgcorral({"pipeline": pipeline, "max_connections": "10"})
+    failures: list[str] = []
+    done: list[int] = []
+
+    def worker() -> None:
+        for _ in range(50 if pipeline == "transaction" else 1):
+            try:
+                with psycopg.connect(d.dsn(), autocommit=True, connect_timeout=30) as conn:
+                    for _ in range(1 if pipeline == "transaction" else 50):
+                        conn.execute("SELECT pg_sleep(0.01)")
+                        done.append(1)
+            except psycopg.Error as exc:
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for _ in range(5):
+        assert cli(d, "pause").returncode == 0
+        time.sleep(0.2)
+        assert cli(d, "resume").returncode == 0
+        count = len(done)
+        poll(lambda c=count: len(done) > c or len(done) == 250,  # type: ignore[misc]
+              "queries to go on after RESUME")
+    for t in threads:
+        t.join(60)
+    assert failures == []
+    assert len(done) == 250
