@@ -524,3 +524,42 @@ def test_names_that_are_not_utf8(pgcorral: DaemonFactory, pipeline: str,
     if types[-1] == b"E":
         assert len(error_fields(messages[-1][1]).get("C", "")) == 5, messages
     assert_healthy(d)
+
+
+UNQUALIFIED = pytest.mark.xfail(strict=True, reason=(
+    "protocol/messages.py set_config_statement writes an unqualified set_config(...): in "
+    "transaction pooling it runs on a connection that still has the previous client's "
+    "search_path; fix: pg_catalog.set_config (outside this helper's files)"))
+
+
+@pytest.mark.single_worker  # both clients must meet the same server connection
+@pytest.mark.parametrize("pipeline", ["session", pytest.param("transaction", marks=UNQUALIFIED)])
+def test_a_clients_search_path_never_resolves_pgcorrals_own_sql(
+        pgcorral: DaemonFactory, pg: PgCluster, pipeline: str) -> None:
+    """CVE-2025-12819 on pooled connections: pgcorral's own statements on a server connection
+    (applying the next client's settings with set_config, resets) must not resolve to functions
+    of a schema an earlier client of that connection put first in its search_path."""
+    pg.psql("""
+        CREATE SCHEMA IF NOT EXISTS cve_evil2;
+        CREATE TABLE IF NOT EXISTS cve_evil2.calls (args text);
+        GRANT USAGE ON SCHEMA cve_evil2 TO PUBLIC;
+        GRANT INSERT ON cve_evil2.calls TO PUBLIC;
+        CREATE OR REPLACE FUNCTION cve_evil2.set_config(text, text, boolean) RETURNS text
+            LANGUAGE plpgsql AS $$ BEGIN
+                INSERT INTO cve_evil2.calls VALUES ($1 || '=' || coalesce($2, 'NULL'));
+                RETURN pg_catalog.set_config($1, $2, $3); END $$;
+        TRUNCATE cve_evil2.calls;
+    """, dbname=TEST_DB)
+    d = pgcorral({"pipeline": pipeline, "max_connections": "1"})
+    evil = "cve_evil2,pg_catalog"
+    with psycopg.connect(d.dsn(options=f"-c search_path={evil}"), autocommit=True) as first:
+        assert first.execute("show search_path").fetchone() == (evil,)
+    for name in ("victim-1", "victim-2"):
+        with psycopg.connect(d.dsn(application_name=name), autocommit=True) as victim:
+            assert victim.execute("show application_name").fetchone() == (name,)
+            assert victim.execute("show search_path").fetchone() != (evil,)
+        with psycopg.connect(d.dsn(options=f"-c search_path={evil}"), autocommit=True) as other:
+            assert other.execute("select 1").fetchone() == (1,)
+    calls = pg.psql("select string_agg(args, ' ') from cve_evil2.calls", dbname=TEST_DB).strip()
+    assert calls == "", f"pgcorral's set_config ran the schema's function: {calls}"
+    assert_healthy(d)
