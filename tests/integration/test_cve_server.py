@@ -12,6 +12,8 @@ the file stays fast; a failing case is named in the assertion message."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import socket
 import struct
 import time
@@ -52,6 +54,18 @@ def _daemon(pgcorral: DaemonFactory, tmp_path: Path, fake: FakeServer, pipeline:
     return pgcorral({"pipeline": pipeline, "authentication_timeout": "5", **conf},
                     hba=TRUST_HBA, env=env, args=["-u", users],
                     servers=[("primary", "127.0.0.1", fake.port)])
+
+
+def _fds(d: Daemon) -> int:
+    """Open descriptors of the daemon and its worker processes."""
+    pids = [d.pid]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()]
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
 
 
 def assert_healthy(d: Daemon) -> None:
@@ -190,6 +204,7 @@ def test_hostile_server_during_login(pgcorral: DaemonFactory, pg: PgCluster, tmp
     with fake:
         d = _daemon(pgcorral, tmp_path, fake, pipeline)
         assert_healthy(d)
+        fds_before = _fds(d)
         failures: list[str] = []
         for user, (_, sqlstate, text) in LOGIN_CASES.items():
             played = len(fake.played)
@@ -214,6 +229,11 @@ def test_hostile_server_during_login(pgcorral: DaemonFactory, pg: PgCluster, tmp
         assert not failures, "\n".join(failures) + "\n" + d.log()[-3000:]
         log = d.log()
         assert "server refused client" in log or "refusing client" in log
+        # nothing kept: no more descriptors than before (one pooled server connection or so)
+        deadline = time.monotonic() + 10
+        while _fds(d) > fds_before + 2:
+            assert time.monotonic() < deadline, f"{_fds(d)} descriptors, {fds_before} before"
+            time.sleep(0.05)
 
 
 # ------------------------------------------- an ErrorResponse without SQLSTATE after login
