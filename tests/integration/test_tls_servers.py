@@ -693,9 +693,10 @@ class _FakeServer:
     (b"", b"", "require", "server closed the connection during SSL negotiation"),
     (b"X", b"", "require", "received invalid response to SSL negotiation: b'X'"),
     # what a postmaster that cannot fork a backend sends, whatever the client said
+    # (its text was not authenticated: logged, never shown to the client, CVE-2024-10977)
     (error_response("53300", "could not fork new process for connection: Cannot allocate "
-                    "memory"), b"", "prefer", "server sent an error during SSL negotiation: "
-     "could not fork new process for connection: Cannot allocate memory"),
+                    "memory"), b"", "prefer", "server sent an error response during SSL "
+     "exchange"),
     (b"S", b"HTTP/1.0 400 Bad Request\r\n\r\n", "require", "SSL error: "),
 ], ids=["injected-require", "injected-prefer", "closed", "invalid-answer", "fork-failed",
         "not-tls"])

@@ -18,8 +18,12 @@ if TYPE_CHECKING:
     from pgcorral.net.server import ServerConnection
 
 #: The stored secret of a role that may log in now (superuser needed for pg_authid)
-AUTH_QUERY = ("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
-              " AND (rolvaliduntil IS NULL OR rolvaliduntil > now())")
+#: (a bind parameter, never quoted text; every name schema-qualified: nothing on that connection
+#: is the clients', but a role default could still change its search_path, CVE-2025-12819)
+AUTH_QUERY = ("SELECT rolpassword FROM pg_catalog.pg_authid"
+              " WHERE rolname OPERATOR(pg_catalog.=) $1 AND rolcanlogin"
+              " AND (rolvaliduntil IS NULL"
+              " OR rolvaliduntil OPERATOR(pg_catalog.>) pg_catalog.now())")
 
 
 class AuthQuery:
@@ -38,6 +42,10 @@ class AuthQuery:
     async def fetch_secret(self, ctx: Context, database: str, user: str) -> str | None:
         """The password secret PostgreSQL stores for ``user`` (SCRAM verifier or md5 hash).
         None: no such login role."""
+        try:
+            user.encode("utf-8")
+        except UnicodeEncodeError:  # not UTF-8 (kept as surrogates): no role has that name,
+            return None  # and it never goes to PostgreSQL (CVE-2025-1094 class)
         login = ctx.secrets.superuser_login()
         assert login is not None
         async with self._lock:

@@ -12,6 +12,7 @@ if it came encrypted).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from typing import TypeVar, cast
@@ -23,6 +24,7 @@ from pgcorral.protocol import messages as msg
 from pgcorral.security.tls import ServerSideTls
 
 P = TypeVar("P", bound=asyncio.Protocol)
+log = logging.getLogger("pgcorral.dial")
 
 #: Seconds a cancel request may take to reach PostgreSQL and be acknowledged (closed).
 CANCEL_TIMEOUT = 5.0
@@ -78,10 +80,14 @@ class _Negotiation(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.answer.done():
             return
-        if len(data) > 5 and data[:1] == b"E":  # an error instead of an answer (libpq reads
-            # it too): the postmaster could not start a backend, e.g. fork failed
+        if len(data) > 5 and data[:1] == b"E":  # an error instead of an answer: the
+            # postmaster could not start a backend (fork failed), or a man in the middle wrote
+            # it. Nothing TLS authenticated: its text is for the log only (repr), never for a
+            # client (libpq since CVE-2024-10977 does not show it either)
+            log.warning("server sent an error response during SSL exchange (not shown to "
+                        "clients): %r", _error_text(data[5:])[:200])
             self.answer.set_exception(TlsRefused(
-                f"server sent an error during SSL negotiation: {_error_text(data[5:])}"))
+                "server sent an error response during SSL exchange"))
         elif len(data) != 1:  # CVE-2021-23222: nothing may follow the answer
             self.answer.set_exception(TlsRefused(
                 "received unencrypted data after SSL response"))

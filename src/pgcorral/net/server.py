@@ -41,6 +41,9 @@ _READY_TAIL = b"\0\0\0\x05"
 _TX_IDLE = codes.TX_IDLE
 #: the pool counters of a server connection no pool gave any (tests, pgcorral's own probes)
 NO_POOL_STATS = PoolStats()
+#: The largest Authentication request accepted from a server, libpq's bound (fe-connect.c):
+#: SCRAM's messages take about 100 bytes, GSS is not supported.
+AUTH_REQUEST_LIMIT = 2000
 #: Seconds a terminated connection may wait for PostgreSQL to close it before it is aborted.
 DRAIN_TIMEOUT = 2.0
 
@@ -273,6 +276,9 @@ class ServerConnection(Endpoint):
         while True:
             type_, body = await self.read_message()
             if type_ == codes.AUTHENTICATION:
+                if len(body) > AUTH_REQUEST_LIMIT:  # e.g. a huge SCRAM nonce (CVE-2026-6665)
+                    raise ServerProtocolError("received invalid authentication request "
+                                              f"({len(body)} bytes)")
                 await self._authenticate(body, relay)
             elif type_ == codes.PARAMETER_STATUS:
                 name, value = _parse(msg.parse_parameter_status, body)
@@ -285,7 +291,7 @@ class ServerConnection(Endpoint):
                 self.names = canonical_names(self.baseline)
                 return
             elif type_ == codes.ERROR_RESPONSE:
-                raise ServerError(_parse(msg.parse_fields, body))
+                raise ServerError(_login_error(_parse(msg.parse_fields, body)))
             elif type_ in (codes.NOTICE_RESPONSE, codes.NEGOTIATE_PROTOCOL_VERSION):
                 continue
             else:
@@ -563,6 +569,16 @@ class ServerConnection(Endpoint):
             else:  # pragma: no cover - TCP and unix sockets both can
                 transport.close()
         self._wake(ConnectionLost("connection closed"))
+
+
+def _login_error(fields: dict[str, str]) -> dict[str, str]:
+    """A server's ErrorResponse during login, as the client gets it: what a broken or
+    malicious server left out (CVE-2026-6666: no SQLSTATE) is filled in, so the client gets
+    a severity, a SQLSTATE and a message like from any other refusal."""
+    fields.setdefault("S", "FATAL")
+    fields.setdefault("C", "XX000")  # internal_error: the server did not say
+    fields.setdefault("M", "server refused the login without a message")
+    return fields
 
 
 def _parse(parser: Callable[[bytes], T], body: bytes) -> T:
