@@ -526,14 +526,8 @@ def test_names_that_are_not_utf8(pgcorral: DaemonFactory, pipeline: str,
     assert_healthy(d)
 
 
-UNQUALIFIED = pytest.mark.xfail(strict=True, reason=(
-    "protocol/messages.py set_config_statement writes an unqualified set_config(...): in "
-    "transaction pooling it runs on a connection that still has the previous client's "
-    "search_path; fix: pg_catalog.set_config (outside this helper's files)"))
-
-
 @pytest.mark.single_worker  # both clients must meet the same server connection
-@pytest.mark.parametrize("pipeline", ["session", pytest.param("transaction", marks=UNQUALIFIED)])
+@pytest.mark.parametrize("pipeline", ["session", "transaction"])
 def test_a_clients_search_path_never_resolves_pgcorrals_own_sql(
         pgcorral: DaemonFactory, pg: PgCluster, pipeline: str) -> None:
     """CVE-2025-12819 on pooled connections: pgcorral's own statements on a server connection

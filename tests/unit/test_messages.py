@@ -329,7 +329,7 @@ def test_set_config_statement_layout(settings_: list[tuple[str, str]]) -> None:
     text = sql.decode()
     n = len(settings_)
     assert text == "SELECT " + ", ".join(
-        f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(n))
+        f"pg_catalog.set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(n))
     placeholders = sorted({int(p) for p in re.findall(r"\$(\d+)", text)})
     assert placeholders == list(range(1, 2 * n + 1))
 

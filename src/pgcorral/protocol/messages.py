@@ -189,7 +189,7 @@ def extended_query(sql: str, params: Sequence[str | None]) -> bytes:
 def set_config_statement(settings: Sequence[tuple[str, str | None]]) -> bytes:
     """``SELECT set_config($1, $2, false), ...`` for the pairs, applied left to right. A value
     of None resets the setting to its session default (set_config with NULL is RESET)."""
-    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)"
+    calls = ", ".join(f"pg_catalog.set_config(${2 * i + 1}, ${2 * i + 2}, false)"
                       for i in range(len(settings)))
     params: list[str | None] = [s for pair in settings for s in pair]
     return extended_query("SELECT " + calls, params)
