@@ -146,10 +146,24 @@ def _command_complete(tag: bytes) -> bytes:
     return message(b"C", tag + b"\0")
 
 
-class ReplyPlan:
-    """The FIFO of reply steps of one server connection (see the module docstring)."""
+#: ``ReplyPlan.capture``: off (mapping off), on, suspended until the plan is idle again (a
+#: retry was made, or too much was written)
+CAPTURE_OFF: Final = 0
+CAPTURE_ON: Final = 1
+CAPTURE_SUSPENDED: Final = 2
+#: at most this many bytes are kept per idle-to-idle stretch (more: suspended)
+CAPTURE_LIMIT: Final = 64 * 1024
 
-    __slots__ = ("_copy_in", "_skipping", "known", "out", "server", "steps")
+
+class ReplyPlan:
+    """The FIFO of reply steps of one server connection (see the module docstring).
+
+    With mapping on it also keeps what was written to the server since it was last idle
+    (``sent``; ``net.txserver`` appends, and empties it when the plan is idle), for the
+    error-driven repair of stale statements (``protocol.repair``)."""
+
+    __slots__ = ("_copy_in", "_skipping", "capture", "known", "out", "sent", "sent_from",
+                 "sent_size", "server", "steps")
 
     def __init__(self, server: ServerStatements, known: set[str] | None = None) -> None:
         self.server = server
@@ -159,6 +173,10 @@ class ReplyPlan:
         self.out = bytearray()  # fabricated replies due now (``fabricated_before_next``)
         self._skipping = False  # after an error: steps up to the next Sync get no reply
         self._copy_in = False  # copy-in started: Syncs before the CopyDone/CopyFail are ignored
+        self.capture = CAPTURE_ON if server.capacity > 0 else CAPTURE_OFF
+        self.sent: list[bytes] = []  # written to the server since the plan was idle
+        self.sent_size = 0
+        self.sent_from = 0  # the router's ReadyForQuery count when ``sent`` started
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -182,6 +200,15 @@ class ReplyPlan:
             self.out.clear()
         self._skipping = False
         self._copy_in = False
+        self.idle_again()
+
+    def idle_again(self) -> None:
+        """Nothing is expected: what was written is forgotten, capturing starts again."""
+        if self.sent:
+            self.sent.clear()
+            self.sent_size = 0
+        if self.capture == CAPTURE_SUSPENDED:
+            self.capture = CAPTURE_ON
 
     def quiet(self) -> bytes:
         """The types that pass now with no effect on the plan (``ReplyStep.quiet`` of the

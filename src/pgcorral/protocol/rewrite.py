@@ -21,6 +21,10 @@ answers 26000) passes unchanged. Evicted names are closed at the start of the ne
 (``at_sync``: after a Sync, or just linked, as the caller knows). In an aborted transaction
 (``tx_failed``) Parse, DEALLOCATE and DISCARD ALL go to PostgreSQL, which refuses them (25P02).
 
+A client's new Parse maps onto a pooler name made in the current schema epoch
+(``StatementRegistry.fresh_for``), and ``parse_locally`` answers only for such a name: a Parse
+after DDL is prepared anew, as on the client's own connection.
+
 A client's Parse or Close that fails or is skipped (after an error, until Sync) is undone in the
 client's names, newest first (``ReplyStep.client_undo``).
 
@@ -220,7 +224,7 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
             return True
         names[name] = identity
         undo = (client, name, identity, None)
-        pooled = registry.name_for(identity)
+        pooled = registry.fresh_for(identity)  # made in this schema epoch (issue 14)
         if not _ensure(pooled, identity, server, parts, steps, drop=False):
             steps[-1].client_undo = undo
         elif tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
@@ -293,8 +297,8 @@ def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegi
     if not name or name in client.names:  # a second Parse of a name: the server refuses it
         return False
     pooled = registry.lookup(identity)
-    if pooled is None or pooled not in registry.known:
-        return False
+    if pooled is None or pooled not in registry.known or not registry.current(pooled):
+        return False  # (a schema change since: it must be prepared anew, by a server)
     client.names[name] = identity
     return True
 

@@ -9,6 +9,16 @@ the next batch, where PostgreSQL is never skipping messages after an error, so a
 lost and a re-Parse never meets 42P05); ``ClientStatements`` (per client: ``{client name:
 identity}``). Changed by ``protocol.rewrite`` (requests) and ``protocol.replyplan`` (replies).
 Pure: no I/O, no clock.
+
+Schema changes (issue 14). The registry keeps a schema ``epoch``, bumped by the reply router
+on every DDL command tag that passes (``protocol.txrelay``), and the epoch each pooler name was
+made in (``born``). A client's new Parse reuses an identity's name only if it was made in the
+current epoch (``fresh_for``): otherwise the identity gets a new name, prepared anew wherever
+it is used, so a new Parse always sees the schema as it is now. ``retire`` does the same for a
+name a server found stale (0A000, a lookup error: ``protocol.repair``). A client's existing
+names follow their identity to its newest pooler name (Bind and Describe use ``name_for``).
+A retired name stays prepared on the server connections that have it until their LRU evicts
+it (nothing maps to it any more), or is closed at the next batch start where it failed.
 """
 
 from __future__ import annotations
@@ -16,12 +26,15 @@ from __future__ import annotations
 from collections import OrderedDict
 
 NAME_PREFIX = "pgc_"
+#: retired names whose identity is kept (``StatementRegistry.retired``)
+RETIRED_KEPT = 4096
 
 
 class StatementRegistry:
     """Identity -> pooler name, shared by every client and server connection of a worker."""
 
-    __slots__ = ("encoded", "known", "names")
+    __slots__ = ("born", "count", "encoded", "epoch", "identities", "known", "names",
+                 "retired")
 
     def __init__(self) -> None:
         #: identity -> pooler name (read directly by the mapper's hot path, ``bind_fast``)
@@ -31,15 +44,66 @@ class StatementRegistry:
         #: pooler names some server has accepted (ParseComplete): a later Parse of the same
         #: statement outside a transaction may be answered without a server (``parse_locally``)
         self.known: set[str] = set()
+        #: the schema epoch: DDL seen (``bump``)
+        self.epoch = 0
+        #: pooler name -> the epoch it was made in
+        self.born: dict[str, int] = {}
+        #: pooler name -> its identity (the names in use only)
+        self.identities: dict[str, bytes] = {}
+        self.count = 0  # names made so far (the next is pgc_<count + 1>)
+        #: retired name -> identity, the newest ``RETIRED_KEPT`` (a server may still report
+        #: one stale after another connection retired it)
+        self.retired: OrderedDict[str, bytes] = OrderedDict()
 
     def lookup(self, identity: bytes) -> str | None:
         return self.names.get(identity)
 
+    def current(self, name: str) -> bool:
+        """Was ``name`` made in the current schema epoch (and is it still in use)?"""
+        return self.born.get(name, -1) == self.epoch
+
     def name_for(self, identity: bytes) -> str:
+        """The identity's pooler name now (a new one for a new identity)."""
         name = self.names.get(identity)
         if name is None:
-            name = self.names[identity] = f"{NAME_PREFIX}{len(self.names) + 1}"
-            self.encoded[name] = name.encode()
+            name = self._new(identity)
+        return name
+
+    def fresh_for(self, identity: bytes) -> str:
+        """The pooler name for a client's new Parse: the identity's name if it was made in
+        the current epoch, else a new one (the old one retired)."""
+        name = self.names.get(identity)
+        if name is None or self.born[name] != self.epoch:
+            name = self._new(identity)
+        return name
+
+    def retire(self, name: str) -> str | None:
+        """A server found ``name`` stale: its identity gets a new name (returned), made in
+        the current epoch. None: ``name`` is not in use (retired already, or unknown)."""
+        identity = self.identities.get(name)
+        if identity is None:
+            return None
+        return self._new(identity)
+
+    def bump(self) -> None:
+        """A schema change went through: names made before are not reused for new Parses."""
+        self.epoch += 1
+
+    def _new(self, identity: bytes) -> str:
+        old = self.names.get(identity)
+        if old is not None:  # retired: only server connections still hold it, by name
+            del self.encoded[old]
+            del self.born[old]
+            self.known.discard(old)
+            retired = self.retired
+            retired[old] = self.identities.pop(old)
+            if len(retired) > RETIRED_KEPT:
+                retired.popitem(last=False)
+        self.count += 1
+        name = self.names[identity] = f"{NAME_PREFIX}{self.count}"
+        self.encoded[name] = name.encode()
+        self.born[name] = self.epoch
+        self.identities[name] = identity
         return name
 
     def __len__(self) -> int:
