@@ -119,8 +119,9 @@ class TxServerConnection(ServerConnection):
         router = self.router
         if registry is None:
             return False
-        retry = repair(router.plan, registry, body, router.status,
-                       router.readies - router.plan.sent_from)
+        client = self.client
+        retry = repair(router.plan, registry, None if client is None else client.statements,
+                       body, router.status, router.readies - router.plan.sent_from)
         if retry is None:
             return False
         log.debug("server connection %d (pid %d): a statement prepared before a schema change "

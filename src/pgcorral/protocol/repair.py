@@ -55,7 +55,6 @@ from pgcorral.protocol import codes
 from pgcorral.protocol.messages import error_sqlstate
 from pgcorral.protocol.replyplan import (
     BIND_ENDS,
-    CAPTURE_OFF,
     CAPTURE_ON,
     CAPTURE_SUSPENDED,
     CLOSE_ENDS,
@@ -64,7 +63,7 @@ from pgcorral.protocol.replyplan import (
     own_query_step,
 )
 from pgcorral.protocol.rewrite import _ensure, build_bind, build_target, parse_bind
-from pgcorral.protocol.statements import NAME_PREFIX, StatementRegistry
+from pgcorral.protocol.statements import NAME_PREFIX, ClientStatements, StatementRegistry
 
 _header: Final = struct.Struct("!BI").unpack_from
 _ENDERS: Final = frozenset([codes.SYNC, codes.QUERY, codes.FUNCTION_CALL])
@@ -114,15 +113,16 @@ def _binds_left(plan: ReplyPlan) -> tuple[int, bool]:
     return count, False
 
 
-def repair(plan: ReplyPlan, registry: StatementRegistry, body: bytes, status: int,
-           done: int) -> bytes | None:
+def repair(plan: ReplyPlan, registry: StatementRegistry, client: ClientStatements | None,
+           body: bytes, status: int, done: int) -> bytes | None:
     """A client's Bind (the plan's head step) failed with the ErrorResponse ``body``;
-    ``status``: of the last ReadyForQuery; ``done``: ReadyForQuery messages passed since the
-    capture started. The retry to write to the server (the plan is ready for its replies),
-    or None: the error passes (a stale statement is retired all the same)."""
+    ``client``: the linked client's statements; ``status``: of the last ReadyForQuery;
+    ``done``: ReadyForQuery messages passed since the capture started. The retry to write to
+    the server (the plan is ready for its replies), or None: the error passes (a stale
+    statement is retired all the same, and the client's statements on it moved)."""
     state = stale_error(body)
-    if not state or plan.capture == CAPTURE_OFF or not plan.sent:
-        return None
+    if not state or plan.capture != CAPTURE_ON or not plan.sent:
+        return None  # (suspended: a retry is in flight, ``sent`` is not what the server runs)
     data = b"".join(plan.sent) if len(plan.sent) > 1 else plan.sent[0]
     messages = _messages(data)
     first = 0  # the failing batch: after ``done`` batch ends
@@ -144,16 +144,23 @@ def repair(plan: ReplyPlan, registry: StatementRegistry, body: bytes, status: in
     if not name.startswith(_NAME):
         return None
     failed = name.decode()
-    identity = registry.identities.get(failed)
+    identity = registry.identities.get(failed) or registry.retired.get(failed)
+    if identity is None and client is not None:
+        for entry in client.names.values():
+            if entry[0] == failed:
+                identity = entry[1]
     if identity is None:
-        identity = registry.retired.get(failed)
-        if identity is None:
-            return None
+        return None
     server = plan.server
     server.discard(failed)
     fresh = registry.retire(failed)  # None: retired already (by another connection)
     if fresh is None:
-        fresh = registry.name_for(identity)
+        fresh = registry.fresh_for(identity)
+        if fresh in server or fresh in server.pending_close:
+            # prepared here before: it may be as stale as the one that failed
+            fresh = registry.retire(fresh) or fresh
+    if client is not None:
+        client.moved(failed, fresh)
     retry = (status == codes.TX_IDLE and plan.capture == CAPTURE_ON and synced
              and last == len(messages) - 1 and messages[last][0] == codes.SYNC
              and all(m[0] in _BEFORE for m in batch[:at])

@@ -38,7 +38,7 @@ from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.messages import message
-from pgcorral.protocol.statements import ClientStatements, ServerStatements
+from pgcorral.protocol.statements import ClientStatements, Entry, ServerStatements
 
 PASS: Final = "pass"
 DROP: Final = "drop"
@@ -92,9 +92,9 @@ class ReplyStep:
     copy_end: bool = False  # a CopyDone/CopyFail marker, no reply of its own
     # a client's Parse or Close changed its names: (its statements, name, identity set or
     # None, identity before or None), put back if the request fails or is skipped
-    client_undo: tuple[ClientStatements, bytes, bytes | None, bytes | None] | None = None
+    client_undo: tuple[ClientStatements, bytes, Entry | None, Entry | None] | None = None
     # a DISCARD ALL: the client's names before it, put back if it fails
-    client_names: tuple[ClientStatements, dict[bytes, bytes]] | None = None
+    client_names: tuple[ClientStatements, dict[bytes, Entry]] | None = None
     #: the reply types that ``ReplyPlan.on_server_reply`` answers "pass" without changing
     #: anything while this step is at the head (rows, command tags, notices, ...): a table
     #: by type byte (``type_table``), from ``ends`` and ``drop``; the router forwards them
@@ -338,7 +338,8 @@ class ReplyPlan:
             self._restore(step.restore)
         if step.client_undo is not None:
             client, name, done, before = step.client_undo
-            if client.names.get(name) is done:  # not changed again since
+            if client.names.get(name) == done:  # not changed again since (compiled, a
+                # tuple is boxed anew where it is stored: compared by value)
                 if before is None:
                     client.names.pop(name, None)
                 else:

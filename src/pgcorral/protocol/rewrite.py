@@ -217,14 +217,15 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
             # name it already has (made sure of first) once more.
             # The new query goes with it: PostgreSQL analyses it first (its error, if any,
             # comes before 42P05, as on the client's own connection).
-            pooled = registry.name_for(existing)
-            _ensure(pooled, existing, server, parts, steps, drop=True)
+            pooled = existing[0]
+            _ensure(pooled, existing[1], server, parts, steps, drop=True)
             parts.append(build_parse(pooled.encode(), identity))
             steps.append(ReplyStep(PARSE_ENDS))
             return True
-        names[name] = identity
-        undo = (client, name, identity, None)
         pooled = registry.fresh_for(identity)  # made in this schema epoch (issue 14)
+        entry = (pooled, identity)
+        names[name] = entry
+        undo = (client, name, entry, None)
         if not _ensure(pooled, identity, server, parts, steps, drop=False):
             steps[-1].client_undo = undo
         elif tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
@@ -238,8 +239,8 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         mapped = names.get(statement) if statement else None
         if mapped is None:
             return False
-        pooled = registry.name_for(mapped)
-        _ensure(pooled, mapped, server, parts, steps, drop=True)
+        pooled = mapped[0]
+        _ensure(pooled, mapped[1], server, parts, steps, drop=True)
         parts.append(build_bind(portal, pooled.encode(), rest))
         steps.append(ReplyStep(BIND_ENDS))
         return True
@@ -253,8 +254,8 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
             steps.append(ReplyStep(frozenset(), fabricate=CLOSE_COMPLETE,
                                    client_undo=(client, name, None, target)))
             return True
-        pooled = registry.name_for(target)
-        _ensure(pooled, target, server, parts, steps, drop=True)
+        pooled = target[0]
+        _ensure(pooled, target[1], server, parts, steps, drop=True)
         parts.append(build_target(b"D", kind, pooled.encode()))
         steps.append(ReplyStep(DESCRIBE_ENDS))
         return True
@@ -272,16 +273,18 @@ def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientState
     name_end = data.find(b"\0", name_at, end)
     if name_end < 0:
         return None
-    identity = client.names.get(data[name_at:name_end])
-    if identity is None:
+    entry = client.names.get(data[name_at:name_end])
+    if entry is None:
         return None
-    pooled = registry.names.get(identity)
+    pooled = entry[0]
     lru = server.lru
-    if pooled is None or pooled not in lru:
+    if pooled not in lru:
         return None
     lru.move_to_end(pooled)  # ServerStatements.touch
     server.hits += 1
-    wire = registry.encoded[pooled]
+    wire = registry.encoded.get(pooled)
+    if wire is None:  # retired since (the client's statement keeps it)
+        wire = pooled.encode()
     length = end - pos - 1 - (name_end - name_at) + len(wire)
     return b"".join((_header.pack(_BIND, length), data[pos + 5:name_at], wire,
                      data[name_end:end]))
@@ -299,7 +302,7 @@ def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegi
     pooled = registry.lookup(identity)
     if pooled is None or pooled not in registry.known or not registry.current(pooled):
         return False  # (a schema change since: it must be prepared anew, by a server)
-    client.names[name] = identity
+    client.names[name] = (pooled, identity)
     return True
 
 

@@ -7,18 +7,21 @@ LRU of the pooler names prepared there, bounded by ``max_prepared_statements``, 
 plus ``pending_close``: evicted names still prepared there, whose Close is sent at the start of
 the next batch, where PostgreSQL is never skipping messages after an error, so a Close is never
 lost and a re-Parse never meets 42P05); ``ClientStatements`` (per client: ``{client name:
-identity}``). Changed by ``protocol.rewrite`` (requests) and ``protocol.replyplan`` (replies).
-Pure: no I/O, no clock.
+(pooler name, identity)}``). Changed by ``protocol.rewrite`` (requests) and
+``protocol.replyplan`` (replies). Pure: no I/O, no clock.
 
 Schema changes (issue 14). The registry keeps a schema ``epoch``, bumped by the reply router
 on every DDL command tag that passes (``protocol.txrelay``), and the epoch each pooler name was
 made in (``born``). A client's new Parse reuses an identity's name only if it was made in the
 current epoch (``fresh_for``): otherwise the identity gets a new name, prepared anew wherever
 it is used, so a new Parse always sees the schema as it is now. ``retire`` does the same for a
-name a server found stale (0A000, a lookup error: ``protocol.repair``). A client's existing
-names follow their identity to its newest pooler name (Bind and Describe use ``name_for``).
-A retired name stays prepared on the server connections that have it until their LRU evicts
-it (nothing maps to it any more), or is closed at the next batch start where it failed.
+name a server found stale (0A000, a lookup error: ``protocol.repair``). A client's statement
+keeps the pooler name it was parsed as: its Bind reaches the statement prepared then (where a
+server connection still has it), so a driver that cached the row description meets the
+error PostgreSQL gives on its own connection, not rows of a new shape; a statement whose
+server name was found stale is moved to the new name (``ClientStatements.moved``). A retired
+name stays prepared on the server connections that have it until their LRU evicts it, or is
+closed at the next batch start where it failed.
 """
 
 from __future__ import annotations
@@ -162,13 +165,28 @@ class ServerStatements:
         return gone
 
 
+#: a client's statement: (pooler name, identity)
+Entry = tuple[str, bytes]
+
+
 class ClientStatements:
-    """A client's protocol-level statements: ``{client name: identity}``."""
+    """A client's protocol-level statements: ``{client name: (pooler name, identity)}``."""
 
     __slots__ = ("names",)
 
     def __init__(self) -> None:
-        self.names: dict[bytes, bytes] = {}
+        self.names: dict[bytes, Entry] = {}
+
+    def identities(self) -> dict[bytes, bytes]:
+        """``{client name: identity}``."""
+        return {name: entry[1] for name, entry in self.names.items()}
+
+    def moved(self, old: str, new: str) -> None:
+        """The pooler name ``old`` was retired for ``new``: the statements on it follow."""
+        names = self.names
+        for name, entry in list(names.items()):
+            if entry[0] == old:
+                names[name] = (new, entry[1])
 
     def __contains__(self, name: object) -> bool:
         return name in self.names
