@@ -3,7 +3,15 @@ Parse/Bind/Describe/Execute/Close/Sync and simple queries (named and unnamed sta
 duplicate names, bad SQL, unknown names, DEALLOCATE, transactions) get the same answers
 through pgcorral as from PostgreSQL itself: the same message types, SQLSTATEs, rows and
 command tags. Between batches another client holds the connection the test client used last,
-so its batches keep moving between the two server connections."""
+so its batches keep moving between the two server connections.
+
+DDL (issue 14): the batches also drop and make again a table the statements read, and add and
+drop a column they do not read, each side in its own schema (``search_path`` given at
+startup): pgcorral bumps its schema epoch, statements are prepared anew, stale ones fail with
+42P01 or are repaired, with PostgreSQL's answers. DDL that changes a statement's result type
+(0A000) or drops a type it uses (XX000) is not here: outside a transaction pgcorral answers
+those with rows where PostgreSQL answers with the error, by design; test_ddl_prepared.py
+covers them."""
 
 from __future__ import annotations
 
@@ -26,7 +34,13 @@ if TYPE_CHECKING:
 USER = "trustuser"
 NAMES = [b"", b"a", b"b"]
 QUERIES = [b"SELECT 1", b"SELECT $1::int + 1", b"SELECT nosuchcolumn", b"SELECT 'x'::text",
-           b"SELECT 1/0"]
+           b"SELECT 1/0", b"SELECT x FROM dd", b"SELECT x + $1::int FROM dd"]
+#: each side's schema (the table ``dd`` of the DDL batches)
+SCHEMAS = ("ddl_direct", "ddl_pooled")
+DDL = [b"DROP TABLE IF EXISTS dd", b"CREATE TABLE IF NOT EXISTS dd (x int)",
+       b"ALTER TABLE IF EXISTS dd ADD COLUMN IF NOT EXISTS y int",
+       b"ALTER TABLE IF EXISTS dd DROP COLUMN IF EXISTS y",
+       b"INSERT INTO dd VALUES (1)"]
 
 
 def message(type_: bytes, body: bytes = b"") -> bytes:
@@ -73,16 +87,20 @@ extended_step = st.one_of(
 batch = st.one_of(
     st.lists(extended_step, min_size=1, max_size=5).map(lambda steps: b"".join(steps) + SYNC),
     st.sampled_from([b"DEALLOCATE a", b"DEALLOCATE ALL", b"BEGIN", b"COMMIT", b"ROLLBACK",
-                     b"SELECT 2", b"SELECT 1/0", b"DISCARD ALL", b"DEALLOCATE zz"]).map(query),
+                     b"SELECT 2", b"SELECT 1/0", b"DISCARD ALL", b"DEALLOCATE zz",
+                     *DDL]).map(query),
 )
 
 
 class Conn:
     """A raw protocol connection: send a batch, read until its ReadyForQuery."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, schema: str | None = None) -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
-        self.sock.sendall(startup_packet({"user": USER, "database": TEST_DB}))
+        params = {"user": USER, "database": TEST_DB}
+        if schema is not None:
+            params["options"] = f"-c search_path={schema}"
+        self.sock.sendall(startup_packet(params))
         self.until_ready()
 
     def until_ready(self) -> list[tuple[bytes, bytes]]:
@@ -130,8 +148,8 @@ def same(got: list[tuple[bytes, ...]], expected: list[tuple[bytes, ...]]) -> boo
 
 
 @contextmanager
-def connected(host: str, port: int) -> Iterator[Conn]:
-    conn = Conn(host, port)
+def connected(host: str, port: int, schema: str | None = None) -> Iterator[Conn]:
+    conn = Conn(host, port, schema)
     try:
         yield conn
     finally:
@@ -143,12 +161,16 @@ def test_statement_mapping_answers_as_postgresql_does(pgcorral: DaemonFactory, p
                                                       capacity: str) -> None:
     """max_prepared_statements 1 (every other statement evicted and prepared again) and 3."""
     d: Daemon = pgcorral(tx_conf(2, max_prepared_statements=capacity))
+    with connected(pg.host, pg.port) as setup:
+        for schema in SCHEMAS:
+            setup.run(query(f"CREATE SCHEMA IF NOT EXISTS {schema}".encode()))
 
     @settings(max_examples=50, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(batch, min_size=1, max_size=6))
     def check(batches: list[bytes]) -> None:
-        with connected(pg.host, pg.port) as direct, connected(d.host, d.port) as pooled, \
+        with connected(pg.host, pg.port, SCHEMAS[0]) as direct, \
+                connected(d.host, d.port, SCHEMAS[1]) as pooled, \
                 connected(d.host, d.port) as hog:
             for data in batches:
                 expected = direct.run(data)
