@@ -304,3 +304,24 @@ def test_bypass_outside_a_transaction_raw_batches(pgcorral: DaemonFactory,
         assert own.run(batch) == expected
         assert pooled.run(batch) == expected
         assert ref.execute(f"SELECT count(*) FROM {t}").fetchone() == (1,)
+
+
+def test_a_parse_after_drop_table_goes_to_the_server(pgcorral: DaemonFactory,
+                                                     pg: PgCluster) -> None:
+    """A statement some server accepted before a DROP TABLE that went through pgcorral,
+    parsed again under another name with no transaction open: PostgreSQL's 42P01 at the
+    Parse, not a ParseComplete pgcorral made up (and the error at the Bind)."""
+    d = daemon(pgcorral)
+    t = name("gone")
+    select = f"SELECT x FROM {t}".encode()
+    with direct(pg) as ref:
+        ref.execute(f"CREATE TABLE {t} (x int)")
+    with connected(d.host, d.port) as pooled, connected(pg.host, pg.port) as own:
+        for c in (own, pooled):
+            assert c.run(parse(b"a", select) + SYNC) == [(b"1",), (b"Z", b"I")]
+        own.run(query(f"DROP TABLE {t}".encode()))
+        pooled.run(query(f"CREATE TABLE IF NOT EXISTS {t} (x int)".encode()))
+        pooled.run(query(f"DROP TABLE {t}".encode()))
+        batch = parse(b"b", select) + SYNC
+        assert own.run(batch) == [(b"E", b"42P01"), (b"Z", b"I")]
+        assert pooled.run(batch) == [(b"E", b"42P01"), (b"Z", b"I")]
