@@ -42,7 +42,7 @@ class StatementRegistry:
     def __init__(self) -> None:
         #: identity -> pooler name (read directly by the mapper's hot path, ``bind_fast``)
         self.names: dict[bytes, str] = {}
-        #: pooler name -> its bytes on the wire
+        #: pooler name -> its bytes on the wire (names in use, and the ``retired`` ones)
         self.encoded: dict[str, bytes] = {}
         #: pooler names some server has accepted (ParseComplete): a later Parse of the same
         #: statement outside a transaction may be answered without a server (``parse_locally``)
@@ -94,14 +94,13 @@ class StatementRegistry:
 
     def _new(self, identity: bytes) -> str:
         old = self.names.get(identity)
-        if old is not None:  # retired: only server connections still hold it, by name
-            del self.encoded[old]
+        if old is not None:  # retired: server connections and clients' statements hold it
             del self.born[old]
             self.known.discard(old)
             retired = self.retired
             retired[old] = self.identities.pop(old)
-            if len(retired) > RETIRED_KEPT:
-                retired.popitem(last=False)
+            if len(retired) > RETIRED_KEPT:  # (its wire bytes go with it)
+                self.encoded.pop(retired.popitem(last=False)[0], None)
         self.count += 1
         name = self.names[identity] = f"{NAME_PREFIX}{self.count}"
         self.encoded[name] = name.encode()
