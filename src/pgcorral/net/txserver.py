@@ -61,7 +61,6 @@ class TxServerConnection(ServerConnection):
         # the router's counters already counted (``count_readies``)
         self.readies_seen = 0
         self.idle_seen = 0
-        self.stale_retries = 0  # batches retried after a stale statement (protocol.repair)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -126,7 +125,6 @@ class TxServerConnection(ServerConnection):
             return False
         log.debug("server connection %d (pid %d): a statement prepared before a schema change "
                   "failed; prepared again and retried", self.slot.id, self.pid)
-        self.stale_retries += 1
         self.transport.write(retry)
         return True
 

@@ -292,10 +292,11 @@ def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientState
 
 def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegistry) -> bool:
     """A named Parse, with no server linked and no transaction open, of a statement a server
-    has accepted before: recorded for the client, answered ParseComplete by the caller, and
-    prepared on a server when first used (a Bind or Describe re-Parses it). False: it needs a
-    server. This keeps clients that prepare synchronously before each transaction (pgbench
-    -M prepared) from waiting for a server only to be told ParseComplete."""
+    has accepted before, under a name made in the current schema epoch (no DDL went through
+    since): recorded for the client, answered ParseComplete by the caller, and prepared on a
+    server when first used (a Bind or Describe re-Parses it). False: it needs a server.
+    This keeps clients that prepare synchronously before each transaction (pgbench -M
+    prepared) from waiting for a server only to be told ParseComplete."""
     name, identity = parse_parse(body)
     if not name or name in client.names:  # a second Parse of a name: the server refuses it
         return False
