@@ -54,6 +54,9 @@ class TxServerConnection(ServerConnection):
         if registry is not None and max_prepared > 0:
             self.router.on_bind_error = self._bind_failed
         self.extra: dict[str, str] = {}  # lower-case name -> value pgcorral set, not reported
+        #: SQL-level prepared statements on it (name -> PREPARE text), as the session-state
+        #: probe found them (net.transaction ``_settle``)
+        self.sql_prepared: dict[str, str] = {}
         self.cancels = 0  # cancel requests being forwarded to this backend
         self.after_cancels: Callable[[], None] | None = None  # release held for them
         #: ``peer`` with its type, set with it by the client (the hot path reads it)
