@@ -88,7 +88,7 @@ def test_reproduction_two_psycopg_clients(pgcorral: DaemonFactory) -> None:
     """psycopg ``prepare=True``: a second client prepares the text the first one prepared
     before the change, inside the transaction that changed the table, on the same server
     connection (one connection only): it gets the new row."""
-    d = pgcorral(tx_conf(1, max_prepared_statements="20", workers="1"))
+    d = pgcorral(tx_conf(1, max_prepared_statements="20"))
     table = name("repro")
     with psycopg.connect(d.dsn(), autocommit=True) as first, \
             psycopg.connect(d.dsn(), autocommit=True) as second:
@@ -246,7 +246,7 @@ def test_inside_a_transaction_the_error_is_postgresqls(pgcorral: DaemonFactory, 
     message, the transaction aborted). After ROLLBACK the same statement works, on the same
     (only) server connection: the stale one was dropped from the mapping."""
     setup, query, ddl, state = change
-    d = pgcorral(tx_conf(1, max_prepared_statements="20", workers="1"))
+    d = pgcorral(tx_conf(1, max_prepared_statements="20"))
     t = name("intx")
     with direct(pg) as ref:
         ref.execute(setup.format(t=t))
@@ -278,7 +278,7 @@ def test_bypass_outside_a_transaction_raw_batches(pgcorral: DaemonFactory,
     transaction gets the row with the new column type through pgcorral (PostgreSQL: 0A000);
     a batch that had already run something (an INSERT before the stale Bind, one implicit
     transaction) gets the error on both, and the INSERT is rolled back on both."""
-    d = pgcorral(tx_conf(1, max_prepared_statements="20", workers="1"))
+    d = pgcorral(tx_conf(1, max_prepared_statements="20"))
     t = name("raw")
     with direct(pg) as ref:
         ref.execute(f"CREATE TABLE {t} (x int)")
