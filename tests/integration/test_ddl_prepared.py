@@ -108,8 +108,10 @@ def test_reproduction_asyncpg(pgcorral: DaemonFactory) -> None:
     """asyncpg names every statement: ``conn.prepare`` of the same text in the transaction
     that made the table again gives the text row; the statement cache of ``fetch`` recovers
     from 0A000 by itself outside a transaction (pgcorral lets the error through: asyncpg sends
-    no Describe, so new rows would be decoded with the old column type)."""
-    d = daemon(pgcorral)
+    no Describe, so new rows would be decoded with the old column type), and the statement
+    prepared before the change fails with 0A000 every time, as on PostgreSQL, also where the
+    server connection no longer has it."""
+    d = pgcorral(tx_conf(1, max_prepared_statements="20"))
     table = name("repro")
 
     async def run() -> None:
@@ -128,6 +130,10 @@ def test_reproduction_asyncpg(pgcorral: DaemonFactory) -> None:
                 again = await conn.prepare(f"SELECT * FROM {table}")
                 assert await again.fetchval() == "row"
             assert await conn.fetchval(f"SELECT * FROM {table}") == "row"
+            for _ in range(2):
+                with pytest.raises(asyncpg.exceptions.InvalidCachedStatementError):
+                    await first.fetchval()
+            assert await again.fetchval() == "row"
         finally:
             await conn.close(timeout=5)
 

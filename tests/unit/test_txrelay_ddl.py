@@ -8,7 +8,17 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.unit.txhelpers import EXECUTE, SYNC, bind, describe, msg, parse, query, ready
+from tests.unit.txhelpers import (
+    EXECUTE,
+    SYNC,
+    bind,
+    describe,
+    msg,
+    parse,
+    query,
+    ready,
+    split,
+)
 
 from pgcorral.protocol.repair import repair, stale_error
 from pgcorral.protocol.replyplan import CAPTURE_ON, CAPTURE_SUSPENDED, ReplyPlan
@@ -198,22 +208,53 @@ def test_a_retry_that_fails_again_gives_the_error() -> None:
     assert link.plan.capture == CAPTURE_ON  # once per batch: capturing again after it
 
 
-def _passes(link: Link, error: bytes, status: bytes = b"I") -> None:
-    old = link.client.names[b"a"][0]
+def _passes(link: Link, error: bytes, status: bytes = b"I", name: bytes = b"a") -> None:
+    """The error reaches the client; the statement is retired (a new Parse of its text gets
+    a new name) and closed here; after 0A000 the client's statement keeps failing, as in
+    PostgreSQL (its driver caches the old row description), after a lookup error it moves to
+    the new name."""
+    old = link.client.names[name][0]
     assert link.feed(error + ready(status)) == error + ready(status)
     assert not link.retries
-    new = link.client.names[b"a"][0]
-    assert new != old and old not in link.server and old in link.server.pending_close
-    assert link.registry.names[Q] == new  # retired: nobody reaches the stale one again
+    assert old not in link.server and old in link.server.pending_close
+    new = link.registry.names[link.client.names[name][1]]
+    assert new != old
+    assert link.client.names[name][0] == (old if error == STALE else new)
+    assert (old in link.registry.reshaped) is (error == STALE)
 
 
-def test_0a000_without_a_describe_passes() -> None:
+def test_0a000_without_a_describe_passes_and_stays() -> None:
     """asyncpg's Bind/Execute/Sync: the rows of a new type would be decoded with the old
-    description; the error passes (asyncpg prepares again), the statement is retired."""
+    description; the error passes (asyncpg prepares again), the statement is retired. Its
+    next Bind, where the statement is gone, gets 0A000 too (the server's 26000 replaced), and
+    one with a Describe is prepared anew and retried."""
     link = Link()
-    link.prepared()
+    old = link.prepared()
     link.send(bind(b"a"), EXECUTE, SYNC)
     _passes(link, STALE)
+    sent = link.send(bind(b"a"), EXECUTE, SYNC)  # the Close first, no Parse
+    assert [t for t, _ in split(sent)] == [ord(c) for c in "CBES"]
+    assert sent.startswith(msg(b"C", b"S" + old.encode() + b"\0"))
+    assert split(sent)[1][1] == b"\0" + old.encode() + b"\0" + b"\0" * 6
+    missing = msg(b"E", b"SERROR\0C26000\0Mprepared statement does not exist\0\0")
+    out = link.feed(CLOSE_OK + missing + ready(b"I"))
+    assert out.startswith(b"E") and stale_error(out[5:-6]) == "0A000"
+    assert out.endswith(ready(b"I")) and link.client.names[b"a"][0] == old
+    link.send(bind(b"a"), describe(b"P", b""), EXECUTE, SYNC)
+    assert link.feed(missing + ready(b"I")) == b""
+    (retry,) = link.retries
+    assert retry.startswith(b"P") and link.client.names[b"a"][0] != old
+    replies = BIND_OK + ROW_DESC + ROW + SELECT_1 + ready(b"I")
+    assert link.feed(PARSE_OK + replies) == replies
+
+
+def test_a_parse_of_a_reshaped_statement_meets_a_new_name() -> None:
+    link = Link()
+    old = link.prepared()
+    link.send(bind(b"a"), EXECUTE, SYNC)
+    link.feed(STALE + ready(b"I"))
+    link.send(parse(b"b", b"SELECT * FROM t"), SYNC)
+    assert link.client.names[b"b"][0] not in (old, "") and old in link.registry.reshaped
 
 
 def test_inside_a_transaction_the_error_passes() -> None:
@@ -266,7 +307,7 @@ def test_the_failing_bind_is_told_by_the_plan() -> None:
     second = link.prepared(b"b", b"SELECT 2")
     link.send(bind(b"a"), EXECUTE, bind(b"b"), EXECUTE, SYNC)
     link.feed(BIND_OK + ROW + SELECT_1)
-    link.feed(STALE + ready(b"I"))
+    link.feed(LOOKUP + ready(b"I"))
     assert link.client.names[b"a"][0] == first
     assert link.client.names[b"b"][0] != second and second in link.server.pending_close
 

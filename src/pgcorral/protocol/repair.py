@@ -38,7 +38,13 @@ The decision (``repair``), for the client's Bind of pooler name N that failed so
   handling), which then meets the new name.
 - Otherwise (inside a transaction, rows already sent, pipelined batches behind it) the error
   passes as PostgreSQL sent it; N is retired and closed here at the next batch start
-  (``ServerStatements.pending_close``), as evictions are.
+  (``ServerStatements.pending_close``), as evictions are. After a lookup error the client's
+  statements on N move to the new name (their next use works). After 0A000 they stay on N and
+  keep failing, as on the client's own connection, where its driver holds the old row
+  description: N is *reshaped* (``StatementRegistry.reshaped``), and a Bind of a reshaped name
+  on a connection that lacks it is sent without preparing it again, so the server answers
+  26000, which becomes 0A000 here (``RESHAPED``), or a retry where one is allowed (then the
+  client's statement moves: it gets the new row description with the rows).
 
 The batch is found in what was written to the server since the plan was last idle
 (``ReplyPlan.sent``, kept by ``net.txserver``): ``done`` ReadyForQuery messages passed since,
@@ -52,7 +58,7 @@ import struct
 from typing import Final
 
 from pgcorral.protocol import codes
-from pgcorral.protocol.messages import error_sqlstate
+from pgcorral.protocol.messages import error_sqlstate, message
 from pgcorral.protocol.replyplan import (
     BIND_ENDS,
     CAPTURE_ON,
@@ -76,6 +82,10 @@ _BEFORE: Final = frozenset([codes.PARSE, codes.DESCRIBE, codes.CLOSE, codes.FLUS
 _STATES: Final = frozenset(["0A000", "42P01", "42704"])
 _LOOKUP: Final = b"cache lookup failed for type"
 _NAME: Final = NAME_PREFIX.encode()
+#: PostgreSQL's answer to a Bind of a statement whose result type changed, field by field as
+#: PostgreSQL 15 sends it (asyncpg tells InvalidCachedStatementError by the routine, R)
+RESHAPED: Final = message(b"E", b"SERROR\0VERROR\0C0A000\0Mcached plan must not change "
+                          b"result type\0Fplancache.c\0L722\0RRevalidateCachedQuery\0\0")
 
 
 def stale_error(body: bytes) -> str:
@@ -121,7 +131,8 @@ def repair(plan: ReplyPlan, registry: StatementRegistry, client: ClientStatement
     the server (the plan is ready for its replies), or None: the error passes (a stale
     statement is retired all the same, and the client's statements on it moved)."""
     state = stale_error(body)
-    if not state or plan.capture != CAPTURE_ON or not plan.sent:
+    unprepared = not state and error_sqlstate(body) == "26000"  # a reshaped one, maybe
+    if not (state or unprepared) or plan.capture != CAPTURE_ON or not plan.sent:
         return None  # (suspended: a retry is in flight, ``sent`` is not what the server runs)
     data = b"".join(plan.sent) if len(plan.sent) > 1 else plan.sent[0]
     messages = _messages(data)
@@ -144,6 +155,10 @@ def repair(plan: ReplyPlan, registry: StatementRegistry, client: ClientStatement
     if not name.startswith(_NAME):
         return None
     failed = name.decode()
+    if unprepared:
+        if failed not in registry.reshaped:
+            return None  # (PostgreSQL's own 26000)
+        state = "0A000"
     identity = registry.identities.get(failed) or registry.retired.get(failed)
     if identity is None and client is not None:
         for entry in client.names.values():
@@ -152,6 +167,7 @@ def repair(plan: ReplyPlan, registry: StatementRegistry, client: ClientStatement
     if identity is None:
         return None
     server = plan.server
+    was_here = failed in server
     server.discard(failed)
     fresh = registry.retire(failed)  # None: retired already (by another connection)
     if fresh is None:
@@ -159,21 +175,30 @@ def repair(plan: ReplyPlan, registry: StatementRegistry, client: ClientStatement
         if fresh in server or fresh in server.pending_close:
             # prepared here before: it may be as stale as the one that failed
             fresh = registry.retire(fresh) or fresh
-    if client is not None:
-        client.moved(failed, fresh)
+    if state == "0A000":
+        registry.reshaped.add(failed)
     retry = (status == codes.TX_IDLE and plan.capture == CAPTURE_ON and synced
              and last == len(messages) - 1 and messages[last][0] == codes.SYNC
              and all(m[0] in _BEFORE for m in batch[:at])
              and all(m[0] in _BATCH_TYPES for m in batch)
              and (state != "0A000" or any(m[0] == codes.DESCRIBE for m in batch[at + 1:])))
     if not retry:
-        if failed not in server.pending_close:
+        if was_here and failed not in server.pending_close:
             server.pending_close[failed] = None
+        if unprepared:
+            plan.steps[0] = ReplyStep(BIND_ENDS, error=RESHAPED)
+        if state != "0A000" and client is not None:
+            client.moved(failed, fresh)  # (0A000: the statement fails on, as in PostgreSQL)
         return None
+    if client is not None:
+        client.moved(failed, fresh)  # it gets the new row description with the rows
     server.pending_close.pop(failed, None)
     plan.capture = CAPTURE_SUSPENDED  # once
-    parts = [build_target(b"C", ord("S"), name)]
-    steps = [own_query_step(), ReplyStep(CLOSE_ENDS, drop=True, closes=failed)]
+    parts: list[bytes] = []
+    steps = [own_query_step()]
+    if was_here:
+        parts.append(build_target(b"C", ord("S"), name))
+        steps.append(ReplyStep(CLOSE_ENDS, drop=True, closes=failed))
     _ensure(fresh, identity, server, parts, steps, drop=True)
     wire = fresh.encode()
     parts.append(build_bind(portal, wire, rest))

@@ -90,6 +90,7 @@ class ReplyStep:
     closes: str | None = None  # a Close of this pooler name
     restore: tuple[str, ...] = ()  # names a DISCARD ALL forgot: back in the LRU if it fails
     copy_end: bool = False  # a CopyDone/CopyFail marker, no reply of its own
+    error: bytes = b""  # an ErrorResponse that replaces the server's (``protocol.repair``)
     # a client's Parse or Close changed its names: (its statements, name, identity set or
     # None, identity before or None), put back if the request fails or is skipped
     client_undo: tuple[ClientStatements, bytes, Entry | None, Entry | None] | None = None
@@ -280,6 +281,9 @@ class ReplyPlan:
                 self._undo(step)
             self._skipping = True
             self._settle()
+            if head.error:  # the server's error is replaced
+                self.out += head.error
+                return DROP
             return PASS  # the error answers the client's request (ours only when it failed)
         if type_ == _COPY_IN:
             self._start_copy_in()

@@ -240,6 +240,13 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         if mapped is None:
             return False
         pooled = mapped[0]
+        if (pooled in registry.reshaped and pooled not in server
+                and pooled not in server.pending_close):
+            # its result type changed since the client was told it: not prepared again here,
+            # the server's 26000 becomes 0A000 (``protocol.repair``), as from PostgreSQL
+            parts.append(build_bind(portal, pooled.encode(), rest))
+            steps.append(ReplyStep(BIND_ENDS))
+            return True
         _ensure(pooled, mapped[1], server, parts, steps, drop=True)
         parts.append(build_bind(portal, pooled.encode(), rest))
         steps.append(ReplyStep(BIND_ENDS))

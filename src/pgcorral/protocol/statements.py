@@ -19,7 +19,8 @@ name a server found stale (0A000, a lookup error: ``protocol.repair``). A client
 keeps the pooler name it was parsed as: its Bind reaches the statement prepared then (where a
 server connection still has it), so a driver that cached the row description meets the
 error PostgreSQL gives on its own connection, not rows of a new shape; a statement whose
-server name was found stale is moved to the new name (``ClientStatements.moved``). A retired
+server name was found stale is moved to the new name (``ClientStatements.moved``) unless its
+result type changed (``reshaped``: it fails on with 0A000, as in PostgreSQL). A retired
 name stays prepared on the server connections that have it until their LRU evicts it, or is
 closed at the next batch start where it failed.
 """
@@ -37,7 +38,7 @@ class StatementRegistry:
     """Identity -> pooler name, shared by every client and server connection of a worker."""
 
     __slots__ = ("born", "count", "encoded", "epoch", "identities", "known", "names",
-                 "retired")
+                 "reshaped", "retired")
 
     def __init__(self) -> None:
         #: identity -> pooler name (read directly by the mapper's hot path, ``bind_fast``)
@@ -57,6 +58,10 @@ class StatementRegistry:
         #: retired name -> identity, the newest ``RETIRED_KEPT`` (a server may still report
         #: one stale after another connection retired it)
         self.retired: OrderedDict[str, bytes] = OrderedDict()
+        #: retired names a server answered 0A000 (their result type changed): a client's Bind
+        #: of one on a connection that lacks it gets 0A000 too (``protocol.repair``), not rows
+        #: of the new type from a statement prepared again
+        self.reshaped: set[str] = set()
 
     def lookup(self, identity: bytes) -> str | None:
         return self.names.get(identity)
@@ -100,7 +105,9 @@ class StatementRegistry:
             retired = self.retired
             retired[old] = self.identities.pop(old)
             if len(retired) > RETIRED_KEPT:  # (its wire bytes go with it)
-                self.encoded.pop(retired.popitem(last=False)[0], None)
+                gone = retired.popitem(last=False)[0]
+                self.encoded.pop(gone, None)
+                self.reshaped.discard(gone)
         self.count += 1
         name = self.names[identity] = f"{NAME_PREFIX}{self.count}"
         self.encoded[name] = name.encode()
