@@ -28,16 +28,18 @@ after DDL is prepared anew, as on the client's own connection.
 A client's Parse or Close that fails or is skipped (after an error, until Sync) is undone in the
 client's names, newest first (``ReplyStep.client_undo``).
 
-Known limits: in pipeline mode a Bind sent before the error of a skipped re-Parse came back gets
-26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery; inside an
-aborted transaction a statement evicted from the connection cannot be prepared again, so a Bind
-of it gets 25P02 even where PostgreSQL would first report another error (a wrong parameter
-count). With several batches in flight (pipelining), the mapper decides each message when it is
-sent, before the errors of earlier batches come back: after an error in one batch, the answers
-to prepared-statement names in later batches can differ from PostgreSQL's (a name a skipped
-Parse never created looks created, a DEALLOCATE of it succeeds). A differential test that sent
-random batches all at once found these (2026-11-26); fixing them needs the mapper to hold a
-batch's name changes until its Sync is answered.
+Known limits: in pipeline mode a Bind sent before the error of a skipped re-Parse came back
+gets 26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery; inside
+an aborted transaction a statement evicted from the connection cannot be prepared again, so a
+Bind of it gets 25P02 even where PostgreSQL would first report another error (a wrong parameter
+count); likewise a Bind or Describe of one whose table was dropped gets the re-Parse's 42P01
+first (PostgreSQL: the wrong parameter count, or a Describe's ParameterDescription). With
+several batches in flight (pipelining), the mapper decides each message when it is sent, before
+the errors of earlier batches come back: after an error in one batch, the answers to prepared-
+statement names in later batches can differ from PostgreSQL's (a name a skipped Parse never
+created looks created, a DEALLOCATE of it succeeds). A differential test that sent random
+batches all at once found these (2026-11-26); fixing them needs the mapper to hold a batch's
+name changes until its Sync is answered.
 """
 
 from __future__ import annotations
