@@ -200,7 +200,7 @@ def test_model_several_clients_over_simulated_servers(data: st.DataObject) -> No
         assert [t for t, _ in split(seen)] == expected
         assert fake.bound == expected_binds
         assert plan.idle
-        assert client.names == model
+        assert client.identities() == model
         # the mapper's view of each server is exact
         for other_fake, other in servers:
             on_server = set(other_fake.statements) - {b""}

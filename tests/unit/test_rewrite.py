@@ -28,7 +28,7 @@ from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 def test_named_parse_server_lacks_it_sends_parse_under_pooler_name() -> None:
     s = Side()
     assert s.send(parse(b"s1", b"SELECT 1")) == parse(b"pgc_1", b"SELECT 1")
-    assert s.client.names == {b"s1": b"SELECT 1\0\0\0"}
+    assert s.client.identities() == {b"s1": b"SELECT 1\0\0\0"}
     assert "pgc_1" in s.server
     assert s.reply(PARSE_COMPLETE) == [PASS]
     assert s.to_client == PARSE_COMPLETE and s.plan.idle
@@ -178,7 +178,7 @@ def test_discard_all_forgets_client_and_server_statements() -> None:
 ])
 def test_malformed_bodies_raise_client_protocol_error(type_: bytes, body: bytes) -> None:
     s = Side()
-    s.client.names[b"n"] = b"q\0\0\0"
+    s.client.names[b"n"] = ("pgc_9", b"q\0\0\0")
     with pytest.raises(ClientProtocolError) as info:
         rewrite(type_[0], body, s.client, s.server, s.registry, at_sync=True, tx_failed=False)
     assert info.value.sqlstate == "08P01"

@@ -44,5 +44,5 @@ def test_server_clear_forgets_pending_closes_too() -> None:
 
 def test_client_statements_map_client_names_to_identities() -> None:
     client = ClientStatements()
-    client.names[b"s1"] = b"SELECT 1\0\0\0"
+    client.names[b"s1"] = ("pgc_1", b"SELECT 1\0\0\0")
     assert b"s1" in client and b"s2" not in client and len(client) == 1

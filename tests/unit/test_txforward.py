@@ -79,7 +79,7 @@ class Pipe:
         self.fabricated.append(self.plan.fabricated_before_next())
         self.trace.append((send, self.rest, seen, fwd.batch_open, fwd.at_sync, fwd.at_rest,
                            fwd.pending, len(self.plan), self.server.names(),
-                           list(self.server.pending_close), dict(self.client.names)))
+                           list(self.server.pending_close), self.client.identities()))
         return send
 
     def state(self) -> dict[str, object]:
@@ -88,7 +88,7 @@ class Pipe:
                 "fabricated": b"".join(self.fabricated), "seen": self.seen,
                 "violation": fwd.violation if self.seen & VIOLATION else "",
                 "batch_open": fwd.batch_open, "pending": fwd.pending, "at_rest": fwd.at_rest,
-                "client names": dict(self.client.names), "server names": self.server.names(),
+                "client names": self.client.identities(), "server names": self.server.names(),
                 "pending close": list(self.server.pending_close),
                 "at_sync": fwd.at_sync, "steps": len(self.plan)}
 
@@ -185,7 +185,7 @@ def test_mapping_on_renames_statements_and_answers_a_known_parse() -> None:
     # the server has it now: a Bind is renamed in place, a Parse answered by pgcorral
     assert pipe.feed(bind(b"s1", b"p") + EXECUTE + SYNC) == bind(b"pgc_1", b"p") + EXECUTE + SYNC
     assert pipe.feed(parse(b"s2", b"SELECT 1") + SYNC) == SYNC
-    assert pipe.client.names == {b"s1": b"SELECT 1\0\0\0", b"s2": b"SELECT 1\0\0\0"}
+    assert pipe.client.identities() == {b"s1": b"SELECT 1\0\0\0", b"s2": b"SELECT 1\0\0\0"}
     assert pipe.fabricated == [b""] * 3  # ParseComplete waits for its turn, after earlier replies
     assert pipe.answer()[1].count(PARSE_COMPLETE) == 2
 

@@ -338,7 +338,7 @@ def test_whole_messages_give_the_general_result(
         plan = link.router.plan
         return (got, link.router.status if how != "reference" else None, len(plan),
                 plan.idle, link.server.names(), list(link.server.pending_close),
-                dict(link.client.names), sorted(link.registry.known))
+                link.client.identities(), sorted(link.registry.known))
 
     whole, by_bytes, slow = outcome("cuts"), outcome("bytes"), outcome("reference")
     assert whole == by_bytes

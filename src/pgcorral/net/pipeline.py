@@ -22,7 +22,7 @@ from pgcorral.pool.pool import Slot
 def transaction_server(ctx: Context, slot: Slot,
                        on_lost: Callable[[ServerConnection], None]) -> ServerConnection:
     conn = TxServerConnection(slot, on_lost, ctx.config.main.max_prepared_statements,
-                              ctx.registry.known)
+                              ctx.registry)
     conn.pstats = ctx.pool_stats(slot.key)
     return conn
 

@@ -390,7 +390,7 @@ class TransactionClient(ClientConnection):
             server.sending(len(send))
             server.status = -1
             try:
-                server.transport.write(send)
+                server.write_request(send)  # (issue 14, ddl: kept for a retry after DDL)
             except RuntimeError:  # the server's transport closed under us (uvloop raises)
                 self.end("server lost")
         if seen:

@@ -10,6 +10,11 @@ they are done, so a late cancel never hits the next client's query).
 While linked, each chunk from PostgreSQL goes through the router: passed, dropped or completed
 with fabricated replies, then written to the client; when the router says the connection is
 free, the client unlinks it (``net.transaction``).
+
+Stale statements (issue 14): with mapping on, what the client side writes goes through
+``write_request``, which keeps it in the plan until the plan is idle again (``ReplyPlan.sent``);
+when a client's Bind fails because its statement was prepared before a schema change, the
+router asks ``_bind_failed``, which lets ``protocol.repair`` decide and writes the retry.
 """
 
 from __future__ import annotations
@@ -20,8 +25,14 @@ from typing import TYPE_CHECKING, Final
 
 from pgcorral.net.server import ServerConnection
 from pgcorral.protocol.framing import FramingError
-from pgcorral.protocol.replyplan import ReplyPlan
-from pgcorral.protocol.statements import ServerStatements
+from pgcorral.protocol.repair import repair
+from pgcorral.protocol.replyplan import (
+    CAPTURE_LIMIT,
+    CAPTURE_ON,
+    CAPTURE_SUSPENDED,
+    ReplyPlan,
+)
+from pgcorral.protocol.statements import ServerStatements, StatementRegistry
 from pgcorral.protocol.txrelay import ReplyRouter
 
 if TYPE_CHECKING:
@@ -33,10 +44,15 @@ log: Final = logging.getLogger("pgcorral.server")
 
 class TxServerConnection(ServerConnection):
     def __init__(self, slot: Slot, on_lost: Callable[[ServerConnection], None],
-                 max_prepared: int, known: set[str] | None = None) -> None:
+                 max_prepared: int, registry: StatementRegistry | None = None) -> None:
         super().__init__(slot, on_lost)
         self.statements = ServerStatements(max_prepared)
-        self.router = ReplyRouter(ReplyPlan(self.statements, known))
+        self.registry = registry
+        self.router = ReplyRouter(ReplyPlan(self.statements,
+                                            None if registry is None else registry.known),
+                                  registry=registry)
+        if registry is not None and max_prepared > 0:
+            self.router.on_bind_error = self._bind_failed
         self.extra: dict[str, str] = {}  # lower-case name -> value pgcorral set, not reported
         #: SQL-level prepared statements on it (name -> PREPARE text), as the session-state
         #: probe found them (net.transaction ``_settle``)
@@ -63,6 +79,9 @@ class TxServerConnection(ServerConnection):
             client.end("server lost")
             self.abort()
             return
+        plan = router.plan
+        if not plan.steps and (plan.sent or plan.capture == CAPTURE_SUSPENDED):
+            plan.idle_again()
         if router.changes:
             self._set_params({**self.params, **router.changes})
             router.changes.clear()
@@ -81,6 +100,38 @@ class TxServerConnection(ServerConnection):
             client.server_free(self, data[free_at:])
         elif client.terminating and router.plan.idle and router.at_boundary:
             client.end("terminate")  # Terminate came in a transaction: its replies are out
+
+    def write_request(self, data: bytes) -> None:
+        """Write the client's (mapped) requests; kept while replies are due, for a retry."""
+        self.transport.write(data)
+        plan = self.router.plan
+        if plan.capture == CAPTURE_ON:
+            sent = plan.sent
+            if not sent:
+                plan.sent_from = self.router.readies
+            sent.append(data)
+            plan.sent_size += len(data)
+            if plan.sent_size > CAPTURE_LIMIT:
+                plan.capture = CAPTURE_SUSPENDED
+                sent.clear()
+                plan.sent_size = 0
+
+    def _bind_failed(self, body: bytes) -> bool:
+        """A client's Bind failed (``ReplyRouter.on_bind_error``): retried if its statement
+        was stale and the batch can be sent again (``protocol.repair``)."""
+        registry = self.registry
+        router = self.router
+        if registry is None:
+            return False
+        client = self.client
+        retry = repair(router.plan, registry, None if client is None else client.statements,
+                       body, router.status, router.readies - router.plan.sent_from)
+        if retry is None:
+            return False
+        log.debug("server connection %d (pid %d): a statement prepared before a schema change "
+                  "failed; prepared again and retried", self.slot.id, self.pid)
+        self.transport.write(retry)
+        return True
 
     def count_readies(self, router: ReplyRouter) -> None:
         """ReadyForQuery messages passed: count the queries (the time from the first request

@@ -38,7 +38,7 @@ from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.messages import message
-from pgcorral.protocol.statements import ClientStatements, ServerStatements
+from pgcorral.protocol.statements import ClientStatements, Entry, ServerStatements
 
 PASS: Final = "pass"
 DROP: Final = "drop"
@@ -90,11 +90,12 @@ class ReplyStep:
     closes: str | None = None  # a Close of this pooler name
     restore: tuple[str, ...] = ()  # names a DISCARD ALL forgot: back in the LRU if it fails
     copy_end: bool = False  # a CopyDone/CopyFail marker, no reply of its own
+    error: bytes = b""  # an ErrorResponse that replaces the server's (``protocol.repair``)
     # a client's Parse or Close changed its names: (its statements, name, identity set or
     # None, identity before or None), put back if the request fails or is skipped
-    client_undo: tuple[ClientStatements, bytes, bytes | None, bytes | None] | None = None
+    client_undo: tuple[ClientStatements, bytes, Entry | None, Entry | None] | None = None
     # a DISCARD ALL: the client's names before it, put back if it fails
-    client_names: tuple[ClientStatements, dict[bytes, bytes]] | None = None
+    client_names: tuple[ClientStatements, dict[bytes, Entry]] | None = None
     #: the reply types that ``ReplyPlan.on_server_reply`` answers "pass" without changing
     #: anything while this step is at the head (rows, command tags, notices, ...): a table
     #: by type byte (``type_table``), from ``ends`` and ``drop``; the router forwards them
@@ -146,10 +147,24 @@ def _command_complete(tag: bytes) -> bytes:
     return message(b"C", tag + b"\0")
 
 
-class ReplyPlan:
-    """The FIFO of reply steps of one server connection (see the module docstring)."""
+#: ``ReplyPlan.capture``: off (mapping off), on, suspended until the plan is idle again (a
+#: retry was made, or too much was written)
+CAPTURE_OFF: Final = 0
+CAPTURE_ON: Final = 1
+CAPTURE_SUSPENDED: Final = 2
+#: at most this many bytes are kept per idle-to-idle stretch (more: suspended)
+CAPTURE_LIMIT: Final = 64 * 1024
 
-    __slots__ = ("_copy_in", "_skipping", "known", "out", "server", "steps")
+
+class ReplyPlan:
+    """The FIFO of reply steps of one server connection (see the module docstring).
+
+    With mapping on it also keeps what was written to the server since it was last idle
+    (``sent``; ``net.txserver`` appends, and empties it when the plan is idle), for the
+    error-driven repair of stale statements (``protocol.repair``)."""
+
+    __slots__ = ("_copy_in", "_skipping", "capture", "known", "out", "sent", "sent_from",
+                 "sent_size", "server", "steps")
 
     def __init__(self, server: ServerStatements, known: set[str] | None = None) -> None:
         self.server = server
@@ -159,6 +174,10 @@ class ReplyPlan:
         self.out = bytearray()  # fabricated replies due now (``fabricated_before_next``)
         self._skipping = False  # after an error: steps up to the next Sync get no reply
         self._copy_in = False  # copy-in started: Syncs before the CopyDone/CopyFail are ignored
+        self.capture = CAPTURE_ON if server.capacity > 0 else CAPTURE_OFF
+        self.sent: list[bytes] = []  # written to the server since the plan was idle
+        self.sent_size = 0
+        self.sent_from = 0  # the router's ReadyForQuery count when ``sent`` started
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -182,6 +201,15 @@ class ReplyPlan:
             self.out.clear()
         self._skipping = False
         self._copy_in = False
+        self.idle_again()
+
+    def idle_again(self) -> None:
+        """Nothing is expected: what was written is forgotten, capturing starts again."""
+        if self.sent:
+            self.sent.clear()
+            self.sent_size = 0
+        if self.capture == CAPTURE_SUSPENDED:
+            self.capture = CAPTURE_ON
 
     def quiet(self) -> bytes:
         """The types that pass now with no effect on the plan (``ReplyStep.quiet`` of the
@@ -253,6 +281,9 @@ class ReplyPlan:
                 self._undo(step)
             self._skipping = True
             self._settle()
+            if head.error:  # the server's error is replaced
+                self.out += head.error
+                return DROP
             return PASS  # the error answers the client's request (ours only when it failed)
         if type_ == _COPY_IN:
             self._start_copy_in()
@@ -311,7 +342,8 @@ class ReplyPlan:
             self._restore(step.restore)
         if step.client_undo is not None:
             client, name, done, before = step.client_undo
-            if client.names.get(name) is done:  # not changed again since
+            if client.names.get(name) == done:  # not changed again since (compiled, a
+                # tuple is boxed anew where it is stored: compared by value)
                 if before is None:
                     client.names.pop(name, None)
                 else:

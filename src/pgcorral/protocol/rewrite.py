@@ -21,19 +21,25 @@ answers 26000) passes unchanged. Evicted names are closed at the start of the ne
 (``at_sync``: after a Sync, or just linked, as the caller knows). In an aborted transaction
 (``tx_failed``) Parse, DEALLOCATE and DISCARD ALL go to PostgreSQL, which refuses them (25P02).
 
+A client's new Parse maps onto a pooler name made in the current schema epoch
+(``StatementRegistry.fresh_for``), and ``parse_locally`` answers only for such a name: a Parse
+after DDL is prepared anew, as on the client's own connection.
+
 A client's Parse or Close that fails or is skipped (after an error, until Sync) is undone in the
 client's names, newest first (``ReplyStep.client_undo``).
 
-Known limits: in pipeline mode a Bind sent before the error of a skipped re-Parse came back gets
-26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery; inside an
-aborted transaction a statement evicted from the connection cannot be prepared again, so a Bind
-of it gets 25P02 even where PostgreSQL would first report another error (a wrong parameter
-count). With several batches in flight (pipelining), the mapper decides each message when it is
-sent, before the errors of earlier batches come back: after an error in one batch, the answers
-to prepared-statement names in later batches can differ from PostgreSQL's (a name a skipped
-Parse never created looks created, a DEALLOCATE of it succeeds). A differential test that sent
-random batches all at once found these (2026-11-26); fixing them needs the mapper to hold a
-batch's name changes until its Sync is answered.
+Known limits: in pipeline mode a Bind sent before the error of a skipped re-Parse came back
+gets 26000; a Query after an extended-protocol error without Sync gets no ReadyForQuery; inside
+an aborted transaction a statement evicted from the connection cannot be prepared again, so a
+Bind of it gets 25P02 even where PostgreSQL would first report another error (a wrong parameter
+count); likewise a Bind or Describe of one whose table was dropped gets the re-Parse's 42P01
+first (PostgreSQL: the wrong parameter count, or a Describe's ParameterDescription). With
+several batches in flight (pipelining), the mapper decides each message when it is sent, before
+the errors of earlier batches come back: after an error in one batch, the answers to prepared-
+statement names in later batches can differ from PostgreSQL's (a name a skipped Parse never
+created looks created, a DEALLOCATE of it succeeds). A differential test that sent random
+batches all at once found these (2026-11-26); fixing them needs the mapper to hold a batch's
+name changes until its Sync is answered.
 """
 
 from __future__ import annotations
@@ -213,14 +219,15 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
             # name it already has (made sure of first) once more.
             # The new query goes with it: PostgreSQL analyses it first (its error, if any,
             # comes before 42P05, as on the client's own connection).
-            pooled = registry.name_for(existing)
-            _ensure(pooled, existing, server, parts, steps, drop=True)
+            pooled = existing[0]
+            _ensure(pooled, existing[1], server, parts, steps, drop=True)
             parts.append(build_parse(pooled.encode(), identity))
             steps.append(ReplyStep(PARSE_ENDS))
             return True
-        names[name] = identity
-        undo = (client, name, identity, None)
-        pooled = registry.name_for(identity)
+        pooled = registry.fresh_for(identity)  # made in this schema epoch (issue 14)
+        entry = (pooled, identity)
+        names[name] = entry
+        undo = (client, name, entry, None)
         if not _ensure(pooled, identity, server, parts, steps, drop=False):
             steps[-1].client_undo = undo
         elif tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
@@ -234,8 +241,15 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         mapped = names.get(statement) if statement else None
         if mapped is None:
             return False
-        pooled = registry.name_for(mapped)
-        _ensure(pooled, mapped, server, parts, steps, drop=True)
+        pooled = mapped[0]
+        if (pooled in registry.reshaped and pooled not in server
+                and pooled not in server.pending_close):
+            # its result type changed since the client was told it: not prepared again here,
+            # the server's 26000 becomes 0A000 (``protocol.repair``), as from PostgreSQL
+            parts.append(build_bind(portal, pooled.encode(), rest))
+            steps.append(ReplyStep(BIND_ENDS))
+            return True
+        _ensure(pooled, mapped[1], server, parts, steps, drop=True)
         parts.append(build_bind(portal, pooled.encode(), rest))
         steps.append(ReplyStep(BIND_ENDS))
         return True
@@ -249,8 +263,8 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
             steps.append(ReplyStep(frozenset(), fabricate=CLOSE_COMPLETE,
                                    client_undo=(client, name, None, target)))
             return True
-        pooled = registry.name_for(target)
-        _ensure(pooled, target, server, parts, steps, drop=True)
+        pooled = target[0]
+        _ensure(pooled, target[1], server, parts, steps, drop=True)
         parts.append(build_target(b"D", kind, pooled.encode()))
         steps.append(ReplyStep(DESCRIBE_ENDS))
         return True
@@ -268,16 +282,18 @@ def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientState
     name_end = data.find(b"\0", name_at, end)
     if name_end < 0:
         return None
-    identity = client.names.get(data[name_at:name_end])
-    if identity is None:
+    entry = client.names.get(data[name_at:name_end])
+    if entry is None:
         return None
-    pooled = registry.names.get(identity)
+    pooled = entry[0]
     lru = server.lru
-    if pooled is None or pooled not in lru:
+    if pooled not in lru:
         return None
     lru.move_to_end(pooled)  # ServerStatements.touch
     server.hits += 1
-    wire = registry.encoded[pooled]
+    wire = registry.encoded.get(pooled)
+    if wire is None:  # retired since (the client's statement keeps it)
+        wire = pooled.encode()
     length = end - pos - 1 - (name_end - name_at) + len(wire)
     return b"".join((_header.pack(_BIND, length), data[pos + 5:name_at], wire,
                      data[name_end:end]))
@@ -285,17 +301,18 @@ def bind_fast(data: bytes, pos: int, name_at: int, end: int, client: ClientState
 
 def parse_locally(body: bytes, client: ClientStatements, registry: StatementRegistry) -> bool:
     """A named Parse, with no server linked and no transaction open, of a statement a server
-    has accepted before: recorded for the client, answered ParseComplete by the caller, and
-    prepared on a server when first used (a Bind or Describe re-Parses it). False: it needs a
-    server. This keeps clients that prepare synchronously before each transaction (pgbench
-    -M prepared) from waiting for a server only to be told ParseComplete."""
+    has accepted before, under a name made in the current schema epoch (no DDL went through
+    since): recorded for the client, answered ParseComplete by the caller, and prepared on a
+    server when first used (a Bind or Describe re-Parses it). False: it needs a server.
+    This keeps clients that prepare synchronously before each transaction (pgbench -M
+    prepared) from waiting for a server only to be told ParseComplete."""
     name, identity = parse_parse(body)
     if not name or name in client.names:  # a second Parse of a name: the server refuses it
         return False
     pooled = registry.lookup(identity)
-    if pooled is None or pooled not in registry.known:
-        return False
-    client.names[name] = identity
+    if pooled is None or pooled not in registry.known or not registry.current(pooled):
+        return False  # (a schema change since: it must be prepared anew, by a server)
+    client.names[name] = (pooled, identity)
     return True
 
 

@@ -20,17 +20,28 @@ without asking the plan, and a reply that ends a plain (default) step pops it
 (``ReplyPlan.pop_plain``). Only a message split across chunks goes through the state machine
 (``_start``/``_end``). The unit tests compare whole chunks with byte-by-byte feeding and with
 a reference that asks the plan about every message.
+
+Schema changes (issue 14): a CommandComplete whose tag starts with CREATE, ALTER, DROP or is DO
+bumps the statement registry's schema epoch (``StatementRegistry.bump``), and so does the
+ReadyForQuery 'I' that ends a transaction that had one (other connections see the change only
+once it is committed). The check is one index into a table by the tag's first two bytes. An
+ErrorResponse to a client's Bind (whole in one chunk: the usual case, as it is the batch's first
+reply) goes first to ``on_bind_error`` (``protocol.repair`` via
+``net.txserver``), which may retry the batch with the statement prepared anew: it then puts a
+step in front of the plan that drops the error and its ReadyForQuery.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from pgcorral.protocol import codes
 from pgcorral.protocol.framing import FramingError
 from pgcorral.protocol.messages import error_sqlstate, parse_parameter_status
-from pgcorral.protocol.replyplan import ALL_QUIET, DROP, ReplyPlan
+from pgcorral.protocol.replyplan import ALL_QUIET, BIND_ENDS, DROP, ReplyPlan
+from pgcorral.protocol.statements import StatementRegistry
 
 # ``Final``: compiled, a C static load instead of a lookup in the module's dict.
 _header: Final = struct.Struct("!BI").unpack_from
@@ -44,6 +55,26 @@ _COPY_DATA: Final = codes.COPY_DATA
 _ALL_QUIET: Final = ALL_QUIET
 _TX_IDLE: Final = codes.TX_IDLE
 _ERROR: Final = codes.ERROR_RESPONSE
+_COMMAND: Final = codes.COMMAND_COMPLETE
+_BIND_ENDS: Final = BIND_ENDS
+
+
+def _tag_table() -> bytes:
+    """1 at ``(first << 8) | second`` for the first two bytes of a DDL command tag: CREATE ...,
+    ALTER ..., DROP ..., DO (no other tag starts with CR, AL, DR or DO)."""
+    table = bytearray(65536)
+    for tag in (b"CR", b"AL", b"DR", b"DO"):
+        table[(tag[0] << 8) | tag[1]] = 1
+    return bytes(table)
+
+
+#: DDL command tags by their first two bytes (``_tag_table``)
+_DDL_TAGS: Final = _tag_table()
+
+
+def is_ddl_tag(body: bytes) -> bool:
+    """Is this CommandComplete body (tag and its zero) one that bumps the schema epoch?"""
+    return len(body) >= 3 and _DDL_TAGS[(body[0] << 8) | body[1]] == 1
 
 
 class ReplyRouter:
@@ -54,11 +85,19 @@ class ReplyRouter:
     offset were not routed (PostgreSQL sent something nobody asked for).
     """
 
-    __slots__ = ("_body", "_drop", "_header", "_in_body", "_skip", "_type", "changes",
-                 "errors", "idle_readies", "max_length", "plan", "readies", "status")
+    __slots__ = ("_body", "_ddl_open", "_drop", "_header", "_in_body", "_skip", "_type",
+                 "changes", "errors", "idle_readies", "max_length", "on_bind_error", "plan",
+                 "readies", "registry", "status")
 
-    def __init__(self, plan: ReplyPlan, max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
+    def __init__(self, plan: ReplyPlan, max_length: int = codes.LARGE_MESSAGE_LIMIT,
+                 registry: StatementRegistry | None = None) -> None:
         self.plan = plan
+        #: the worker's statements: its schema epoch is bumped on DDL (None: not followed)
+        self.registry = registry
+        self._ddl_open = False  # DDL passed since the last ReadyForQuery 'I'
+        #: an ErrorResponse (its body) answers a client's Bind: True when the callee has
+        #: arranged a retry (a step at the plan's head now drops the error)
+        self.on_bind_error: Callable[[bytes], bool] | None = None
         self.max_length = max_length
         self.status = codes.TX_IDLE  # of the last ReadyForQuery
         self.changes: dict[str, str] = {}  # ParameterStatus values since the caller last looked
@@ -182,16 +221,29 @@ class ReplyRouter:
                     self.readies += 1
                     if status == _TX_IDLE:
                         self.idle_readies += 1
+                        if self._ddl_open:
+                            self._ddl_committed()
                     # free when nothing is expected (and so nothing fabricated is due)
                     if client_at_rest and status == _TX_IDLE and not steps:
                         return (data if run == 0 and not out and pos == n else
                                 b"".join([*out, data[run:pos]])), pos
+                elif type_ == _COMMAND:
+                    if length > 6 and _DDL_TAGS[(data[pos - length + 4] << 8)
+                                                | data[pos - length + 5]]:
+                        self._ddl()
                 elif type_ == _PARAM and length - 4 <= _MAX_COLLECTED:
                     self._collect_parameter(data[end - length + 4:end])
                 continue
             # the plan's attention: the reply ends a request, is an error, is dropped, ...
             head = steps[0]  # (quiet is ALL_QUIET when nothing is expected)
             dropped = False  # pgcorral's own request's reply: not the client's query
+            if type_ == _COMMAND:
+                if length > 6 and _DDL_TAGS[(data[pos + 5] << 8) | data[pos + 6]]:
+                    self._ddl()
+            elif (type_ == _ERROR and head.ends is _BIND_ENDS and not head.drop
+                  and self.on_bind_error is not None
+                  and self.on_bind_error(data[pos + 5:end])):
+                head = steps[0]  # a retry: the step that drops the error and its Ready
             if head.plain and type_ in head.ends:
                 plan.pop_plain()  # a request passed unchanged is answered
             elif plan.on_server_reply(type_) == DROP:
@@ -215,6 +267,8 @@ class ReplyRouter:
                     self.readies += 1
                     if status == _TX_IDLE:
                         self.idle_readies += 1
+                if status == _TX_IDLE and self._ddl_open:
+                    self._ddl_committed()
                 if client_at_rest and status == _TX_IDLE and not steps:
                     out.append(data[run:pos])
                     return b"".join(out), pos
@@ -231,6 +285,20 @@ class ReplyRouter:
             raise FramingError(str(exc)) from None
         self.changes[name] = value
 
+    def _ddl(self) -> None:
+        """A DDL command tag passed: new Parses (of this transaction too) are prepared anew."""
+        registry = self.registry
+        if registry is not None:
+            registry.bump()
+            self._ddl_open = True
+
+    def _ddl_committed(self) -> None:
+        """The transaction that ran DDL ended: bumped again, as others see the change now."""
+        self._ddl_open = False
+        registry = self.registry
+        if registry is not None:
+            registry.bump()
+
     def _start(self, type_: int, length: int) -> bool:
         """A message header: decide pass or drop; True if it passes."""
         if length < 4 or length - 4 > self.max_length:
@@ -239,7 +307,7 @@ class ReplyRouter:
         self._skip = length - 4
         self._in_body = True
         self._body = bytearray() if (type_ == _READY or (
-            type_ == _PARAM and length - 4 <= _MAX_COLLECTED)) else None
+            type_ in (_PARAM, _COMMAND) and length - 4 <= _MAX_COLLECTED)) else None
         self._drop = self.plan.on_server_reply(type_) == DROP
         return not self._drop
 
@@ -257,6 +325,12 @@ class ReplyRouter:
                 self.readies += 1
                 if body[0] == _TX_IDLE:
                     self.idle_readies += 1
+            if body[0] == _TX_IDLE and self._ddl_open:
+                self._ddl_committed()
             return True
+        if self._type == _COMMAND:
+            if is_ddl_tag(bytes(body)):
+                self._ddl()
+            return False
         self._collect_parameter(bytes(body))
         return False
