@@ -144,6 +144,8 @@ FAMILIES: dict[str, Family] = _families(
     ("pgcorral_client_connections_total", "counter", (), "Client connections accepted."),
     ("pgcorral_logins_refused_disabled_total", "counter", (),
      "Logins refused because the database is disabled."),
+    ("pgcorral_clients_refused_too_many_total", "counter", (),
+     "Clients refused with 53300 beyond max_client_conn (or the descriptor limit)."),
     ("pgcorral_flushed_connections_total", "counter", (),
      "Server connections closed or marked by flush."),
     ("pgcorral_management_commands_total", "counter", (), "Management commands served."),
@@ -205,7 +207,8 @@ FAMILIES: dict[str, Family] = _families(
 
 #: stats "counters" shown as pgcorral_<name>_total (the logins_* ones: pgcorral_logins_total)
 _GLOBAL_COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
-                    "management_commands", "server_connections_adopted")
+                    "management_commands", "server_connections_adopted",
+                    "clients_refused_too_many")
 _PIPELINE_MODE = {"performance": 0, "session": 1, "auto": 1, "transaction": 2}
 _SLOT_STATE = {"login": "init", "idle": "free"}  # others: in_use
 _SECTION_STATE = {"notinit": "not_init"}
