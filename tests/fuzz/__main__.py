@@ -7,7 +7,9 @@ default 1), FUZZ_POOL (`max_connections`, default 4), FUZZ_KILL_INTERVAL (mean s
 pg_terminate_backend calls, default 0.25; 0 = none), FUZZ_OWNER_GUC (the session setting
 each client SETs and checks: search_path by default, fuzz.owner for a custom one),
 FUZZ_DIRECT=1 (the control run: the clients connect to PostgreSQL directly, so what fails
-then is the fuzzer's, not pgcorral's), FUZZ_KNOWN_BUGS=1 (also run the steps that meet the bugs known today, see docs). Exit status 1 when a check failed.
+then is the fuzzer's, not pgcorral's), FUZZ_KNOWN_BUGS=1 (also run the steps that meet the
+bugs known today, see docs).
+Exit status 1 when a check failed.
 """
 
 from __future__ import annotations

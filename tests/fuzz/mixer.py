@@ -18,9 +18,10 @@ backends of the pool from a direct PostgreSQL connection.
 The checks (a failure is printed with the seed at once and counted):
 - every probe inside a transaction returns the same ``pg_backend_pid()`` and ``txid_current()``
   as the transaction's first probe;
-- the owner setting (``search_path`` or ``fuzz.owner``: a session ``SET`` by the client) and ``application_name`` (its startup
-  parameter) read back as the client's own, inside and outside transactions; ``fuzz.local``
-  (``SET LOCAL``) reads back as the value this transaction set;
+- the owner setting (``search_path`` or ``fuzz.owner``: a session ``SET`` by the client) and
+  ``application_name`` (its startup parameter) read back as the client's own, inside and
+  outside transactions; ``fuzz.local`` (``SET LOCAL``) reads back as the value this
+  transaction set;
 - each probe carries a tag (client id, transaction number, nonce) that must come back as sent;
 - a query cancel (57014) that the client did not ask for is a cancel that reached the wrong
   client;
@@ -171,7 +172,8 @@ class Run:
 
     def fail(self, client: str, txn: int, what: str, op: str = "",
              after: list[str] | None = None) -> None:
-        msg = f"seed={self.config.seed} client={client} txn={txn}{' op=' + op if op else ''}: {what}"
+        where = f" op={op}" if op else ""
+        msg = f"seed={self.config.seed} client={client} txn={txn}{where}: {what}"
         if after:
             msg += f" (after {', '.join(after)})"
         self.result.failures.append(msg)
@@ -293,6 +295,9 @@ class Client:
         self.seq += 1
         return self.seq
 
+    def report(self, what: str) -> None:
+        self.run.fail(self.cid, self.txn, what, op=self.op, after=self.history)
+
     def mixed(self, what: str) -> None:
         raise Mixed(what)
 
@@ -373,7 +378,8 @@ class Client:
                 names = [o[0] for o in ops]
                 weights = [o[1] for o in ops]
                 if not self.run.config.faults:
-                    weights = [0.0 if n in FAULT_OPS else w for n, w in zip(names, weights)]
+                    weights = [0.0 if n in FAULT_OPS else w
+                               for n, w in zip(names, weights, strict=True)]
                 name = self.rng.choices(names, weights)[0]
                 res.ops[name] += 1
                 self.history.append(f"{self.op}:{self.outcome}")
@@ -385,11 +391,11 @@ class Client:
             except Mixed as e:
                 self.outcome = "MIXED"
                 res.mixed += 1
-                self.run.fail(self.cid, self.txn, op=self.op, after=self.history, what=str(e))
+                self.report(str(e))
                 await self.drop()
             except asyncio.CancelledError:
                 raise
-            except BaseException as e:  # noqa: BLE001 - any error: classify, then reconnect
+            except BaseException as e:
                 self.classify(e)
                 await self.drop()
 
@@ -400,7 +406,7 @@ class Client:
         res.errors[error_name(e)] += 1
         if state == "57014" and not self.expect_cancel:
             res.mixed += 1
-            self.run.fail(self.cid, self.txn, op=self.op, after=self.history, what=f"query canceled (57014) but this client sent no "
+            self.report(f"query canceled (57014) but this client sent no "
                           f"cancel: {e!r}")
         elif isinstance(e, Gone | TimeoutError | OSError | asyncpg.InterfaceError
                         | psycopg.OperationalError | psycopg.InterfaceError):
@@ -414,10 +420,10 @@ class Client:
         elif isinstance(e, asyncpg.PostgresError | psycopg.Error):
             # an error nothing in this transaction should have raised
             res.mixed += 1
-            self.run.fail(self.cid, self.txn, op=self.op, after=self.history, what=f"unexpected error {error_name(e)}: {e!r}")
+            self.report(f"unexpected error {error_name(e)}: {e!r}")
         else:
             res.mixed += 1
-            self.run.fail(self.cid, self.txn, op=self.op, after=self.history, what=f"unexpected exception {e!r}")
+            self.report(f"unexpected exception {e!r}")
 
     # -- commit accounting
 
