@@ -113,6 +113,7 @@ def main() -> int:
                         direct_host="127.0.0.1", direct_port=pg.port, direct_user="postgres")
         result = asyncio.run(fuzz(target, config))
         print(result.summary(), flush=True)
+        print(f"pgcorral's log: {log}", flush=True)
         text = Path(log).read_text(errors="replace")
         bad = result.failures or "Traceback" in text
         if "Traceback" in text:

@@ -173,7 +173,8 @@ class Run:
     def fail(self, client: str, txn: int, what: str, op: str = "",
              after: list[str] | None = None) -> None:
         where = f" op={op}" if op else ""
-        msg = f"seed={self.config.seed} client={client} txn={txn}{where}: {what}"
+        now = time.strftime("%H:%M:%S", time.gmtime())
+        msg = f"{now} seed={self.config.seed} client={client} txn={txn}{where}: {what}"
         if after:
             msg += f" (after {', '.join(after)})"
         self.result.failures.append(msg)

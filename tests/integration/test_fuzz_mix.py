@@ -60,7 +60,7 @@ def test_fuzz_mix(pg: PgCluster, pgcorral: DaemonFactory) -> None:
     "(placeholder) setting is not in pg_settings, so the ledger's probe does not see it: it "
     "is neither carried nor reset, and the next client of that server connection reads it"))
 def test_custom_setting_does_not_leak(pgcorral: DaemonFactory) -> None:
-    d = pgcorral(conf_extra=tx_conf(1))
+    d = pgcorral(conf_extra=tx_conf(1, workers="1"))  # (both clients in one pool)
     with psycopg.connect(d.dsn(), autocommit=True) as a, \
             psycopg.connect(d.dsn(), autocommit=True) as b:
         a.execute("SET fuzz.owner = 'a'")
@@ -77,7 +77,7 @@ def test_custom_setting_does_not_leak(pgcorral: DaemonFactory) -> None:
     "the server statement, so the next Parse of that text on that server connection gets "
     "42P05 'prepared statement \"pgc_N\" already exists'"))
 def test_prepared_rollback_in_aborted_transaction(pgcorral: DaemonFactory) -> None:
-    d = pgcorral(conf_extra=tx_conf(1))
+    d = pgcorral(conf_extra=tx_conf(1, workers="1"))  # (both clients in one pool)
     with psycopg.connect(d.dsn(), autocommit=True, prepare_threshold=0) as conn:
         for _ in range(3):
             conn.execute("BEGIN")
@@ -94,7 +94,7 @@ def test_prepared_rollback_in_aborted_transaction(pgcorral: DaemonFactory) -> No
     "closed)'), the client has already been told SET succeeded, but the ledger never "
     "learns the value: the client's next transaction runs with the old value or the default"))
 def test_set_survives_a_failed_probe(pg: PgCluster, pgcorral: DaemonFactory) -> None:
-    d = pgcorral(conf_extra=tx_conf(2))
+    d = pgcorral(conf_extra=tx_conf(2, workers="1"))
     locker = psycopg.connect(pg.dsn(dbname=TEST_DB))
     outcome: list[object] = []
     with psycopg.connect(d.dsn(), autocommit=True) as a:
