@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
-from tests.fuzz.mixer import Config, Target, fuzz
+from tests.fuzz.mixer import Client, Config, Mixed, Run, Stale, Target, direct, fuzz, setup, verify
 from tests.integration.test_transaction import TEST_DB, tx_conf
 
 if TYPE_CHECKING:
@@ -130,3 +130,36 @@ def test_set_survives_a_failed_probe(pg: PgCluster, pgcorral: DaemonFactory) -> 
             # the client was told SET succeeded: its session has it
             got = a.execute("SHOW search_path").fetchone()
             assert got == ("a_s1",), f"after SET search_path = a_s1 the client reads {got}"
+
+
+def test_fuzzer_checks_fire(pg: PgCluster) -> None:
+    """The checks are not vacuous: a probe with another backend, txid, owner or tag, and rows
+    that are not exactly the committed ones, are each caught."""
+    target = Target(host=pg.host, port=pg.port, database=TEST_DB, user=USER,
+                    direct_host=pg.host, direct_port=pg.port, direct_user="postgres",
+                    table="public.fuzz_check_rows")
+    run = Run(target, Config(seed=7))
+    client = Client(run, 3)
+    client.owner = "c3_s1"
+    client.begin_txn()
+    good = [100, "5", "c3_s1", None, "c3", client.tag(0)]
+    client.check_probe(good, 0)
+    for i, wrong in ((0, 101), (1, "6"), (2, "c4_s1"), (3, "x"), (4, "c4"), (5, "c4:1:x:0")):
+        row = list(good)
+        row[i] = wrong
+        with pytest.raises(Mixed):
+            client.check_probe(row, 0)
+    with pytest.raises(Stale):  # its own earlier value: the known bug, counted apart
+        client.check_probe([100, "5", "c3_s0", None, "c3", client.tag(0)], 0)
+
+    async def rows() -> None:
+        await setup(target)
+        conn = await direct(target)
+        await conn.execute(f"INSERT INTO {target.table} VALUES ('c3', 1, ''), ('c3', 2, ''),"
+                           " ('c9', 1, '')")
+        await conn.close()
+        client.committed = {1, 3}  # 3 missing, 2 never committed, c9 unknown
+        await verify(run, [client])
+
+    asyncio.run(rows())
+    assert run.result.leaked == 3, run.result.failures
