@@ -434,7 +434,10 @@ class Client:
         res = self.run.result
         self.outcome = error_name(e)
         state = sqlstate(e)
-        res.errors[error_name(e)] += 1
+        key = error_name(e)
+        if not state:  # which kind of connection loss, in the summary
+            key += ": " + str(e).split("\n")[0][:60]
+        res.errors[key] += 1
         if state == "57014" and not self.expect_cancel:
             res.mixed += 1
             self.report(f"query canceled (57014) but this client sent no "
