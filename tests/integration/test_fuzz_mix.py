@@ -1,9 +1,10 @@
 """The mixing fuzzer's short run (issue 15, item 2; the long run is `make fuzz`, the fuzzer
 is tests/fuzz/mixer.py) and minimal reproductions of what it found.
 
-FUZZ_CI_TRANSACTIONS (default 12000) and FUZZ_CI_SECONDS (default 45; whichever comes first)
-size the short run; FUZZ_SEED replays a seed (the test prints the one it used). Workers: as
-the rest of the suite, PGCORRAL_TEST_WORKERS."""
+FUZZ_CI_TRANSACTIONS (default 12000) and FUZZ_CI_SECONDS (default 45, 0 = none; whichever comes
+first) size the short run (its pytest timeout follows); FUZZ_SEED replays a seed (every
+failure message and the summary name it). Workers: as the rest of the suite,
+PGCORRAL_TEST_WORKERS."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ if TYPE_CHECKING:
     from tests.conftest import DaemonFactory
 
 USER = "trustuser"
+CI_TRANSACTIONS = int(os.environ.get("FUZZ_CI_TRANSACTIONS") or 12_000)
+CI_SECONDS = float(os.environ.get("FUZZ_CI_SECONDS") or 45)  # 0: no time limit
+# pytest-timeout's 120 s would cut a bigger run: the budget plus a margin, or 30 min
+CI_TIMEOUT = CI_SECONDS + 90 if CI_SECONDS > 0 else 1800
 
 
+@pytest.mark.timeout(CI_TIMEOUT)
 def test_fuzz_mix(pg: PgCluster, pgcorral: DaemonFactory) -> None:
     """Random mixes of transactions from 16 clients over 4 server connections, with cancels,
     disconnects, RSTs and pg_terminate_backend: no transaction sees another's backend, txid,
@@ -33,8 +39,8 @@ def test_fuzz_mix(pg: PgCluster, pgcorral: DaemonFactory) -> None:
     seed = int(os.environ.get("FUZZ_SEED") or random.randrange(1 << 32))
     config = Config(
         seed=seed,
-        transactions=int(os.environ.get("FUZZ_CI_TRANSACTIONS") or 12_000),
-        seconds=float(os.environ.get("FUZZ_CI_SECONDS") or 45),
+        transactions=CI_TRANSACTIONS,
+        seconds=CI_SECONDS,
         clients=16,
         kill_interval=0.25,
     )
