@@ -112,6 +112,7 @@ class ClientConnection(Endpoint):
         startup = StartupReader()
         super().__init__(startup)
         self._startup_rx = startup  # the reader until the StartupMessage (``_advance``)
+        self.over_limit = False  # came beyond max_client_conn: refused at its StartupMessage
         self.ctx = ctx
         self.conn_type = conn_type  # "host" (TCP) or "local" (unix socket)
         self.server: ServerConnection | None = None
@@ -165,11 +166,28 @@ class ClientConnection(Endpoint):
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        # max_client_conn: refused at its StartupMessage (as PostgreSQL does: an SSLRequest is
+        # answered first, and libpq shows no error text received before that)
+        self.over_limit = len(ctx.clients) >= ctx.client_limit()
         ctx.clients.add(self)
         self.connect_time = time.time()
         if main.authentication_timeout > 0:
             self._timer = self.loop.call_later(main.authentication_timeout,
                                                self._startup_timed_out)
+
+    def _refuse_too_many(self) -> None:
+        """max_client_conn (or the descriptor limit) reached: FATAL 53300, as PostgreSQL says
+        it at max_connections; clients already connected are not touched."""
+        ctx = self.ctx
+        ctx.counters["clients_refused_too_many"] += 1
+        now = time.monotonic()
+        if now - ctx.too_many_logged >= 1.0:  # one line a second at most, with the count
+            ctx.too_many_logged = now
+            log.warning("refusing client %s: %d clients connected (max_client_conn or the "
+                        "file-descriptor limit); %d refused so far", self.address or "[local]",
+                        len(ctx.clients), ctx.counters["clients_refused_too_many"])
+        self.write(msg.error_response("53300", "sorry, too many clients already"))
+        self._done()
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -286,6 +304,9 @@ class ClientConnection(Endpoint):
                     return
                 if isinstance(packet, Startup):
                     self._stop_timer()
+                    if self.over_limit:
+                        self._refuse_too_many()
+                        return
                     self._begin(packet)
                 elif isinstance(packet, CancelRequest):
                     self._stop_timer()

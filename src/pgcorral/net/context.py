@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,8 @@ log = logging.getLogger("pgcorral.context")
 #: The counters ``clear prometheus`` resets.
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
             "management_commands", "server_connections_adopted", "logins_success",
-            "logins_bad_password", "logins_refused", "logins_error")
+            "logins_bad_password", "logins_refused", "logins_error",
+            "clients_refused_too_many")
 
 #: Makes the server connection of a slot: (context, slot, on_lost) -> connection.
 ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], ServerConnection]
@@ -66,10 +68,18 @@ class Context:
         self.clients: set[ClientConnection] = set()
         self.shutting_down = False
         self.pinned = 0  # transaction pipeline: clients pinned to a server connection
+        #: shutdown wait_for_clients: listeners closed, stopping once the clients have left
+        #: by themselves (``shutting_down`` stays False: nobody is told to go)
+        self.draining = False
+        self.too_many_logged = 0.0  # when a refusal for max_client_conn was last logged
+        self.workers = 1  # worker processes sharing max_client_conn (set by the worker)
         self.cancels: CancelKeys[ClientConnection] = CancelKeys(worker)
         #: set by the worker runtime with several workers: hand a CancelRequest that matches
         #: no client here to the other workers
         self.cancel_elsewhere: Callable[[int, bytes], None] | None = None
+        #: ``so_reuseport``: a key no client of this pgcorral has goes to the other processes
+        #: on the port (``supervisor.peers``); set in the process that owns the listeners
+        self.cancel_peers: Callable[[int, bytes], None] | None = None
         #: set by the worker runtime with several workers in session pooling: an idle
         #: connection another worker's client waits for is offered to it (net.handoff)
         self.offer: Callable[[tuple[str, str], int], None] | None = None
@@ -109,6 +119,18 @@ class Context:
         #: under an older one is not pooled again (``release_server``)
         self.tls_generation = 0
         self._load_tls(config, startup=True)
+
+    def client_limit(self) -> int:
+        """Clients this worker accepts at once: its share of max_client_conn, or (auto) what
+        the descriptor limit leaves after max_connections + 64 (read each time: an operator
+        may raise the limit of the running process with prlimit)."""
+        main = self.config.main
+        if main.max_client_conn > 0:
+            return -(-main.max_client_conn // self.workers)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return max(1, soft - self.pool.max_connections - 64)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -284,6 +306,8 @@ class Context:
         if client is None:
             if self.cancel_elsewhere is not None and not local_only:
                 self.cancel_elsewhere(pid, secret)
+            elif self.cancel_peers is not None and not local_only:
+                self.cancel_peers(pid, secret)
             else:
                 log.info("cancel request for pid %d did not match any client", pid)
             return False
@@ -293,6 +317,12 @@ class Context:
         server: Any = client.server
         if server is None or server.closed:
             return True  # transaction pipeline: between transactions there is nothing to cancel
+        await self.cancel_backend(server)
+        return True
+
+    async def cancel_backend(self, server: Any) -> None:
+        """Send a CancelRequest with the real key of ``server``'s backend (a client's cancel,
+        or ``query_timeout``)."""
         held = server if hasattr(server, "cancel_done") else None
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
@@ -302,11 +332,11 @@ class Context:
             await dial.send_cancel(target, server.pid, server.secret,
                                    self.server_tls.get(target.name))
         except (OSError, TimeoutError, ServerUnavailable) as exc:
-            log.warning("could not forward cancel request for pid %d: %s", pid, exc)
+            log.warning("could not forward a cancel request to backend %d: %s", server.pid,
+                        exc)
         finally:
             if held is not None:
                 held.cancel_done()
-        return True
 
 
 def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:

@@ -59,6 +59,7 @@ class Worker:
         self.runtime = WorkerRuntime(init["config"], init["secrets"], worker=self.index,
                                      budget=self.budget, sockets=listeners)
         ctx = self.runtime.ctx
+        ctx.workers = init["workers"]  # (they share max_client_conn)
         state = init["state"]
         ctx.disabled.update(state["disabled"])
         ctx.switched_to = state["switched_to"]
