@@ -104,6 +104,14 @@ run: venv
 bench: venv
 	$(VPY) bench/run.py
 
+# The mixing fuzzer's long run (tests/fuzz): its own PostgreSQL and pgcorral (transaction
+# mode), 1,000,000 transactions by default. FUZZ_TRANSACTIONS, FUZZ_SECONDS, FUZZ_SEED,
+# FUZZ_CLIENTS, FUZZ_WORKERS, FUZZ_POOL, FUZZ_KILL_INTERVAL, FUZZ_OWNER_GUC, FUZZ_KNOWN_BUGS,
+# FUZZ_DIRECT: see tests/fuzz/__main__.py.
+.PHONY: fuzz
+fuzz: build
+	PYTHONPATH=src $(VPY) -m tests.fuzz
+
 clean:
 	rm -rf $(VENV) build dist build-*.log .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
