@@ -87,7 +87,7 @@ def main() -> int:
         kill_interval=env_num("FUZZ_KILL_INTERVAL", 0.25),
         progress=True,
         owner_guc=os.environ.get("FUZZ_OWNER_GUC") or OWNER_GUC,
-        known_bugs=os.environ.get("FUZZ_KNOWN_BUGS", "") == "1",
+        known_bugs=os.environ.get("FUZZ_KNOWN_BUGS", "1") == "1",
     )
     workers = int(env_num("FUZZ_WORKERS", 1))
     pool = int(env_num("FUZZ_POOL", 4))

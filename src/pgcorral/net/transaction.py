@@ -50,7 +50,14 @@ from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.replyplan import own_query_step
 from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE, close_locally, parse_locally
-from pgcorral.protocol.sessionsql import PROBE, may_touch_state, pins, probe_result
+from pgcorral.protocol.sessionsql import (
+    PROBE,
+    custom_setting_names,
+    may_touch_state,
+    names_array,
+    pins,
+    probe_result,
+)
 from pgcorral.protocol.statements import ClientStatements
 from pgcorral.protocol.txforward import (
     DEALLOCATE_ALL,
@@ -364,6 +371,7 @@ class TransactionClient(ClientConnection):
                     name_end = data.find(b"\0", pos + 5, end)
                     if may_touch_state(data[name_end + 1:end]):
                         self.forwarder.stateful.add(data[pos + 5:name_end])
+                        self.forwarder.custom.update(custom_setting_names(data[name_end + 1:end]))
                     out.append(PARSE_COMPLETE)
                 elif type_ == codes.CLOSE:
                     if not close_locally(data[pos + 5:end], statements):
@@ -565,21 +573,26 @@ class TransactionClient(ClientConnection):
         ctx = self.ctx
         try:
             async with asyncio.timeout(RESET_TIMEOUT):
-                rows = await server.query_rows(PROBE, [])
+                rows = await server.query_rows(PROBE, [names_array(self.forwarder.custom)])
                 state = probe_result(rows[0])
                 if self.deallocate_all and state.prepared:
                     for name in state.prepared:
                         await server.query_rows(f'DEALLOCATE "{name}"', [])
                     state = state._replace(prepared={})
         except Exception as exc:  # lost, refused or timed out: the state is unknown
+            # The client was told its SET (or lock...) succeeded, and what it made is gone
+            # with the connection: as when a backend dies, the session ends (found by the
+            # mixing fuzzer: the next transaction ran with the old setting).
             log.info("server connection %d (pid %d): session state probe failed (%s); "
-                     "closing it", server.slot.id, server.pid, exc)
+                     "closing it and its client %d", server.slot.id, server.pid, exc, self.id)
             self.settling = False
             self.deallocate_all = False
             self._unpin()
             ctx.release_server(server, clean=False)
-            if not self._client_gone():
-                self._want_server()
+            if not self._client_gone():  # (the probe read what the server said last)
+                self.write(msg.error_response(
+                    "08006", "server closed the connection unexpectedly"))
+                self.end("server lost")
             return
         self.settling = False
         self.deallocate_all = False
@@ -587,6 +600,7 @@ class TransactionClient(ClientConnection):
         settings = {k: v for k, v in state.settings.items() if k not in server.names}
         if state.role != "none":
             settings["role"] = state.role
+        settings.update(state.custom)
         server.extra = settings
         server.sql_prepared = state.prepared
         if self._client_gone():

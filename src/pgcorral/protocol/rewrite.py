@@ -94,6 +94,21 @@ def _cstring(body: bytes, pos: int, what: str) -> tuple[bytes, int]:
     return body[pos:end], end + 1
 
 
+_EXIT_WORDS: Final = (b"rollback", b"abort", b"commit", b"end")
+
+
+def _exits_transaction(identity: bytes) -> bool:
+    """Is the query of ``identity`` one PostgreSQL parses even in an aborted transaction
+    (ROLLBACK, ABORT, COMMIT, END, ROLLBACK TO, PREPARE TRANSACTION, COMMIT/ROLLBACK
+    PREPARED: its IsTransactionExitStmt)?"""
+    head = identity[:64].lstrip().lower()
+    for word in _EXIT_WORDS:
+        if head.startswith(word) and (len(head) == len(word)
+                                      or not head[len(word):len(word) + 1].isalnum()):
+            return True
+    return head.startswith(b"prepare") and head[7:].lstrip().startswith(b"transaction")
+
+
 def parse_parse(body: bytes) -> tuple[bytes, bytes]:
     """``(statement name, identity)`` of a Parse body; identity = query + parameter types."""
     name, start = _cstring(body, 0, "Parse")
@@ -230,7 +245,10 @@ def _translate(type_: int, body: bytes, client: ClientStatements, server: Server
         undo = (client, name, entry, None)
         if not _ensure(pooled, identity, server, parts, steps, drop=False):
             steps[-1].client_undo = undo
-        elif tx_failed:  # PostgreSQL refuses any Parse here (25P02): let it
+        elif tx_failed and not _exits_transaction(identity):
+            # PostgreSQL refuses any Parse here (25P02): let it. (Not a Parse of ROLLBACK,
+            # COMMIT and the like, which it accepts in an aborted transaction: the server has
+            # the statement, so a second Parse would get 42P05; found by the mixing fuzzer.)
             parts.append(build_parse(pooled.encode(), identity))
             steps.append(ReplyStep(PARSE_ENDS, client_undo=undo))
         else:

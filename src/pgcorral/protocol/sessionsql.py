@@ -138,7 +138,28 @@ PROBE: Final = (
     " (SELECT pg_catalog.json_object_agg(name, statement)"
     "   FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
     # SET ROLE and SET SESSION AUTHORIZATION are not in pg_settings
-    " pg_catalog.current_setting('role'), session_user")
+    " pg_catalog.current_setting('role'), session_user,"
+    # nor are custom settings (``app.user_id``): the names the client's SQL showed ($1)
+    " (SELECT pg_catalog.json_object_agg(n, pg_catalog.current_setting(n, true))"
+    "   FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n)")
+
+#: Custom (two-part) setting names in SET, RESET and set_config('...') of a statement text.
+_CUSTOM: Final = re.compile(
+    rb"(?:^|;)\s*(?:set|reset)\s+(?:session\s+|local\s+)?([a-z_][a-z0-9_$]*\.[a-z0-9_$.]+)"
+    rb"|set_config\s*\(\s*'([a-z_][a-z0-9_$]*\.[a-z0-9_$.]+)'")
+#: Custom setting names kept per client (a client that names more is not followed beyond).
+CUSTOM_MAX: Final = 1000
+
+
+def custom_setting_names(text: bytes) -> list[bytes]:
+    """The custom setting names (``app.user_id``) a statement text sets or resets: PostgreSQL
+    lists them nowhere (not in pg_settings), so the probe asks for each by name."""
+    return [a or b for a, b in _CUSTOM.findall(text.lower())]
+
+
+def names_array(names: set[bytes]) -> str:
+    """A text[] literal of the (identifier-shaped, so unquoted) names."""
+    return "{" + ",".join(sorted(n.decode("ascii", "replace") for n in names)) + "}"
 
 #: Why a client is pinned to its server connection (the words the admin views show).
 PIN_LOCK: Final = "advisory lock"
@@ -168,6 +189,7 @@ class SessionState(NamedTuple):
     prepared: dict[str, str]  # SQL-level prepared statement name -> its source text
     role: str  # SET ROLE's role, "none" when not set
     session_user: str  # differs from the login user after SET SESSION AUTHORIZATION
+    custom: dict[str, str]  # custom settings with a value (reset ones read "")
 
 
 def _count(value: bytes | None) -> int:
@@ -185,7 +207,15 @@ def probe_result(row: list[bytes | None]) -> SessionState:
     """The ``SessionState`` of ``PROBE``'s one row."""
     return SessionState(_count(row[0]), _count(row[1]), _count(row[2]), _count(row[3]),
                         {k.lower(): v for k, v in _object(row[4]).items()}, _object(row[5]),
-                        (row[6] or b"none").decode("utf-8"), (row[7] or b"").decode("utf-8"))
+                        (row[6] or b"none").decode("utf-8"), (row[7] or b"").decode("utf-8"),
+                        _custom(row[8] if len(row) > 8 else None))
+
+
+def _custom(value: bytes | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    loaded = json.loads(value.decode("utf-8"))
+    return {str(k): v for k, v in loaded.items() if isinstance(v, str) and v}
 
 
 def pins(state: SessionState, login_user: str) -> list[str]:

@@ -35,7 +35,12 @@ from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep, type_table
 from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
-from pgcorral.protocol.sessionsql import may_touch_state, vpid_refusal
+from pgcorral.protocol.sessionsql import (
+    CUSTOM_MAX,
+    custom_setting_names,
+    may_touch_state,
+    vpid_refusal,
+)
 from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 
 # Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
@@ -121,8 +126,8 @@ class ClientForwarder:
     status of its last ReadyForQuery.
     """
 
-    __slots__ = ("at_rest", "at_sync", "batch_open", "client", "max_length", "pending",
-                 "registry", "stateful", "violation")
+    __slots__ = ("at_rest", "at_sync", "batch_open", "client", "custom", "max_length",
+                 "pending", "registry", "stateful", "violation")
 
     def __init__(self, client: ClientStatements, registry: StatementRegistry,
                  max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
@@ -141,6 +146,9 @@ class ClientForwarder:
         #: the client's names of the statements whose text may touch session state: a Bind of
         #: one is ``SESSION_STATE`` too (client-side names, mapped or not)
         self.stateful: set[bytes] = set()
+        #: custom setting names (``app.user_id``) the client's SQL set or reset: the
+        #: session-state probe asks for their values (pg_settings does not list them)
+        self.custom: set[bytes] = set()
 
     def link(self) -> None:
         """A server connection is linked to the client: its stream is at a batch start."""
@@ -314,6 +322,8 @@ class ClientForwarder:
                 if type_ == _QUERY:
                     if may_touch_state(data[pos + 5:end]):
                         seen |= SESSION_STATE
+                        if len(self.custom) < CUSTOM_MAX:
+                            self.custom.update(custom_setting_names(data[pos + 5:end]))
                         refusal = vpid_refusal(data[pos + 5:end])
                         if refusal:  # pg_cancel_backend(virtual pid): PostgreSQL refuses
                             if run < pos:
@@ -323,8 +333,11 @@ class ClientForwarder:
                             steps += _STEPS[type_]
                             continue
                 elif type_ == _PARSE:
-                    if may_touch_state(_parse_text(data, pos, end)):
+                    text = _parse_text(data, pos, end)
+                    if may_touch_state(text):
                         seen |= SESSION_STATE
+                        if len(self.custom) < CUSTOM_MAX:
+                            self.custom.update(custom_setting_names(text))
                         if end > pos + 5 and data[pos + 5] != 0:
                             self.stateful.add(data[pos + 5:data.find(b"\0", pos + 5, end)])
                     elif self.stateful and end > pos + 5 and data[pos + 5] != 0:
