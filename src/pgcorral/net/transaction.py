@@ -48,6 +48,7 @@ from pgcorral.pipelines.session import RESET_TIMEOUT
 from pgcorral.pool.pool import Grant, Slot, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
+from pgcorral.protocol.messages import fatal_ending_at
 from pgcorral.protocol.replyplan import own_query_step
 from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE, close_locally, parse_locally
 from pgcorral.protocol.sessionsql import (
@@ -529,6 +530,16 @@ class TransactionClient(ClientConnection):
             if self.pinned:  # its state went with the connection: as if the server left
                 self.server_lost()
                 return
+            # A transaction that may have made session state (a SET the client was told
+            # succeeded), and the connection is unusable (its backend's FATAL came right
+            # after): the state is gone, so is the session, as when a backend dies (found by
+            # the mixing fuzzer). PostgreSQL's FATAL goes to the client if that is what came.
+            self._unlink(server)
+            self.ctx.release_server(server, clean=False)
+            self.write(extra if extra and fatal_ending_at(extra, len(extra)) else
+                       msg.error_response("08006", "server closed the connection unexpectedly"))
+            self.end("server lost")
+            return
         self._unlink(server)
         track = False
         if self.named_parse:
