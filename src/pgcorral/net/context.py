@@ -23,6 +23,7 @@ from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net import dial
 from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
+from pgcorral.net.notify import Hubs
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
@@ -41,7 +42,8 @@ log = logging.getLogger("pgcorral.context")
 #: The counters ``clear prometheus`` resets.
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
             "management_commands", "server_connections_adopted", "logins_success",
-            "logins_bad_password", "logins_refused", "logins_error")
+            "logins_bad_password", "logins_refused", "logins_error",
+            "notifications_delivered", "notify_reconnects", "notify_maybe_missed")
 
 #: Makes the server connection of a slot: (context, slot, on_lost) -> connection.
 ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], ServerConnection]
@@ -97,6 +99,10 @@ class Context:
         self.registry = StatementRegistry()
         # transaction pipeline: what the last login of each (database, user) showed
         self.tx_logins: dict[tuple[str, str], TxLogin] = {}
+        # transaction pipeline, LISTEN/NOTIFY (net.notify): the listening connections, and
+        # the virtual pid of the client last linked to each backend pid
+        self.notify = Hubs(self)
+        self.notify_senders: dict[int, int] = {}
         # blocking_timeout of every waiting client, both pipelines
         self.waits = WaitTimer(self.pool)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -242,6 +248,7 @@ class Context:
         return conn
 
     def server_lost(self, server: ServerConnection) -> None:
+        self.notify_senders.pop(server.pid, None)  # its pid may come back as another backend
         if server.draining:
             self.pool.gone(server.slot)
             return

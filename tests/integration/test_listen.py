@@ -1,0 +1,309 @@
+"""LISTEN/NOTIFY in transaction pooling (net.notify, issue 14), real clients and PostgreSQL 15.
+
+A client's LISTEN is answered by pgcorral: one listening connection per database/user and
+worker (the "hub") LISTENs for everyone and fans the notifications out. Checked here: delivery
+to psycopg and asyncpg listeners from pgcorral and direct senders, the sender's pid (virtual
+for a client of the same worker, real otherwise), 50 listeners over 5 server connections in
+order, UNLISTEN, DISCARD ALL and leaving, the hub killed and re-established, 10,000 channels,
+and the per-client bounds. Every test holds with one and with two workers: a client's worker
+is told by its virtual pid (each worker hands pids from a range of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import asyncpg  # type: ignore[import-untyped]
+import psycopg
+import pytest
+from tests.integration.test_management import cli_json
+
+if TYPE_CHECKING:
+    from devtools.pgcluster import PgCluster
+    from tests.conftest import Daemon, DaemonFactory
+
+TEST_DB = "pgcorral_test"
+VIRTUAL_BASE = 2**22  # net.cancels: worker i hands virtual pids from 2**22 + i * 2**21
+VIRTUAL_SPAN = 2**21
+HUB_QUERY = """select pid from pg_stat_activity where datname = 'pgcorral_test'
+               and usename = 'trustuser' and query ~ '^(UN)?LISTEN "'"""
+
+
+def tx_conf(max_connections: int = 5) -> dict[str, str]:
+    return {"pipeline": "transaction", "max_connections": str(max_connections),
+            "blocking_timeout": "20"}
+
+
+def wait_until(cond: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}", pytrace=False)
+        time.sleep(0.02)
+
+
+def worker_of(virtual_pid: int) -> int:
+    assert virtual_pid >= VIRTUAL_BASE, "not a virtual pid"
+    return (virtual_pid - VIRTUAL_BASE) // VIRTUAL_SPAN
+
+
+def expected_pid(listener: int, sender: int, sender_real: int) -> int:
+    """The pid a notification must carry: the sender's virtual pid when it is a client of the
+    listener's worker, else the real pid of the backend that sent it."""
+    return sender if worker_of(listener) == worker_of(sender) else sender_real
+
+
+@contextmanager
+def connect(dsn: str, n: int = 1) -> Iterator[list[psycopg.Connection[Any]]]:
+    conns: list[psycopg.Connection[Any]] = []
+    try:
+        for _ in range(n):
+            conns.append(psycopg.connect(dsn, autocommit=True))
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> int:
+    """NOTIFY through ``conn``; the real pid of the backend that sent it."""
+    row = conn.execute("select pg_backend_pid(), pg_notify(%s, %s)", (channel, payload)
+                       ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def received(conn: psycopg.Connection[Any], n: int, timeout: float = 10.0
+             ) -> list[psycopg.Notify]:
+    got = list(conn.notifies(timeout=timeout, stop_after=n))
+    assert len(got) >= n, f"got {len(got)} notification(s) of {n}: {got}"
+    return got
+
+
+def nothing_for(conn: psycopg.Connection[Any], seconds: float) -> list[psycopg.Notify]:
+    return list(conn.notifies(timeout=seconds))
+
+
+def hub_pids(pg: PgCluster) -> list[int]:
+    return [int(p) for p in pg.psql(HUB_QUERY).split()]
+
+
+def direct_dsn(pg: PgCluster) -> str:
+    return f"host={pg.host} port={pg.port} dbname={TEST_DB} user=trustuser"
+
+
+def counters(d: Daemon) -> dict[str, int]:
+    result: dict[str, int] = cli_json(d, "status")["counters"]
+    return result
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_psycopg_listener_gets_pgcorral_and_direct_notifications(
+        pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 2) as (listener, sender), \
+            psycopg.connect(direct_dsn(pg), autocommit=True) as direct:
+        listener.execute('LISTEN ch; LISTEN "Mixed Case"')
+        real = notify(sender, "ch", "from pgcorral")
+        (note,) = received(listener, 1)
+        assert (note.channel, note.payload) == ("ch", "from pgcorral")
+        assert note.pid == expected_pid(listener.info.backend_pid, sender.info.backend_pid,
+                                        real)
+        real = notify(direct, "Mixed Case", "direct")
+        (note,) = received(listener, 1)
+        assert (note.channel, note.payload, note.pid) == ("Mixed Case", "direct", real)
+        assert note.pid == direct.info.backend_pid
+        # the listener's session works as before between notifications
+        assert listener.execute("select 41 + 1").fetchone() == (42,)
+        assert counters(d)["notifications_delivered"] >= 2
+
+
+def test_pid_of_a_sender_on_the_same_worker_is_virtual(pgcorral: DaemonFactory) -> None:
+    """Senders are opened until one shares the listener's worker (at once with one)."""
+    d = pgcorral(tx_conf())
+    with connect(d.dsn()) as (listener,):
+        listener.execute("LISTEN same")
+        mine = worker_of(listener.info.backend_pid)
+        with connect(d.dsn(), 8) as senders:
+            sender = next(s for s in senders if worker_of(s.info.backend_pid) == mine)
+            for i in range(3):
+                notify(sender, "same", str(i))
+            notes = received(listener, 3)
+            assert [n.payload for n in notes] == ["0", "1", "2"]
+            assert {n.pid for n in notes} == {sender.info.backend_pid}
+
+
+def test_asyncpg_add_listener_and_remove_listener(pgcorral: DaemonFactory) -> None:
+    """asyncpg LISTENs with a prepared statement (Parse/Describe/Sync, Bind/Execute/Sync)."""
+    d = pgcorral(tx_conf())
+
+    async def main() -> None:
+        listener = await asyncpg.connect(host=d.host, port=d.port, user="trustuser",
+                                         database=TEST_DB)
+        sender = await asyncpg.connect(host=d.host, port=d.port, user="trustuser",
+                                       database=TEST_DB)
+        try:
+            got: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
+
+            def on_note(_conn: Any, pid: int, channel: str, payload: str) -> None:
+                got.put_nowait((pid, channel, payload))
+
+            await listener.add_listener("achan", on_note)
+            await listener.add_listener("other", on_note)
+            for i in range(5):
+                real = await sender.fetchval("select pg_backend_pid() from pg_notify($1, $2)",
+                                             "achan", f"n{i}")
+                pid, channel, payload = await asyncio.wait_for(got.get(), 10)
+                assert (channel, payload) == ("achan", f"n{i}")
+                assert pid == expected_pid(listener.get_server_pid(),
+                                           sender.get_server_pid(), real)
+            await listener.remove_listener("achan", on_note)
+            await sender.execute("NOTIFY achan, 'after'; NOTIFY other, 'marker'")
+            pid, channel, payload = await asyncio.wait_for(got.get(), 10)
+            assert (channel, payload) == ("other", "marker")  # not 'after': UNLISTENed
+            assert await listener.fetchval("select 1") == 1
+        finally:
+            await listener.close()
+            await sender.close()
+
+    asyncio.run(main())
+
+
+def test_extended_protocol_unnamed_listen(pgcorral: DaemonFactory) -> None:
+    """psycopg with binary results sends Parse/Bind/Describe/Execute/Sync, unnamed."""
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 2) as (listener, sender):
+        cur = listener.cursor(binary=True)
+        cur.execute("LISTEN ext")
+        assert cur.statusmessage == "LISTEN"
+        notify(sender, "ext", "x")
+        (note,) = received(listener, 1)
+        assert (note.channel, note.payload) == ("ext", "x")
+        cur.execute("UNLISTEN ext")
+        assert cur.statusmessage == "UNLISTEN"
+
+
+def test_fifty_listeners_over_five_server_connections(pgcorral: DaemonFactory,
+                                                      pg: PgCluster) -> None:
+    d = pgcorral(tx_conf(5))
+    with connect(d.dsn(), 50) as listeners, connect(d.dsn()) as (sender,):
+        for conn in listeners:
+            conn.execute("LISTEN fan")
+        for i in range(20):
+            notify(sender, "fan", str(i))
+        for conn in listeners:
+            notes = received(conn, 20)
+            assert [n.payload for n in notes] == [str(i) for i in range(20)]
+            assert {n.channel for n in notes} == {"fan"}
+        # the pool stayed within max_connections; the hubs (one per worker) are outside it
+        hubs = hub_pids(pg)
+        assert 1 <= len(hubs) <= int(os.environ.get("PGCORRAL_TEST_WORKERS", "1"))
+        total = int(pg.psql("select count(*) from pg_stat_activity where datname = "
+                            "'pgcorral_test' and usename = 'trustuser'"))
+        assert total <= 5 + len(hubs)
+
+
+def test_listener_in_a_transaction_gets_notifications_after_it(pgcorral: DaemonFactory
+                                                              ) -> None:
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 2) as (listener, sender):
+        listener.execute("LISTEN later")
+        listener.execute("BEGIN")
+        listener.execute("select 1")  # linked to a server connection now
+        for i in range(3):
+            notify(sender, "later", str(i))
+        time.sleep(0.2)  # they reached pgcorral meanwhile (nothing to poll: they are held)
+        listener.execute("COMMIT")
+        notes = received(listener, 3)
+        assert [n.payload for n in notes] == ["0", "1", "2"]
+
+
+def test_unlisten_discard_all_and_leaving(pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 3) as (a, b, sender):
+        a.execute("LISTEN one; LISTEN two")
+        b.execute("LISTEN one")
+        a.execute("UNLISTEN one")
+        notify(sender, "one", "1")
+        notify(sender, "two", "2")
+        assert [n.payload for n in received(b, 1)] == ["1"]
+        assert [(n.channel, n.payload) for n in received(a, 1)] == [("two", "2")]
+        assert nothing_for(a, 0.3) == []
+        a.execute("DISCARD ALL")
+        notify(sender, "one", "3")
+        notify(sender, "two", "4")
+        assert [n.payload for n in received(b, 1)] == ["3"]
+        assert nothing_for(a, 0.3) == []  # b got "3" from the same hub: a would have "4"
+        a.execute("LISTEN one; UNLISTEN *")
+        assert wait_until(lambda: hub_pids(pg), "a hub")  # b still listens
+        b.close()  # b leaves without UNLISTEN: the hub has nobody left and goes
+        wait_until(lambda: not hub_pids(pg), "the hub to close")
+
+
+def test_hub_killed_is_opened_again(pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 2) as (listener, sender):
+        listener.execute("LISTEN k1; LISTEN k2")
+        (hub,) = wait_until(lambda: hub_pids(pg), "the hub")
+        pg.psql(f"select pg_terminate_backend({hub})")
+        d.wait_for_log("open again")
+        assert "listening connection for trustuser@pgcorral_test" in d.log()
+        new = wait_until(lambda: [p for p in hub_pids(pg) if p != hub], "a new hub")
+        assert hub not in new
+        seen = counters(d)
+        assert seen["notify_reconnects"] == 1
+        assert seen["notify_maybe_missed"] == 2  # two channels were listened on
+        notify(sender, "k2", "again")
+        (note,) = received(listener, 1)
+        assert (note.channel, note.payload) == ("k2", "again")
+
+
+def test_ten_thousand_channels_and_the_limit(pgcorral: DaemonFactory, pg: PgCluster) -> None:
+    d = pgcorral(tx_conf())
+    n = 10_000
+    with connect(d.dsn(), 2) as (listener, sender):
+        listener.execute(";".join(f"LISTEN c{i}" for i in range(n)))
+        for i in (0, 4999, n - 1):
+            notify(sender, f"c{i}", str(i))
+        assert [x.payload for x in received(listener, 3)] == ["0", "4999", str(n - 1)]
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="too many LISTEN"):
+            listener.execute("LISTEN one_too_many")
+        listener.execute("LISTEN c1")  # already listening: no more channels
+        (hub,) = hub_pids(pg)
+        listened = pg.psql("select count(*) from pg_listening_channels()")  # (its own: 0)
+        assert listened.strip() == "0"
+        listener.execute("UNLISTEN *")
+        wait_until(lambda: hub not in hub_pids(pg), "the hub to close")
+
+
+def test_a_client_that_does_not_take_its_notifications_is_closed(pgcorral: DaemonFactory
+                                                                 ) -> None:
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 2) as (listener, sender):
+        listener.execute("LISTEN flood")
+        listener.execute("BEGIN")
+        listener.execute("select 1")  # in a transaction: notifications are held for it
+        sender.execute("select pg_notify('flood', g::text) from generate_series(1, 10001) g")
+        d.wait_for_log("does not take its notifications")
+        with pytest.raises(psycopg.OperationalError):
+            listener.execute("select 1")
+
+
+def test_pass_through_user_without_credentials_gets_08004(pgcorral: DaemonFactory) -> None:
+    d = pgcorral(tx_conf())
+    with psycopg.connect(d.dsn(user="md5user", password="md5pass"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.OperationalError) as info:
+            conn.execute("LISTEN nope")
+        assert info.value.sqlstate == "08004"
+        assert "cannot open a new server connection" in str(info.value)
+        assert conn.execute("select 1").fetchone() == (1,)  # the session goes on
