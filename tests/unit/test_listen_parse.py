@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +14,7 @@ from pgcorral.protocol.listen import (
     MAX_NAME,
     RESERVED,
     UNLISTEN,
+    extended_batch,
     parse_listen,
     quote,
     statements,
@@ -138,3 +141,81 @@ def test_cut_short_is_never_wrong(stmts: list[tuple[str, tuple[int, str | None]]
     text = ";".join(s for s, _ in stmts)
     ops = parse(text[:cut])
     assert ops is None or len(ops) <= len(stmts)
+
+
+# --- extended protocol ---------------------------------------------------------------------
+
+
+def _msg(type_: bytes, body: bytes) -> bytes:
+    return type_ + struct.pack("!I", len(body) + 4) + body
+
+
+def _parse_msg(name: bytes, text: bytes, types: bytes = b"\0\0") -> bytes:
+    return _msg(b"P", name + b"\0" + text + b"\0" + types)
+
+
+def _bind(stmt: bytes, formats: bytes = b"\0\0", params: bytes = b"\0\0",
+          results: bytes = b"\0\0") -> bytes:
+    return _msg(b"B", b"\0" + stmt + b"\0" + formats + params + results)
+
+
+DESCRIBE_PORTAL = _msg(b"D", b"P\0")
+EXECUTE = _msg(b"E", b"\0\0\0\0\0")
+SYNC = _msg(b"S", b"")
+FLUSH = _msg(b"H", b"")
+STMT = b"__asyncpg_stmt_1__"
+
+
+def test_asyncpg_prepare_then_bind_execute() -> None:
+    """asyncpg's add_listener: Parse/Describe S/Flush, then Bind (a binary format code, no
+    parameters)/Execute/Sync."""
+    prepare = _parse_msg(STMT, b'LISTEN "achan"') + _msg(b"D", b"S" + STMT + b"\0") + FLUSH
+    batch = extended_batch(prepare + b"more", {}, mapping=True)
+    assert batch is not None
+    assert (batch.ops, batch.end, batch.synced) == ([], len(prepare), False)
+    assert batch.prepared == (STMT, b'LISTEN "achan"\0\0\0')
+    assert batch.replies == b"1\0\0\0\x04" + b"t\0\0\0\x06\0\0" + b"n\0\0\0\x04"
+    assert extended_batch(prepare, {}, mapping=False) is None  # statements are not mapped
+    assert extended_batch(prepare, {STMT: b"x"}, mapping=True) is None  # 42P05: the server's
+
+    names = {STMT: batch.prepared[1]}
+    run = _bind(STMT, formats=b"\0\1\0\1", results=b"\0\1\0\1") + EXECUTE + SYNC
+    batch = extended_batch(run, names, mapping=True)
+    assert batch is not None
+    assert (batch.ops, batch.end, batch.synced, batch.prepared) == (
+        [(LISTEN, "achan")], len(run), True, None)
+    assert batch.replies == b"2\0\0\0\x04"
+
+
+def test_unnamed_parse_bind_describe_execute_sync() -> None:
+    """libpq's PQsendQueryParams (psycopg with binary results)."""
+    data = (_parse_msg(b"", b"UNLISTEN *") + _bind(b"") + DESCRIBE_PORTAL + EXECUTE + SYNC)
+    batch = extended_batch(data, {}, mapping=False)
+    assert batch is not None
+    assert batch.ops == [(UNLISTEN, None)] and batch.synced and batch.prepared is None
+    assert batch.replies == b"1\0\0\0\x04" + b"2\0\0\0\x04" + b"n\0\0\0\x04"
+
+
+@pytest.mark.parametrize("data", [
+    _parse_msg(b"", b"SELECT 1") + _bind(b"") + EXECUTE + SYNC,  # not a LISTEN
+    _parse_msg(b"", b"LISTEN a; LISTEN b") + _bind(b"") + EXECUTE + SYNC,  # two statements
+    _parse_msg(b"", b"LISTEN a", b"\0\1\0\0\0\x17") + _bind(b"") + EXECUTE + SYNC,  # a type
+    _parse_msg(b"", b"LISTEN a") + _bind(b"", params=b"\0\1\0\0\0\1x") + EXECUTE + SYNC,
+    _parse_msg(b"", b"LISTEN a") + _bind(b"") + EXECUTE,  # no Sync yet
+    _parse_msg(b"", b"LISTEN a") + _bind(b"") + SYNC,  # bound, never executed
+    _parse_msg(b"", b"LISTEN a") + SYNC,  # an unnamed statement kept past its Sync
+    _parse_msg(b"", b"LISTEN a") + FLUSH,
+    _parse_msg(b"", b"LISTEN a") + _bind(b"") + EXECUTE + _msg(b"Q", b"x\0") + SYNC,
+    _parse_msg(b"", b"LISTEN a") + _bind(b"other") + EXECUTE + SYNC,
+    _bind(STMT) + EXECUTE + SYNC,  # a name the client does not have
+    _parse_msg(b"", b"LISTEN a") + _bind(b"") + EXECUTE + EXECUTE + SYNC,
+    b"P\0\0\0\x03",  # a bad length
+])
+def test_extended_refused(data: bytes) -> None:
+    assert extended_batch(data, {}, mapping=True) is None
+
+
+@given(st.binary(max_size=120))
+def test_extended_any_bytes(data: bytes) -> None:
+    batch = extended_batch(b"P" + data, {STMT: b"LISTEN a\0\0\0"}, mapping=True)
+    assert batch is None or batch.end <= len(data) + 1

@@ -596,7 +596,9 @@ class TransactionClient(ClientConnection):
         if self._rest_paused and len(self._rest) <= FRAMED_BUFFER_LIMIT:
             self._rest_paused = False
             self.transport.resume_reading()
-        if self.linked is None:
+        if self.ctx.shutting_down and not self.closed:
+            self._shut_out()  # (``shutdown_started`` passed it by while it was busy)
+        elif self.linked is None:
             self._want_server()
 
     def login_relay(self) -> AuthRelay:

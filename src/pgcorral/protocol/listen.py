@@ -48,6 +48,7 @@ _RESERVED_WORDS: Final = (
 RESERVED: Final = frozenset(_RESERVED_WORDS.split())
 
 _SPACE: Final = frozenset(b" \t\n\r\f")
+_KEYWORDS: Final = frozenset(["listen", "unlisten"])
 _IDENT_START: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _IDENT_CONT: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789$")
 _QUOTE: Final = 34  # "
@@ -64,6 +65,13 @@ def parse_listen(body: bytes) -> Ops | None:
     if not body or body[-1] != 0:
         return None
     text = body[:-1]
+    # the first keyword before any scan of the whole text: a long query that merely begins
+    # with whitespace or a comment costs little
+    first = _skip(text, 0, len(text))
+    while 0 <= first < len(text) and text[first] == _SEMI:
+        first = _skip(text, first + 1, len(text))
+    if first < 0 or first >= len(text) or _word(text, first, len(text))[0] not in _KEYWORDS:
+        return None
     if not text.isascii() or 0 in text:
         return None
     ops: Ops = []
