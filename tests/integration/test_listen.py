@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,19 +129,62 @@ def test_psycopg_listener_gets_pgcorral_and_direct_notifications(
         assert counters(d)["notifications_delivered"] >= 2
 
 
+@contextmanager
+def same_worker(d: Daemon, listener: psycopg.Connection[Any],
+                n: int = 1) -> Iterator[list[psycopg.Connection[Any]]]:
+    """``n`` clients on the listener's worker: connections are opened until that many are
+    (with one worker, the first ``n``); the others are closed at the end too."""
+    mine = worker_of(listener.info.backend_pid)
+    opened: list[psycopg.Connection[Any]] = []
+    try:
+        while len([c for c in opened if worker_of(c.info.backend_pid) == mine]) < n:
+            assert len(opened) < 60 + n, "no client reached the listener's worker"
+            opened.append(psycopg.connect(d.dsn(), autocommit=True))
+        yield [c for c in opened if worker_of(c.info.backend_pid) == mine]
+    finally:
+        for conn in opened:
+            conn.close()
+
+
 def test_pid_of_a_sender_on_the_same_worker_is_virtual(pgcorral: DaemonFactory) -> None:
-    """Senders are opened until one shares the listener's worker (at once with one)."""
-    d = pgcorral(tx_conf())
+    d = pgcorral(tx_conf(), env={"PGCORRAL_LISTEN": "reuseport"})
     with connect(d.dsn()) as (listener,):
         listener.execute("LISTEN same")
-        mine = worker_of(listener.info.backend_pid)
-        with connect(d.dsn(), 8) as senders:
-            sender = next(s for s in senders if worker_of(s.info.backend_pid) == mine)
+        with same_worker(d, listener) as (sender,):
             for i in range(3):
                 notify(sender, "same", str(i))
             notes = received(listener, 3)
             assert [n.payload for n in notes] == ["0", "1", "2"]
             assert {n.pid for n in notes} == {sender.info.backend_pid}
+
+
+def test_a_notification_never_carries_another_clients_pid(pgcorral: DaemonFactory) -> None:
+    """Eight senders take turns on one server connection: a backend handed from client to
+    client cannot tell whose transaction a notification that arrives now came from, so it
+    keeps the real pid; it never carries another client's virtual pid. Once a backend has
+    served one client alone for a while (net.notify.SENDER_WINDOW_US), the pid is virtual."""
+    d = pgcorral(tx_conf(1), env={"PGCORRAL_LISTEN": "reuseport"})
+    with connect(d.dsn()) as (listener,), same_worker(d, listener, 8) as senders:
+        listener.execute("LISTEN turns")
+
+        def run(sender: psycopg.Connection[Any]) -> None:
+            for _ in range(60):
+                notify(sender, "turns", str(sender.info.backend_pid))
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in senders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        notes = received(listener, 480)
+        wrong = [n for n in notes if n.pid >= VIRTUAL_BASE and n.pid != int(n.payload)]
+        assert wrong == []
+        # one client alone on the backend, after the window: its virtual pid
+        time.sleep(0.15)  # longer than SENDER_WINDOW_US (the rule being tested is timed)
+        sender = senders[0]
+        for _ in range(3):
+            notify(sender, "turns", "alone")
+        assert {n.pid for n in received(listener, 3)} == {sender.info.backend_pid}
 
 
 def test_asyncpg_add_listener_and_remove_listener(pgcorral: DaemonFactory) -> None:

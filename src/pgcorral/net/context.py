@@ -23,7 +23,7 @@ from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net import dial
 from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
-from pgcorral.net.notify import Hubs
+from pgcorral.net.notify import Hubs, Sender
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
@@ -100,9 +100,9 @@ class Context:
         # transaction pipeline: what the last login of each (database, user) showed
         self.tx_logins: dict[tuple[str, str], TxLogin] = {}
         # transaction pipeline, LISTEN/NOTIFY (net.notify): the listening connections, and
-        # the virtual pid of the client last linked to each backend pid
+        # who ran the last transactions on each backend pid (NotificationResponse pids)
         self.notify = Hubs(self)
-        self.notify_senders: dict[int, int] = {}
+        self.notify_senders: dict[int, Sender] = {}
         # blocking_timeout of every waiting client, both pipelines
         self.waits = WaitTimer(self.pool)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -17,8 +17,10 @@ else queued until the client's transaction ends).
   UNLISTENs when the last one leaves, and closes when nobody listens any more. New channels of
   one request go to PostgreSQL as one Query.
 * Pids: the sender's real backend pid is replaced by the virtual pid of the client of this
-  worker that was last linked to that backend (``Context.notify_senders``, stored at every
-  link); other senders keep their real pid.
+  worker whose transaction sent it, when that is certain (``sender_pid``: which client has
+  each backend, since when, is recorded at each link, ``record_sender``); other senders, and
+  notifications of a backend that changed hands less than SENDER_WINDOW_US before, keep the
+  real pid.
 * A lost connection is opened again and every channel LISTENed again (a warning, counters
   ``notify_reconnects`` and ``notify_maybe_missed``: notifications sent while it was away
   are lost: at most once).
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from pgcorral.net.context import Context
     from pgcorral.net.server import ServerConnection
     from pgcorral.net.transaction import TransactionClient
+    from pgcorral.net.txserver import TxServerConnection
 
 log: Final = logging.getLogger("pgcorral.notify")
 
@@ -53,6 +56,10 @@ MAX_LISTEN_CHANNELS: Final = 10_000
 #: transaction, or not reading); beyond either, the client is closed (53400).
 MAX_QUEUED: Final = 10_000
 MAX_QUEUED_BYTES: Final = 8 << 20
+#: Microseconds during which a backend's notifications may still be on their way through the
+#: listening connection after the backend went to another client: a notification of that
+#: backend arriving then keeps its real pid (it may be either client's).
+SENDER_WINDOW_US: Final = 100_000
 #: Channels per LISTEN Query sent to PostgreSQL.
 BATCH: Final = 1000
 #: Seconds between attempts to open a lost listening connection (doubling up to the maximum).
@@ -66,6 +73,47 @@ _LISTEN_DONE: Final = msg.message(b"C", b"LISTEN\0")
 _UNLISTEN_DONE: Final = msg.message(b"C", b"UNLISTEN\0")
 #: What ends a listening connection (then opened again while anyone listens).
 _FAILURES: Final = (ConnectionLost, ConnectionError, OSError, TimeoutError, PgCorralError)
+
+
+class Sender:
+    """Which client has a backend now, since when (``Context.notify_senders``)."""
+
+    __slots__ = ("server", "since_us", "vpid")
+
+    def __init__(self, server: TxServerConnection, vpid: int) -> None:
+        self.server = server
+        self.vpid = vpid  # the virtual pid of the client linked last
+        # the end of the transaction before its first (the ReadyForQuery before the link;
+        # 0: none): a transaction before that may have been another client's
+        self.since_us = server.last_ready_us
+
+
+def record_sender(senders: dict[int, Sender], server: TxServerConnection, vpid: int) -> None:
+    """The client ``vpid`` is linked to ``server`` (``_link``): one lookup, and a store when
+    the backend changes hands."""
+    sender = senders.get(server.pid)
+    if sender is None:
+        senders[server.pid] = Sender(server, vpid)
+    elif sender.vpid != vpid:
+        sender.vpid = vpid
+        sender.since_us = server.last_ready_us
+        sender.server = server
+
+
+def sender_pid(senders: dict[int, Sender], pid: int) -> int:
+    """The pid a notification from backend ``pid`` carries: the virtual pid of the client whose
+    transaction sent it, when that is certain, else ``pid``. Certain: the backend's
+    transactions since SENDER_WINDOW_US ago are all one client's (the notifications of the
+    client before have arrived by then)."""
+    sender = senders.get(pid)
+    if sender is None:
+        return pid
+    if time.monotonic_ns() // 1000 - sender.since_us < SENDER_WINDOW_US:
+        return pid
+    now = sender.server.client
+    if now is not None and now.cancel_pid != sender.vpid:
+        return pid
+    return sender.vpid
 
 
 class Hub:
@@ -287,8 +335,8 @@ class Hub:
             return
         data = msg.message(b"A", body)
         pid: int = _pid_unpack_from(data, 5)[0]
-        virtual = ctx.notify_senders.get(pid)
-        if virtual is not None:
+        virtual = sender_pid(ctx.notify_senders, pid)
+        if virtual != pid:
             copy = bytearray(data)
             _pid_pack_into(copy, 5, virtual)
             data = bytes(copy)

@@ -44,7 +44,11 @@ from pgcorral.errors import (
 from pgcorral.net.client import ClientConnection
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
-from pgcorral.net.notify import MAX_QUEUED, MAX_QUEUED_BYTES  # LISTEN/NOTIFY (issue 14)
+from pgcorral.net.notify import (  # LISTEN/NOTIFY (issue 14)
+    MAX_QUEUED,
+    MAX_QUEUED_BYTES,
+    record_sender,
+)
 from pgcorral.pipelines.session import RESET_TIMEOUT
 from pgcorral.pool.pool import Grant, Slot, Waiter
 from pgcorral.protocol import codes
@@ -419,7 +423,7 @@ class TransactionClient(ClientConnection):
 
     def _link(self, server: TxServerConnection) -> None:
         self._acquiring = False
-        self.ctx.notify_senders[server.pid] = self.cancel_pid  # NOTIFY pids (net.notify)
+        record_sender(self.ctx.notify_senders, server, self.cancel_pid)  # NOTIFY pids
         self.server = self.peer = self.linked = server
         server.peer = server.client = self
         server.client_id = self.id
