@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import pytest
 from tests.integration.test_management import cli_json
+from tests.pgwire import login, read_message
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
@@ -237,6 +240,31 @@ def test_extended_protocol_unnamed_listen(pgcorral: DaemonFactory) -> None:
         assert cur.statusmessage == "UNLISTEN"
 
 
+def test_pipelined_requests_after_a_listen_keep_their_order(pgcorral: DaemonFactory) -> None:
+    """LISTEN (the listening connection still to open), a SELECT and an UNLISTEN in one
+    write: the answers come in order, each request after the one before it is answered."""
+    d = pgcorral(tx_conf())
+
+    def query(sql: str) -> bytes:
+        return b"Q" + struct.pack("!I", len(sql) + 5) + sql.encode() + b"\0"
+
+    with socket.create_connection((d.host, d.port), timeout=20) as sock:
+        assert login(sock, {"user": "trustuser", "database": TEST_DB}) is None
+        sock.sendall(query("LISTEN piped") + query("select 7") + query("UNLISTEN piped")
+                     + query("listen a; listen B; unlisten a"))
+        seen: list[tuple[bytes, bytes]] = []
+        while len([m for m in seen if m[0] == b"Z"]) < 4:
+            message = read_message(sock)
+            assert message is not None
+            if message[0] not in (b"T", b"A"):
+                seen.append(message)
+        assert seen == [(b"C", b"LISTEN\0"), (b"Z", b"I"),
+                        (b"D", b"\0\x01\0\0\0\x017"), (b"C", b"SELECT 1\0"), (b"Z", b"I"),
+                        (b"C", b"UNLISTEN\0"), (b"Z", b"I"),
+                        (b"C", b"LISTEN\0"), (b"C", b"LISTEN\0"), (b"C", b"UNLISTEN\0"),
+                        (b"Z", b"I")]
+
+
 def test_fifty_listeners_over_five_server_connections(pgcorral: DaemonFactory,
                                                       pg: PgCluster) -> None:
     d = pgcorral(tx_conf(5))
@@ -264,9 +292,12 @@ def test_listener_in_a_transaction_gets_notifications_after_it(pgcorral: DaemonF
         listener.execute("LISTEN later")
         listener.execute("BEGIN")
         listener.execute("select 1")  # linked to a server connection now
+        before = counters(d)["notifications_delivered"]
         for i in range(3):
             notify(sender, "later", str(i))
-        time.sleep(0.2)  # they reached pgcorral meanwhile (nothing to poll: they are held)
+        wait_until(lambda: counters(d)["notifications_delivered"] >= before + 3,
+                   "the notifications to reach pgcorral")
+        assert nothing_for(listener, 0.3) == []  # held: the listener is in a transaction
         listener.execute("COMMIT")
         notes = received(listener, 3)
         assert [n.payload for n in notes] == ["0", "1", "2"]

@@ -577,8 +577,12 @@ class TransactionClient(ClientConnection):
         self._rest = data[batch.end:]
         prepared = batch.prepared
         if prepared is not None:
-            self.statements.names[prepared[0]] = prepared[1]
-            self._listen_stmts.add(prepared[0])
+            names = self.statements.names
+            listen_stmts = self._listen_stmts
+            if len(listen_stmts) >= 64:  # forget the ones closed since (bounded by the client's)
+                self._listen_stmts = listen_stmts = {n for n in listen_stmts if n in names}
+            names[prepared[0]] = prepared[1]
+            listen_stmts.add(prepared[0])
         if batch.ops:
             self.ctx.notify.query(self, batch.ops, batch.replies)
         else:
