@@ -221,7 +221,9 @@ class Hub:
                     break
             try:
                 conn = await self._open()
-            except _FAILURES as exc:
+            except Exception as exc:
+                if not isinstance(exc, _FAILURES):
+                    log.error("opening a listening connection failed", exc_info=exc)
                 if lost:
                     log.warning("listening connection for %s@%s: cannot open it again: %s",
                                 self.key[1], self.key[0], exc)
@@ -245,7 +247,9 @@ class Hub:
             delay = 0.0
             try:
                 await self._read(conn)
-            except _FAILURES as exc:
+            except Exception as exc:
+                if not isinstance(exc, _FAILURES):
+                    log.error("listening connection: internal error", exc_info=exc)
                 if not self._lost(conn, exc):
                     break
                 lost = True
@@ -341,7 +345,10 @@ class Hub:
             _pid_pack_into(copy, 5, virtual)
             data = bytes(copy)
         for client in list(subscribers):
-            client.notify(data)
+            try:
+                client.notify(data)
+            except Exception:  # one client's trouble must not stop the others' delivery
+                log.exception("delivering a notification to client %s", client.address)
         ctx.counters["notifications_delivered"] += len(subscribers)
 
 
@@ -389,14 +396,13 @@ class Hubs:
         removed = [c for c in before if c not in after]
         self._set(client, after)
         hub = self.hubs.get(client.key)
-        if removed and hub is not None:
-            hub.remove(client, removed)
         waits: list[asyncio.Future[None]] = []
-        if added:
-            hub = self.hubs.get(client.key)
+        if added:  # before the removals: a hub left with no channel would close
             if hub is None:
                 hub = self.hubs[client.key] = Hub(self, client.key)
             waits = hub.add(client, added)
+        if removed and hub is not None:
+            hub.remove(client, removed)
         if not waits:
             self.ctx.loop.call_soon(client.listen_done, reply)  # not recursively: see there
             return
