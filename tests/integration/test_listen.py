@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, Any
 import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from tests.integration.test_management import cli_json
 from tests.pgwire import login, read_message
+
+from pgcorral.protocol.listen import LISTEN, parse_listen, quote
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
@@ -382,3 +386,45 @@ def test_pass_through_user_without_credentials_gets_08004(pgcorral: DaemonFactor
         assert info.value.sqlstate == "08004"
         assert "cannot open a new server connection" in str(info.value)
         assert conn.execute("select 1").fetchone() == (1,)  # the session goes on
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+_WORDS = ["listen", "unlisten", "LISTEN", "UnListen", "select", "user", "notify", "a", "B",
+          "_x1", "x$y", "verbose", "listen_", "c" * 70, "*", ";", ";;", ",", "(", "-"]
+_NAMES = st.one_of(
+    st.sampled_from(_WORDS),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=70).map(quote))
+_STATEMENT = st.tuples(
+    st.sampled_from(["LISTEN", "unlisten", "Listen", "UNLISTEN"]),
+    st.sampled_from([" ", "\n", "/**/", "  -- c\n"]), _NAMES,
+    st.sampled_from([";", " ;", "--c\n;", ""])).map("".join)
+_NOISE = st.sampled_from([" ", "\n", "\t", "/* c */", "/* a /* b */ */", "-- x\n", "U&", '""',
+                          "*", ";", "select", "a", "'x'", "/*"])
+_PIECES = st.one_of(_STATEMENT, _STATEMENT, _STATEMENT, _NOISE)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PIECES, min_size=1, max_size=6).map("".join))
+def test_parser_agrees_with_postgresql(pg: PgCluster, text: str) -> None:
+    """Whatever ``protocol.listen`` answers itself, PostgreSQL accepts, with the same
+    channels listened on afterwards (checked on a direct connection)."""
+    ops = parse_listen(text.encode() + b"\0")
+    event("answered by pgcorral" if ops is not None else "goes to PostgreSQL")
+    if ops is None:
+        return  # goes to PostgreSQL, which decides
+    with psycopg.connect(direct_dsn(pg), autocommit=True) as conn:
+        conn.execute("UNLISTEN *")
+        conn.execute(text.encode())  # raises if PostgreSQL refuses what pgcorral accepted
+        channels: set[str] = set()
+        for op, channel in ops:
+            if op == LISTEN:
+                assert channel is not None
+                channels.add(channel)
+            elif channel is None:
+                channels.clear()
+            else:
+                channels.discard(channel)
+        rows = conn.execute("select pg_listening_channels()").fetchall()
+        assert {r[0] for r in rows} == channels
