@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tests.integration.test_management import cli_json
+from tests.integration.test_session_state import pinned_clients
 from tests.pgwire import login, read_message
 
 from pgcorral.protocol.listen import LISTEN, parse_listen, quote
@@ -305,6 +306,28 @@ def test_listener_in_a_transaction_gets_notifications_after_it(pgcorral: DaemonF
         listener.execute("COMMIT")
         notes = received(listener, 3)
         assert [n.payload for n in notes] == ["0", "1", "2"]
+
+
+def test_a_pinned_listener_gets_its_notifications(pgcorral: DaemonFactory) -> None:
+    """A listener the session-state ledger pins to a server connection (an advisory lock)
+    stays linked between transactions: notifications reach it there at once, and during a
+    transaction after it."""
+    d = pgcorral(tx_conf())
+    with connect(d.dsn(), 2) as (listener, sender):
+        listener.execute("LISTEN pinned_chan")
+        listener.execute("select pg_advisory_lock(4343)")
+        assert pinned_clients(d) == ["advisory lock"]
+        notify(sender, "pinned_chan", "idle")
+        assert [n.payload for n in received(listener, 1)] == ["idle"]
+        listener.execute("BEGIN")
+        listener.execute("select 1")
+        notify(sender, "pinned_chan", "in a transaction")
+        listener.execute("COMMIT")
+        assert [n.payload for n in received(listener, 1)] == ["in a transaction"]
+        listener.execute("select pg_advisory_unlock(4343)")
+        assert pinned_clients(d) == []
+        notify(sender, "pinned_chan", "unpinned")
+        assert [n.payload for n in received(listener, 1)] == ["unpinned"]
 
 
 def test_unlisten_discard_all_and_leaving(pgcorral: DaemonFactory, pg: PgCluster) -> None:

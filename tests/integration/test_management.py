@@ -87,7 +87,7 @@ def test_status_counts_and_output_shapes(pgcorral: DaemonFactory) -> None:
         assert details["connections"][0]["state"] == "active"
         sessions = [{k: v for k, v in s.items() if k != "worker"} for s in details["sessions"]]
         assert sessions == [{"user": "trustuser", "database": "pgcorral_test",
-                             "address": "127.0.0.1", "pid": pid, "tls": ""}]
+                             "address": "127.0.0.1", "pid": pid, "tls": "", "pinned": ""}]
         assert details["connections"][0]["tls"] is False
         assert details["sessions"][0]["worker"] == details["connections"][0]["worker"]
         text = cli(d, "status", "details").stdout.splitlines()

@@ -25,7 +25,8 @@ flush_timeout disconnect_client disconnect_client_force
 """
 PGAGROAL_MAIN_KEYS = _PGAGROAL_MAIN_KEYS.split()
 
-OURS = ["max_packet_size", "max_prepared_statements", "workers", "server_connect_timeout",
+OURS = ["max_packet_size", "max_prepared_statements", "pin_timeout", "max_pinned_connections",
+        "workers", "server_connect_timeout",
         "admin_users", "stats_users", "tls_crl_file", "tls_min_protocol_version",
         "tls_max_protocol_version", "tls_ciphers", "metrics_client_groups"]
 

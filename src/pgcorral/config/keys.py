@@ -95,6 +95,14 @@ KEYS: tuple[Key, ...] = (
     Key("max_prepared_statements", "int", 200, _LIVE,
         _OURS + "Transaction pipeline: protocol-level prepared statements kept per server "
         "connection (LRU), mapped for every client; 0 = no mapping.", minimum=0),
+    Key("pin_timeout", "duration", 0.0, _LIVE,
+        _OURS + "Transaction pipeline: a client pinned to its server connection (session "
+        "advisory lock, temporary table, WITH HOLD cursor: docs/TRANSACTION.md) and idle "
+        "that long is closed (57P05); 0 = no limit."),
+    Key("max_pinned_connections", "int_auto", 0, _LIVE,
+        _OURS + "Transaction pipeline: server connections that pinned clients may hold at "
+        "once, per worker; a client whose state would pin one more is closed (53300). auto "
+        "(0) = half of the worker's max_connections.", minimum=0),
     Key("server_reset_query", "string", "DISCARD ALL", _LIVE,
         "Statement run when a server connection returns to the pool; empty = none."),
     Key("server_reset_query_always", "bool", False, _LIVE,

@@ -74,6 +74,8 @@ class MainConfig:
     server_connect_timeout: float = 10.0
     track_prepared_statements: bool = False
     max_prepared_statements: int = 200
+    pin_timeout: float = 0.0
+    max_pinned_connections: int = 0
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
     server_reset_query_behavior_on_failure: str = "discard"

@@ -165,6 +165,8 @@ FAMILIES: dict[str, Family] = _families(
     ("pgcorral_pool_servers", "gauge", (*_POOL, "state"),
      "Server connections of the pool by state: active, idle, used, tested, login."),
     ("pgcorral_pool_paused", "gauge", _POOL, "1 while the pool's database is paused."),
+    ("pgcorral_pool_pinned_clients", "gauge", _POOL,
+     "Transaction pipeline: clients pinned to a server connection by their session state."),
     ("pgcorral_pool_size", "gauge", _POOL,
      "Most server connections the pool may have (limit rule, else max_connections)."),
     ("pgcorral_pool_maxwait_seconds", "gauge", _POOL,
@@ -429,6 +431,7 @@ class SnapshotCollector(Collector):
             for state in _SERVER_STATES:
                 out.add("pgcorral_pool_servers", p["sv_" + state], *key, state)
             out.add("pgcorral_pool_paused", 1 if p.get("paused") else 0, *key)
+            out.add("pgcorral_pool_pinned_clients", p.get("cl_pinned", 0), *key)
             out.add("pgcorral_pool_size", p["pool_size"], *key)
             out.add("pgcorral_pool_maxwait_seconds", p["maxwait_us"] / 1e6, *key)
             for field, name, scale in _POOL_COUNTERS:

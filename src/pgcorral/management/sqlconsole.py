@@ -158,7 +158,8 @@ _TALLY_COLUMNS: list[Column] = [
     ("xact_count", INT8), ("query_count", INT8), ("bytes_received", INT8),
     ("bytes_sent", INT8), ("xact_time_us", INT8), ("query_time_us", INT8)]
 CLIENTS: list[Column] = [*_SOCKET_HEAD, ("id", INT8), ("worker", INT4), *_TALLY_COLUMNS,
-                         ("wait_time_us", INT8), ("wait_count", INT8), ("hold_time_us", INT8)]
+                         ("wait_time_us", INT8), ("wait_count", INT8), ("hold_time_us", INT8),
+                         ("pinned", TEXT)]
 SERVERS: list[Column] = [*_SOCKET_HEAD, ("id", INT8), ("worker", INT4), *_TALLY_COLUMNS]
 SOCKETS: list[Column] = _SOCKET_HEAD + _SOCKET_BUFFERS
 DATABASES: list[Column] = [
@@ -348,7 +349,8 @@ def show_clients(s: Snapshot) -> Sequence[Row]:
     rows: list[Row] = []
     for c in sorted(s.stats.get("clients", []), key=global_id):
         rows.append([*_client_head(s, c), global_id(c), c.get("worker", 0), *_tally(c),
-                     c.get("wait_us", 0), c.get("wait_count", 0), c.get("hold_us", 0)])
+                     c.get("wait_us", 0), c.get("wait_count", 0), c.get("hold_us", 0),
+                     c.get("pinned", "")])
     return rows
 
 

@@ -802,7 +802,7 @@ class ClientConnection(Endpoint):
         server = self.server
         if server is not None:
             self.ctx.cancels.drop(self, server.pid)
-            if reason == "server lost":
+            if reason == "server lost" and not server.fatal_sent:  # one error, not two
                 self.write(msg.error_response("08006",
                                               "server closed the connection unexpectedly"))
             self.release(server, clean=True)

@@ -67,6 +67,7 @@ class Context:
         self.pool = Pool(config.main.max_connections, config.limits, time.monotonic, budget)
         self.clients: set[ClientConnection] = set()
         self.shutting_down = False
+        self.pinned = 0  # transaction pipeline: clients pinned to a server connection
         self.cancels: CancelKeys[ClientConnection] = CancelKeys(worker)
         #: set by the worker runtime with several workers: hand a CancelRequest that matches
         #: no client here to the other workers

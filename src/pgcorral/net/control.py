@@ -42,7 +42,8 @@ def status(ctx: Context) -> dict[str, Any]:
         "active_connections": pool.count(ACTIVE), "idle_connections": pool.count(IDLE),
         "opening_connections": pool.count(OPENING), "total_connections": pool.total,
         "max_connections": pool.max_connections, "clients": len(ctx.clients),
-        "waiting_clients": pool.waiting, "server": current, "servers": servers,
+        "waiting_clients": pool.waiting, "pinned_clients": ctx.pinned,
+        "server": current, "servers": servers,
         "disabled": sorted(ctx.disabled), "counters": dict(ctx.counters),
         "worker": ctx.worker, "pid": os.getpid(),
     }
@@ -62,7 +63,8 @@ def details(ctx: Context) -> dict[str, Any]:
             "tls": bool(getattr(conn, "tls", False)), "worker": ctx.worker})
     sessions = [{"user": c.user, "database": c.database, "address": c.address or "[local]",
                  "pid": c.server.pid if c.server is not None else 0,
-                 "tls": c.tls.version() if c.tls is not None else "", "worker": ctx.worker}
+                 "tls": c.tls.version() if c.tls is not None else "", "worker": ctx.worker,
+                 "pinned": ", ".join(getattr(c, "pinned", ()))}
                 for c in ctx.clients]
     sessions.sort(key=lambda c: (str(c["database"]), str(c["user"]), str(c["address"])))
     return {**status(ctx), "connections": connections, "sessions": sessions}
@@ -105,6 +107,7 @@ def _new_pool_entry(ctx: Context, key: tuple[str, str]) -> dict[str, Any]:
         "database": key[0], "user": key[1],
         "pool_mode": "transaction" if ctx.config.main.pipeline == "transaction" else "session",
         "cl_active": 0, "cl_waiting": 0, "cl_idle": 0, "cl_login": 0,
+        "cl_pinned": 0,  # transaction pipeline: clients pinned to a server connection
         "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
         "maxwait_us": 0, "paused": ctx.pool.is_paused(key),
         "pool_size": rule.max_size if rule is not None and rule.max_size > 0
@@ -130,6 +133,8 @@ def _client_row(ctx: Context, client: Any, tally: Tally, state: str, now: float,
         "wait_current_us": now_us - client.wait_since_us if client.wait_since_us else 0,
         "server_pid": server.pid if server is not None else 0,
         "server_id": server.slot.id if server is not None else 0,
+        # transaction pipeline: why it keeps its server connection between transactions
+        "pinned": ", ".join(getattr(client, "pinned", ())),
         **{k: v for k, v in tally.as_dict().items()
            if k not in ("wait_time_us", "hold_time_us")}}
 
@@ -215,6 +220,8 @@ def stats(ctx: Context) -> dict[str, Any]:
             entry = pool_entry(server.slot.key if server is not None else (
                 ctx.config.real_database(client.database), client.user))
             entry["cl_" + state] += 1
+            if getattr(client, "pinned", None):
+                entry["cl_pinned"] += 1
             entry["_tally"].add(tally)
         clients.append(_client_row(ctx, client, tally, state, now, now_us))
     for key, (_count, since) in ctx.pool.waiting_by_key().items():

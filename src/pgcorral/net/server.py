@@ -27,7 +27,7 @@ from pgcorral.pool.stats import PoolStats, Tally
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.framing import MessageReader
-from pgcorral.protocol.messages import error_sqlstate_ending_at
+from pgcorral.protocol.messages import error_sqlstate_ending_at, fatal_ending_at
 from pgcorral.protocol.replies import EXTENDED_ROW_REPLIES, Replies
 from pgcorral.protocol.scram import tls_server_end_point
 from pgcorral.protocol.scram_client import without_channel_binding
@@ -134,6 +134,9 @@ class ServerConnection(Endpoint):
         self.request_us = 0
         self.xact_start_us = 0
         self.last_ready_us = 0
+        #: the last bytes passed to a client ended with a FATAL ErrorResponse (PostgreSQL's
+        #: goodbye): a client whose server then closes gets no 08006 of pgcorral's on top
+        self.fatal_sent = False
 
     def data_received(self, data: bytes) -> None:
         client = self.peer
@@ -213,10 +216,20 @@ class ServerConnection(Endpoint):
             self.count_error(data, n - 6)
 
     def count_error(self, data: bytes, end: int) -> None:
-        """Session pooling: count the ErrorResponse that may end at ``end`` in ``data``."""
+        """Session pooling: count the ErrorResponse that may end at ``end`` in ``data``; at
+        the chunk's end, a FATAL one is the server's goodbye (``fatal_sent``)."""
         code = error_sqlstate_ending_at(data, end)
         if code:
             self.pstats.error(code)
+            if end == len(data):
+                self.fatal_sent = fatal_ending_at(data, end)
+
+    def note_fatal(self, data: bytes) -> None:
+        """``data`` went to the client: if it ends with a FATAL ErrorResponse, PostgreSQL
+        said goodbye itself, and the client gets no 08006 of pgcorral's after it."""
+        n = len(data)
+        if n >= 8 and data[-1] == 0 and data[-2] == 0 and data[-3] != 0:
+            self.fatal_sent = fatal_ending_at(data, n)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -60,10 +60,13 @@ from pgcorral.protocol.listen import (  # LISTEN/NOTIFY (issue 14)
 )
 from pgcorral.protocol.replyplan import own_query_step
 from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE, close_locally, parse_locally
+from pgcorral.protocol.sessionsql import PROBE, may_touch_state, pins, probe_result
 from pgcorral.protocol.statements import ClientStatements
 from pgcorral.protocol.txforward import (
+    DEALLOCATE_ALL,
     DISCARD_ALL,
     NAMED_PARSE,
+    SESSION_STATE,
     SESSION_TYPES,
     TERMINATE,
     VIOLATION,
@@ -164,6 +167,7 @@ async def reset(server: TxServerConnection, query: str) -> bool:
     ok = await server.reset(query, RESET_TIMEOUT)
     if ok and query and any(r in query.upper() for r in _STATEMENT_RESETS):
         server.statements.clear()  # the server has none left
+        server.sql_prepared = {}
         if "DISCARD ALL" in query.upper():
             server.extra.clear()
     return ok
@@ -188,6 +192,18 @@ class TransactionClient(ClientConnection):
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
         self.forwarder = ClientForwarder(self.statements, ctx.registry, self.tracker.max_length)
         self.named_parse = False  # a named Parse went through unmapped in this transaction
+        # --- the session-state ledger (docs/TRANSACTION.md "Session state") ---
+        self.startup_extra: dict[str, str] = {}  # ``extra`` as the startup packet gave it
+        #: a request of this transaction may have made or removed session state: the server
+        #: connection is probed when the transaction ends (``_settle``)
+        self.state_suspect = False
+        self.deallocate_all = False  # a DEALLOCATE ALL went by (it drops SQL-level ones too)
+        self.settling = False  # the probe runs: no server connection is taken meanwhile
+        #: why the client keeps its server connection between transactions (empty: it does not)
+        self.pinned: list[str] = []
+        self.pinned_since = 0.0
+        self._pin_timer: asyncio.TimerHandle | None = None
+        self.sql_prepared: dict[str, str] = {}  # SQL-level PREPAREs carried: name -> source
         #: ``server`` with its type (the hot path reads it without a cast)
         self.linked: TxServerConnection | None = None
         # LISTEN/NOTIFY (net.notify): notifications kept until the transaction ends; the
@@ -203,6 +219,9 @@ class TransactionClient(ClientConnection):
             self.buffer(data)  # the cold path reads startup and authentication messages
             return
         self.activity += 1
+        if self._pin_timer is not None:
+            self._pin_timer.cancel()
+            self._pin_timer = None
         rest = self._rest
         if rest:
             data = rest + data
@@ -219,7 +238,7 @@ class TransactionClient(ClientConnection):
 
     def _want_server(self) -> None:
         """Unlinked with bytes waiting: get a server connection once a whole message is here."""
-        if self._acquiring or self.closed or self.terminating:
+        if self._acquiring or self.closed or self.terminating or self.settling:
             return
         data = self._rest
         if len(data) < 5:
@@ -371,6 +390,9 @@ class TransactionClient(ClientConnection):
                     if length < 5 or data[pos + 5] == 0 or not parse_locally(
                             data[pos + 5:end], statements, registry):
                         break
+                    name_end = data.find(b"\0", pos + 5, end)
+                    if may_touch_state(data[name_end + 1:end]):
+                        self.forwarder.stateful.add(data[pos + 5:name_end])
                     out.append(PARSE_COMPLETE)
                 elif type_ == codes.CLOSE:
                     if not close_locally(data[pos + 5:end], statements):
@@ -403,6 +425,10 @@ class TransactionClient(ClientConnection):
         if seen:
             if seen & NAMED_PARSE:
                 self.named_parse = True  # track_prepared_statements: DEALLOCATE ALL
+            if seen & SESSION_STATE:
+                self.state_suspect = True
+            if seen & DEALLOCATE_ALL:
+                self.deallocate_all = True
             if seen & DISCARD_ALL:
                 self.extra = {}  # RESET ALL: non-reported settings back to defaults
                 server.extra.clear()
@@ -447,6 +473,8 @@ class TransactionClient(ClientConnection):
             if pairs:
                 server.transport.write(msg.set_config_statement(pairs))
                 server.router.plan.extend((own_query_step(),))
+        if self.sql_prepared != server.sql_prepared:
+            self._prepared_for(server)
         data, self._rest = self._rest, b""
         if self._rest_paused:
             self._rest_paused = False
@@ -482,6 +510,20 @@ class TransactionClient(ClientConnection):
             server.extra = dict(mine_extra)
         return pairs
 
+    def _prepared_for(self, server: TxServerConnection) -> None:
+        """Make the SQL-level prepared statements on ``server`` the client's: the others'
+        deallocated, the client's missing ones prepared again (one Query each, replies
+        dropped: a PREPARE that fails now, its table gone, leaves the name unknown, 26000 on
+        EXECUTE, as the client's own connection would after a DEALLOCATE)."""
+        mine, theirs = self.sql_prepared, server.sql_prepared
+        queries = [f'DEALLOCATE "{name}"' for name, text in theirs.items()
+                   if mine.get(name) != text]
+        queries += [text for name, text in mine.items() if theirs.get(name) != text]
+        for query in queries:
+            server.transport.write(msg.query(query))
+            server.router.plan.extend((own_query_step(),))
+        server.sql_prepared = mine
+
     def _unlink(self, server: TxServerConnection) -> None:
         self.server = self.peer = self.linked = None
         server.peer = server.client = None
@@ -502,9 +544,17 @@ class TransactionClient(ClientConnection):
             log.info("server connection %d (pid %d) sent %d bytes nobody asked for; closing it",
                      server.slot.id, server.pid, len(extra))
             server.poolable = False
+        if self._notes:  # notifications that came during the transaction (net.notify): the
+            self._flush_notes()  # client's stream stands after a ReadyForQuery 'I' now
+        if self.pinned or self.state_suspect:
+            if server.poolable:
+                self._stay(server)
+                return
+            self.state_suspect = False
+            if self.pinned:  # its state went with the connection: as if the server left
+                self.server_lost()
+                return
         self._unlink(server)
-        if self._notes:  # notifications that came during the transaction (net.notify)
-            self._flush_notes()
         track = False
         if self.named_parse:
             track = self.ctx.config.main.track_prepared_statements
@@ -532,7 +582,7 @@ class TransactionClient(ClientConnection):
         if self.closed or not self.in_session:
             return
         notes = self._notes
-        if self.linked is None and not notes:
+        if not notes and (self.linked is None or self._idle_pinned()):
             self.write(data)
             if self.writing_paused and (
                     self.transport.get_write_buffer_size() > MAX_QUEUED_BYTES):
@@ -542,6 +592,14 @@ class TransactionClient(ClientConnection):
         self._notes_bytes += len(data)
         if len(notes) > MAX_QUEUED or self._notes_bytes > MAX_QUEUED_BYTES:
             self._notes_overflow()
+
+    def _idle_pinned(self) -> bool:
+        """Pinned (linked between transactions) and nothing in flight: at a boundary."""
+        server = self.linked
+        if not self.pinned or server is None:
+            return False
+        router = server.router
+        return router.plan.idle and router.at_boundary and self.forwarder.at_rest
 
     def _flush_notes(self) -> None:
         notes, self._notes = self._notes, []
@@ -556,7 +614,7 @@ class TransactionClient(ClientConnection):
                     MAX_QUEUED, MAX_QUEUED_BYTES)
         self._notes = []
         self._notes_bytes = 0
-        if self.linked is None:  # else the stream may stand inside a reply: no message
+        if self.linked is None or self._idle_pinned():  # else maybe inside a reply: no message
             self.write(msg.error_response(
                 "53400", "too many notifications waiting for this client: it does not read "
                 "them, or its transaction lasts too long"))
@@ -583,6 +641,7 @@ class TransactionClient(ClientConnection):
                 self._listen_stmts = listen_stmts = {n for n in listen_stmts if n in names}
             names[prepared[0]] = prepared[1]
             listen_stmts.add(prepared[0])
+            self.forwarder.stateful.add(prepared[0])  # run on a server later: the ledger sees it
         if batch.ops:
             self.ctx.notify.query(self, batch.ops, batch.replies)
         else:
@@ -617,8 +676,163 @@ class TransactionClient(ClientConnection):
             return vault
         return self._relay_auth
 
+    # --- the session-state ledger --------------------------------------------------------------
+
+    def _stay(self, server: TxServerConnection) -> None:
+        """The transaction ended on a server connection that may hold session state (or
+        holds it: the client is pinned). It stays the client's for now: probed, or kept."""
+        if self.state_suspect:
+            self.state_suspect = False
+            self._unlink(server)
+            self.settling = True
+            asyncio.get_running_loop().create_task(self._settle(server))
+            return
+        # pinned and nothing touched the state: keep the link
+        if self.terminating:
+            self.end("terminate")
+        elif self.ctx.shutting_down:
+            self._shut_out()
+        else:
+            self._arm_pin_timer()
+
+    async def _settle(self, server: TxServerConnection) -> None:
+        """Ask ``server`` what session state it holds (``sessionsql.PROBE``), then pin the
+        client to it, or carry the settings and SQL-level PREPAREs and release it."""
+        ctx = self.ctx
+        try:
+            async with asyncio.timeout(RESET_TIMEOUT):
+                rows = await server.query_rows(PROBE, [])
+                state = probe_result(rows[0])
+                if self.deallocate_all and state.prepared:
+                    for name in state.prepared:
+                        await server.query_rows(f'DEALLOCATE "{name}"', [])
+                    state = state._replace(prepared={})
+        except Exception as exc:  # lost, refused or timed out: the state is unknown
+            log.info("server connection %d (pid %d): session state probe failed (%s); "
+                     "closing it", server.slot.id, server.pid, exc)
+            self.settling = False
+            self.deallocate_all = False
+            self._unpin()
+            ctx.release_server(server, clean=False)
+            if not self._client_gone():
+                self._want_server()
+            return
+        self.settling = False
+        self.deallocate_all = False
+        reasons = pins(state, server.slot.key[1])
+        settings = {k: v for k, v in state.settings.items() if k not in server.names}
+        if state.role != "none":
+            settings["role"] = state.role
+        server.extra = settings
+        server.sql_prepared = state.prepared
+        if self._client_gone():
+            # a connection with state nobody owns any more: closed, not reused
+            ctx.release_server(server, clean=not reasons)
+            return
+        self.extra = {**self.startup_extra, **settings}
+        self.sql_prepared = state.prepared
+        if reasons:
+            if not self.pinned:
+                limit = (ctx.config.main.max_pinned_connections
+                         or max(1, ctx.pool.max_connections // 2))
+                if ctx.pinned >= limit:
+                    self._fail_pinned(server, reasons, limit)
+                    return
+                ctx.pinned += 1
+                self.pinned_since = time.monotonic()
+                log.info("client %d pinned to server connection %d (pid %d): %s",
+                         self.id, server.slot.id, server.pid, ", ".join(reasons))
+            self.pinned = reasons
+            server.router.reset()
+            self._relink(server)
+            return
+        if self.pinned:
+            log.info("client %d unpinned from server connection %d (pid %d)",
+                     self.id, server.slot.id, server.pid)
+            self._unpin()
+        release_free(ctx, server)
+        if self.terminating:
+            self.end("terminate")
+        elif ctx.shutting_down:
+            self._shut_out()
+        elif self._rest:
+            self._want_server()
+
+    def _relink(self, server: TxServerConnection) -> None:
+        """Linked again to the connection it is pinned to (no wait counted)."""
+        self.server = self.peer = self.linked = server
+        server.peer = server.client = self
+        server.client_id = self.id
+        server.mark()
+        self.forwarder.link()
+        if self.writing_paused:
+            server.transport.pause_reading()
+        if server.writing_paused:
+            self.transport.pause_reading()
+        data, self._rest = self._rest, b""
+        if self._rest_paused:
+            self._rest_paused = False
+            self.transport.resume_reading()
+        if self.terminating:
+            self.end("terminate")
+        elif self.ctx.shutting_down and not data:
+            self._shut_out()
+        elif data:
+            self._forward(server, data)
+        else:
+            self._arm_pin_timer()
+
+    def _unpin(self) -> None:
+        if self.pinned:
+            self.pinned = []
+            self.ctx.pinned -= 1
+        if self._pin_timer is not None:
+            self._pin_timer.cancel()
+            self._pin_timer = None
+
+    def _arm_pin_timer(self) -> None:
+        timeout = self.ctx.config.main.pin_timeout
+        if timeout > 0 and self._pin_timer is None and not self.closed:
+            self._pin_timer = asyncio.get_running_loop().call_later(timeout, self._pin_expired)
+
+    def _pin_expired(self) -> None:
+        self._pin_timer = None
+        server = self.linked
+        if server is None or not self.pinned or self.closed:
+            return
+        if not (server.router.plan.idle and server.router.at_boundary
+                and self.forwarder.at_rest):
+            return  # a request is in flight: the client is not idle
+        timeout = self.ctx.config.main.pin_timeout
+        log.warning("client %d: pinned to server connection %d (pid %d) for %s and idle "
+                    "for %g s (pin_timeout); closing it", self.id, server.slot.id, server.pid,
+                    ", ".join(self.pinned), timeout)
+        self.write(msg.error_response(
+            "57P05", f"terminating connection: it held a pooled server connection "
+            f"({', '.join(self.pinned)}) and was idle for longer than pin_timeout "
+            f"({timeout:g} s)", severity="FATAL"))
+        self.end("pin timeout")
+
+    def _fail_pinned(self, server: TxServerConnection, reasons: list[str],
+                     limit: int) -> None:
+        log.warning("client %d: %s would pin server connection %d (pid %d), but "
+                    "max_pinned_connections (%d) are pinned already; closing both",
+                    self.id, ", ".join(reasons), server.slot.id, server.pid, limit)
+        self.ctx.release_server(server, clean=False)
+        self.write(msg.error_response(
+            "53300", f"too many pinned server connections: {', '.join(reasons)} would keep "
+            f"one for this client, and max_pinned_connections ({limit}) are in use; use "
+            "transaction-scoped state (pg_advisory_xact_lock, ON COMMIT DROP) or session "
+            "pooling", severity="FATAL"))
+        self.end("pinned connections exhausted")
+
     def shutdown_started(self) -> None:
         """Graceful shutdown: a client between transactions is told and closed now."""
+        if self.in_session and self.pinned and self.linked is not None:
+            router = self.linked.router
+            if router.plan.idle and router.at_boundary and self.forwarder.at_rest:
+                self._shut_out()
+            return
         if self.in_session and self.server is None and not self._acquiring:
             self._shut_out()
 
@@ -676,6 +890,7 @@ class TransactionClient(ClientConnection):
         self.cancel_pid, secret = self.ctx.cancels.issue_virtual(self)
         self.params = params
         self.extra = extra
+        self.startup_extra = dict(extra)
         pipelined = self._greet(b"".join(msg.parameter_status(k, v) for k, v in params.items()),
                                 self.cancel_pid, secret, codes.TX_IDLE)
         waited = self.login_wait_us
@@ -753,10 +968,16 @@ class TransactionClient(ClientConnection):
         ended = self._ended
         reason = ended.result() if ended is not None and ended.done() else "error"
         server = self.linked
+        pinned = bool(self.pinned)
+        self._unpin()
         if server is None:
             return
-        if reason == "server lost":
+        if reason == "server lost" and not server.fatal_sent:  # one error, not two
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
+        if pinned:  # its advisory locks, temporary tables, cursors go with the backend
+            self._unlink(server)
+            ctx.release_server(server, clean=False)
+            return
         self._unlink(server)
         router = server.router
         ok = (not self.dirty and self.forwarder.at_rest and router.at_boundary

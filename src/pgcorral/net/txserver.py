@@ -38,6 +38,9 @@ class TxServerConnection(ServerConnection):
         self.statements = ServerStatements(max_prepared)
         self.router = ReplyRouter(ReplyPlan(self.statements, known))
         self.extra: dict[str, str] = {}  # lower-case name -> value pgcorral set, not reported
+        #: SQL-level prepared statements on it (name -> PREPARE text), as the session-state
+        #: probe found them (net.transaction ``_settle``)
+        self.sql_prepared: dict[str, str] = {}
         self.cancels = 0  # cancel requests being forwarded to this backend
         self.after_cancels: Callable[[], None] | None = None  # release held for them
         #: ``peer`` with its type, set with it by the client (the hot path reads it)
@@ -71,6 +74,8 @@ class TxServerConnection(ServerConnection):
                 client.transport.write(out)
             except RuntimeError:  # the client's transport closed under us (uvloop raises)
                 return
+            if out[-1] == 0:  # maybe an ErrorResponse last: PostgreSQL's FATAL goodbye?
+                self.note_fatal(out)
         if free_at >= 0:
             self.status = router.status
             client.server_free(self, data[free_at:])

@@ -247,6 +247,22 @@ def error_sqlstate_ending_at(data: bytes, end: int) -> str:
     return ""
 
 
+def fatal_ending_at(data: bytes, end: int) -> bool:
+    """Does an ErrorResponse of severity FATAL or PANIC end exactly at ``end`` in ``data``?
+    (What PostgreSQL sends before it closes a connection; same hint and search as
+    ``error_sqlstate_ending_at``.)"""
+    low = max(0, end - _ERROR_LOOKBACK)
+    pos = data.rfind(b"E", low, end - 5)
+    while pos >= 0:
+        (length,) = _I32.unpack_from(data, pos + 1)
+        if pos + 1 + length == end:
+            body = data[pos + 5:end]
+            return (body.startswith(b"SFATAL\0") or body.startswith(b"SPANIC\0")
+                    or b"\0VFATAL\0" in body or b"\0VPANIC\0" in body)
+        pos = data.rfind(b"E", low, pos)
+    return False
+
+
 def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
     raw = bytes(body)
     parts = raw.split(b"\0")

@@ -35,6 +35,7 @@ from pgcorral.errors import ClientProtocolError
 from pgcorral.protocol import codes
 from pgcorral.protocol.replyplan import DEFAULT_STEPS, ReplyPlan, ReplyStep, type_table
 from pgcorral.protocol.rewrite import REQUESTS, bind_fast, is_discard_all, rewrite
+from pgcorral.protocol.sessionsql import may_touch_state, vpid_refusal
 from pgcorral.protocol.statements import ClientStatements, StatementRegistry
 
 # Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
@@ -87,6 +88,29 @@ NAMED_PARSE: Final = 4
 #: A protocol violation (``ClientForwarder.violation`` says which): nothing from the bad
 #: message on was taken, and the client must be refused (08P01).
 VIOLATION: Final = 8
+#: A request whose SQL may create or remove session state (``sessionsql.may_touch_state``):
+#: the server connection is probed when the transaction ends (``net.transaction``).
+SESSION_STATE: Final = 16
+#: A DEALLOCATE ALL (translated for the mapped statements): the SQL-level ones go too.
+DEALLOCATE_ALL: Final = 32
+
+
+def _parse_text(data: bytes, pos: int, end: int) -> bytes:
+    """The query text of the Parse message at ``pos`` (to ``end``), or b"" if malformed."""
+    name_end = data.find(b"\0", pos + 5, end)
+    if name_end < 0:
+        return b""
+    text_end = data.find(b"\0", name_end + 1, end)
+    return data[name_end + 1:text_end] if text_end > 0 else b""
+
+
+def _bind_statement(data: bytes, pos: int, end: int) -> bytes:
+    """The statement name of the Bind message at ``pos`` (to ``end``), or b"" if malformed."""
+    portal_end = data.find(b"\0", pos + 5, end)
+    if portal_end < 0:
+        return b""
+    name_end = data.find(b"\0", portal_end + 1, end)
+    return data[portal_end + 1:name_end] if name_end > 0 else b""
 
 
 class ClientForwarder:
@@ -98,7 +122,7 @@ class ClientForwarder:
     """
 
     __slots__ = ("at_rest", "at_sync", "batch_open", "client", "max_length", "pending",
-                 "registry", "violation")
+                 "registry", "stateful", "violation")
 
     def __init__(self, client: ClientStatements, registry: StatementRegistry,
                  max_length: int = codes.LARGE_MESSAGE_LIMIT) -> None:
@@ -114,6 +138,9 @@ class ClientForwarder:
         #: the Closes of statements evicted there may go first (mapping on)
         self.at_sync = True
         self.violation = ""  # what the last VIOLATION was
+        #: the client's names of the statements whose text may touch session state: a Bind of
+        #: one is ``SESSION_STATE`` too (client-side names, mapped or not)
+        self.stateful: set[bytes] = set()
 
     def link(self) -> None:
         """A server connection is linked to the client: its stream is at a batch start."""
@@ -132,7 +159,8 @@ class ClientForwarder:
             n = len(data)
             if n > 5 and data[0] == _QUERY and not _MAYBE_SPECIAL[data[5]]:
                 length: int = _length(data, 1)[0]
-                if length + 1 == n and length - 4 <= self.max_length:
+                if length + 1 == n and length - 4 <= self.max_length and not may_touch_state(
+                        data, 5):
                     statements = plan.server
                     if statements.capacity <= 0:
                         plan.extend(_QUERY_STEPS)
@@ -190,10 +218,15 @@ class ClientForwarder:
                 elif type_ == _QUERY:
                     if end > pos + 5 and _MAYBE_SPECIAL[data[pos + 5]]:
                         return None  # maybe DEALLOCATE or DISCARD
+                    if may_touch_state(data[pos + 5:end]):
+                        return None  # session state: seen by feed_general
                 elif type_ == _BIND:
                     name_at = data.find(b"\0", pos + 5, end) + 1
                     if name_at <= 0 or name_at >= end:
                         return None  # malformed
+                    if self.stateful and data[name_at] != 0 and _bind_statement(
+                            data, pos, end) in self.stateful:
+                        return None
                     if mapping and data[name_at] != 0:  # a named statement: renamed
                         renamed = bind_fast(data, pos, name_at, end, self.client, statements,
                                             self.registry)
@@ -207,6 +240,8 @@ class ClientForwarder:
                 elif type_ == _PARSE:
                     if end == pos + 5 or data[pos + 5] != 0:
                         return None  # named, or empty
+                    if may_touch_state(data[pos + 6:end]):
+                        return None  # session state: seen by feed_general
                     batch_open = True
                 elif type_ == _DESCRIBE:
                     if end < pos + 7 or (data[pos + 5] != _KIND_PORTAL and data[pos + 6] != 0):
@@ -276,6 +311,28 @@ class ClientForwarder:
                 if type_ == _QUERY and end > pos + 5 and _MAYBE_SPECIAL[data[pos + 5]]:
                     head = data[pos + 5:pos + 69].lstrip()[:10].lower()
                     special = head.startswith(b"deallocate") or head.startswith(b"discard")
+                if type_ == _QUERY:
+                    if may_touch_state(data[pos + 5:end]):
+                        seen |= SESSION_STATE
+                        refusal = vpid_refusal(data[pos + 5:end])
+                        if refusal:  # pg_cancel_backend(virtual pid): PostgreSQL refuses
+                            if run < pos:
+                                parts.append(data[run:pos])
+                            parts.append(refusal)
+                            run = pos = end
+                            steps += _STEPS[type_]
+                            continue
+                elif type_ == _PARSE:
+                    if may_touch_state(_parse_text(data, pos, end)):
+                        seen |= SESSION_STATE
+                        if end > pos + 5 and data[pos + 5] != 0:
+                            self.stateful.add(data[pos + 5:data.find(b"\0", pos + 5, end)])
+                    elif self.stateful and end > pos + 5 and data[pos + 5] != 0:
+                        # the name now means another text (after a Close or DEALLOCATE)
+                        self.stateful.discard(data[pos + 5:data.find(b"\0", pos + 5, end)])
+                elif type_ == _BIND and self.stateful and _bind_statement(
+                        data, pos, end) in self.stateful:
+                    seen |= SESSION_STATE
                 if not mapping:
                     if type_ == _PARSE and end > pos + 5 and data[pos + 5] != 0:
                         seen |= NAMED_PARSE  # track_prepared_statements: DEALLOCATE ALL
@@ -327,6 +384,9 @@ class ClientForwarder:
                             parts.append(renamed)
                             run = end
                     self.at_sync = False
+                if special and head.startswith(b"deallocate") and b"all" in data[
+                        pos + 5:end].lower():
+                    seen |= DEALLOCATE_ALL
                 if special and head.startswith(b"discard") and is_discard_all(
                         data[pos + 5:end]):
                     seen |= DISCARD_ALL

@@ -59,7 +59,7 @@ QUICK_DEATH = 5.0
 RESTART_PAUSE_MAX = 30.0
 #: status fields that are summed over workers
 _SUMMED = ("active_connections", "idle_connections", "opening_connections",
-           "total_connections", "clients", "waiting_clients")
+           "total_connections", "clients", "waiting_clients", "pinned_clients")
 
 
 class WorkerHandle:
