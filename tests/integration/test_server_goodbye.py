@@ -6,12 +6,11 @@ connection crashed on it). pgcorral sends 08006 only when the server closed with
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.faultproxy import FaultProxy
 from tests.integration.test_management import poll
 from tests.integration.test_transaction import TEST_DB
 from tests.pgwire import error_fields, login, read_message
@@ -77,54 +76,10 @@ def test_a_terminated_backend_gives_one_error(pgcorral: DaemonFactory, pg: PgClu
         sock.close()
 
 
-class CuttingProxy:
-    """Forwards 127.0.0.1:port to PostgreSQL; ``cut()`` closes every connection at once,
-    as a network failure or a crashed server would (no FATAL)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.socks: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.target))
-            with self.lock:
-                self.socks += [down, up]
-            for a, b in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-
-    def cut(self) -> None:
-        with self.lock:
-            for s in self.socks:
-                with contextlib.suppress(OSError):  # (close alone does not wake a recv)
-                    s.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    s.close()
-            self.socks = []
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
 @pytest.mark.parametrize("pipeline", ["session", "transaction"])
 def test_a_server_gone_without_a_word_gives_08006(pgcorral: DaemonFactory, pg: PgCluster,
                                                   pipeline: str) -> None:
-    proxy = CuttingProxy(pg.port)
+    proxy = FaultProxy(pg.port)
     try:
         d = pgcorral({"pipeline": pipeline}, servers=[("primary", "127.0.0.1", proxy.port)])
         sock = client(d.port)
@@ -132,7 +87,7 @@ def test_a_server_gone_without_a_word_gives_08006(pgcorral: DaemonFactory, pg: P
             sock.sendall(query("BEGIN"))
             while (m := read_message(sock)) is not None and m[0] != b"Z":
                 pass
-            poll(lambda: len(proxy.socks) >= 2, "the proxied server connection")
+            poll(lambda: proxy.connections() >= 1, "the proxied server connection")
             proxy.cut()
             got = messages_until_closed(sock)
             errors = [error_fields(body) for type_, body in got if type_ == b"E"]

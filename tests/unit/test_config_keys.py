@@ -26,7 +26,8 @@ flush_timeout disconnect_client disconnect_client_force
 PGAGROAL_MAIN_KEYS = _PGAGROAL_MAIN_KEYS.split()
 
 OURS = ["max_packet_size", "max_prepared_statements", "pin_timeout", "max_pinned_connections",
-        "workers", "server_connect_timeout",
+        "query_timeout", "idle_transaction_timeout", "transaction_timeout",
+        "workers", "server_connect_timeout", "so_reuseport",
         "admin_users", "stats_users", "tls_crl_file", "tls_min_protocol_version",
         "tls_max_protocol_version", "tls_ciphers", "metrics_client_groups"]
 

@@ -117,7 +117,7 @@ def rows_of(data: bytes) -> tuple[list[str], list[list[str | None]], str]:
     ("KILL db", ["flush", "all", "db"], "KILL"),
     ("KILL_CLIENT 1000000007", ["kill-client", "1000000007"], "KILL_CLIENT"),
     ("SHUTDOWN", ["shutdown", "immediate"], "SHUTDOWN"),
-    ("shutdown wait_for_clients;", ["shutdown", "gracefully"], "SHUTDOWN"),
+    ("shutdown wait_for_clients;", ["shutdown", "wait_for_clients"], "SHUTDOWN"),
     ("RELOAD", ["conf", "reload"], "RELOAD"),
     ("SET log_level = debug", ["conf", "set", "log_level", "debug"], "SET log_level=debug"),
     ("set server_reset_query TO 'SELECT ''x'''",

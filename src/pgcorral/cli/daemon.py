@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     main_cfg = config.main
     try:
-        check_pidfile(main_cfg.pidfile)
+        if not main_cfg.so_reuseport:  # (else a rolling restart: the newest takes both over)
+            check_pidfile(main_cfg.pidfile)
         if args.daemon:
             if main_cfg.log_type == "console":
                 raise ConfigError(["daemon mode (-d) needs log_type = file or syslog"])
-            check_port_free(main_cfg.host, main_cfg.port)
+            if not main_cfg.so_reuseport:
+                check_port_free(main_cfg.host, main_cfg.port)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pgcorral: {problem}", file=sys.stderr)

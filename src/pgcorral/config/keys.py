@@ -56,6 +56,11 @@ KEYS: tuple[Key, ...] = (
         "listen() backlog; 0 or absent means max(max_connections / 4, 128) (pgagroal: floor "
         "16; pgcorral raises it because clients outnumber server connections).", minimum=0),
     Key("keep_alive", "bool", True, _LIVE, "Set SO_KEEPALIVE on sockets."),
+    Key("so_reuseport", "bool", False, _NOT_LIVE,
+        _OURS + "Listen with SO_REUSEPORT, so that a second pgcorral can start on the same "
+        "port for a rolling restart: the old one is then stopped with `shutdown "
+        "wait_for_clients` (docs/RELIABILITY.md, rolling restarts); cancel requests reach the "
+        "right process through peer sockets in unix_socket_dir."),
     Key("nodelay", "bool", True, _LIVE, "Set TCP_NODELAY on sockets."),
     Key("ev_backend", "enum", "auto", _NOT_LIVE,
         "pgagroal's event loop backend; accepted for compatibility.",
@@ -95,6 +100,17 @@ KEYS: tuple[Key, ...] = (
     Key("max_prepared_statements", "int", 200, _LIVE,
         _OURS + "Transaction pipeline: protocol-level prepared statements kept per server "
         "connection (LRU), mapped for every client; 0 = no mapping.", minimum=0),
+    Key("query_timeout", "duration", 0.0, _LIVE,
+        _OURS + "A query running that long gets a cancel request (the client sees "
+        "PostgreSQL's 57014 and keeps its connection); at twice that long the client is closed "
+        "(57014, FATAL) and the server connection with it. 0 = off. PgBouncer's key."),
+    Key("idle_transaction_timeout", "duration", 0.0, _LIVE,
+        _OURS + "A client idle that long inside a transaction is closed with 25P03 (its "
+        "transaction rolled back, the server connection given back). 0 = off. PgBouncer's "
+        "key."),
+    Key("transaction_timeout", "duration", 0.0, _LIVE,
+        _OURS + "A transaction open that long is ended: its client is closed with 25P04 "
+        "(rolled back). 0 = off. PgBouncer's key."),
     Key("pin_timeout", "duration", 0.0, _LIVE,
         _OURS + "Transaction pipeline: a client pinned to its server connection (session "
         "advisory lock, temporary table, WITH HOLD cursor: docs/TRANSACTION.md) and idle "

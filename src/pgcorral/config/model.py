@@ -57,6 +57,7 @@ class MainConfig:
     unix_socket_dir: str = "/tmp"
     backlog: int = 0
     keep_alive: bool = True
+    so_reuseport: bool = False
     nodelay: bool = True
     ev_backend: str = "auto"
     hugepage: str = "try"
@@ -74,6 +75,9 @@ class MainConfig:
     server_connect_timeout: float = 10.0
     track_prepared_statements: bool = False
     max_prepared_statements: int = 200
+    query_timeout: float = 0.0
+    idle_transaction_timeout: float = 0.0
+    transaction_timeout: float = 0.0
     pin_timeout: float = 0.0
     max_pinned_connections: int = 0
     server_reset_query: str = "DISCARD ALL"

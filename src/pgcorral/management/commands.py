@@ -141,16 +141,18 @@ async def kill_client(c: Controller, args: list[str]) -> Fields:
 
 
 async def shutdown(c: Controller, args: list[str]) -> Fields:
-    _max_args(args, 1, "shutdown [gracefully|immediate|cancel]")
+    _max_args(args, 1, "shutdown [gracefully|immediate|wait_for_clients|cancel]")
     mode = args[0] if args else "gracefully"
     if mode == "cancel":
         if not c.cancel_shutdown():
             raise CommandError("no graceful shutdown in progress")
-    elif mode in ("gracefully", "immediate"):
-        c.stop("graceful" if mode == "gracefully" else "fast")
+    elif mode in ("gracefully", "immediate", "wait_for_clients"):
+        # wait_for_clients: PgBouncer's SHUTDOWN WAIT_FOR_CLIENTS (a rolling restart with
+        # so_reuseport): stop listening now, stop when the clients have left by themselves
+        c.stop({"gracefully": "graceful", "immediate": "fast"}.get(mode, mode))
     else:
-        raise CommandError(f"unknown shutdown mode {mode!r}; use gracefully, immediate or "
-                           "cancel")
+        raise CommandError(f"unknown shutdown mode {mode!r}; use gracefully, immediate, "
+                           "wait_for_clients or cancel")
     return {"mode": mode}
 
 

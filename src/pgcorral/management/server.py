@@ -34,6 +34,7 @@ class ManagementServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._salts: dict[str, bytes] = {}  # per admin, stable so PBKDF2 is cached
         self._mock_secret = secrets.token_bytes(32)
+        self._inode = 0  # of the local socket
 
     async def start(self) -> None:
         main = self.controller.config.main
@@ -46,6 +47,7 @@ class ManagementServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.unix_path, 0o600)
+        self._inode = os.stat(self.unix_path).st_ino
         if main.management:
             host = None if main.host in ("*", "") else main.host
             self._servers.append(await asyncio.start_server(
@@ -56,8 +58,11 @@ class ManagementServer:
         for server in self._servers:
             server.close()
         self._servers.clear()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.unix_path)
+        if self._inode:  # unless a newer pgcorral on the port took the path (so_reuseport)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.unix_path).st_ino == self._inode:
+                    os.unlink(self.unix_path)
+            self._inode = 0
 
     # --- connections -----------------------------------------------------------------------
 

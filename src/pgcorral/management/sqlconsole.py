@@ -622,7 +622,7 @@ async def _answer(statement: str, admin: bool, manage: Manage) -> bytes:
         await _call(manage, "conf", "set", key, value)
         return command_complete(f"SET {key}={value}")
     if _SHUTDOWN_WAIT.match(text):
-        await _call(manage, "shutdown", "gracefully")
+        await _call(manage, "shutdown", "wait_for_clients")
         return command_complete("SHUTDOWN")
     if words is None:
         raise invalid(statement.strip())

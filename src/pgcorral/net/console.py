@@ -160,7 +160,8 @@ async def _next_message(client: ClientConnection) -> tuple[int, bytes]:
             done, _ = await asyncio.wait({read}, timeout=SHUTDOWN_POLL)
             if done:
                 return read.result()
-            if ctx.shutting_down and all(is_console(c.database) for c in ctx.clients):
+            if (ctx.shutting_down or ctx.draining) and all(
+                    is_console(c.database) for c in ctx.clients):
                 raise ShuttingDown("pgcorral is shutting down")
     finally:
         if not read.done():  # (also when this coroutine is cancelled at the loop's end)

@@ -68,10 +68,16 @@ class Context:
         self.clients: set[ClientConnection] = set()
         self.shutting_down = False
         self.pinned = 0  # transaction pipeline: clients pinned to a server connection
+        #: shutdown wait_for_clients: listeners closed, stopping once the clients have left
+        #: by themselves (``shutting_down`` stays False: nobody is told to go)
+        self.draining = False
         self.cancels: CancelKeys[ClientConnection] = CancelKeys(worker)
         #: set by the worker runtime with several workers: hand a CancelRequest that matches
         #: no client here to the other workers
         self.cancel_elsewhere: Callable[[int, bytes], None] | None = None
+        #: ``so_reuseport``: a key no client of this pgcorral has goes to the other processes
+        #: on the port (``supervisor.peers``); set in the process that owns the listeners
+        self.cancel_peers: Callable[[int, bytes], None] | None = None
         #: set by the worker runtime with several workers in session pooling: an idle
         #: connection another worker's client waits for is offered to it (net.handoff)
         self.offer: Callable[[tuple[str, str], int], None] | None = None
@@ -291,6 +297,8 @@ class Context:
         if client is None:
             if self.cancel_elsewhere is not None and not local_only:
                 self.cancel_elsewhere(pid, secret)
+            elif self.cancel_peers is not None and not local_only:
+                self.cancel_peers(pid, secret)
             else:
                 log.info("cancel request for pid %d did not match any client", pid)
             return False
@@ -300,6 +308,12 @@ class Context:
         server: Any = client.server
         if server is None or server.closed:
             return True  # transaction pipeline: between transactions there is nothing to cancel
+        await self.cancel_backend(server)
+        return True
+
+    async def cancel_backend(self, server: Any) -> None:
+        """Send a CancelRequest with the real key of ``server``'s backend (a client's cancel,
+        or ``query_timeout``)."""
         held = server if hasattr(server, "cancel_done") else None
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
@@ -309,11 +323,11 @@ class Context:
             await dial.send_cancel(target, server.pid, server.secret,
                                    self.server_tls.get(target.name))
         except (OSError, TimeoutError, ServerUnavailable) as exc:
-            log.warning("could not forward cancel request for pid %d: %s", pid, exc)
+            log.warning("could not forward a cancel request to backend %d: %s", server.pid,
+                        exc)
         finally:
             if held is not None:
                 held.cancel_done()
-        return True
 
 
 def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:

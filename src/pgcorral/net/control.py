@@ -38,7 +38,7 @@ def status(ctx: Context) -> dict[str, Any]:
                 "errors": ctx.server_errors.get(s.name, 0)}
                for s in ctx.config.servers]
     return {
-        "status": "graceful shutdown" if ctx.shutting_down else "running",
+        "status": "graceful shutdown" if ctx.shutting_down or ctx.draining else "running",
         "active_connections": pool.count(ACTIVE), "idle_connections": pool.count(IDLE),
         "opening_connections": pool.count(OPENING), "total_connections": pool.total,
         "max_connections": pool.max_connections, "clients": len(ctx.clients),
@@ -243,7 +243,8 @@ def stats(ctx: Context) -> dict[str, Any]:
         _pool_counters(entry, ctx.stats.get(key) or PoolStats(), prepared.get(key, [0, 0, 0]))
     return {
         "time": now, "started": ctx.started_at, "status": "graceful shutdown"
-        if ctx.shutting_down else "running", "pipeline": ctx.config.main.pipeline,
+        if ctx.shutting_down or ctx.draining else "running",
+        "pipeline": ctx.config.main.pipeline,
         "max_connections": ctx.pool.max_connections, "worker": ctx.worker,
         "pid": os.getpid(), "buckets_us": list(BUCKETS_US),
         "pools": [pools[k] for k in sorted(pools)], "clients": clients, "servers": servers,

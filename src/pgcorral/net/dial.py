@@ -181,9 +181,11 @@ class _CancelSent(asyncio.Protocol):
     def __init__(self, request: bytes) -> None:
         self.request = request
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.Transport, transport).write(self.request)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -195,7 +197,15 @@ async def send_cancel(server: ServerConfig, pid: int, secret: int,
     """Send a CancelRequest for backend ``pid`` (over TLS when the server's connections use
     it, as libpq does) and wait until PostgreSQL closes the connection (it has signalled the
     backend by then). OSError, TimeoutError or ServerUnavailable on failure."""
-    async with asyncio.timeout(CANCEL_TIMEOUT):
-        sent = await connect(server, lambda: _CancelSent(msg.cancel_request(pid, secret)),
-                             CANCEL_TIMEOUT, tls or _PLAIN)
-        await sent.closed
+    sent: _CancelSent | None = None
+    try:
+        async with asyncio.timeout(CANCEL_TIMEOUT):
+            sent = await connect(server, lambda: _CancelSent(msg.cancel_request(pid, secret)),
+                                 CANCEL_TIMEOUT, tls or _PLAIN)
+            await sent.closed
+    finally:
+        # a server that never closes the cancel connection (Odyssey's cancel-leak case)
+        # must not keep its descriptor: closed here after CANCEL_TIMEOUT (the timeout cancelled
+        # the ``closed`` future, so ask the transport)
+        if sent is not None and sent.transport is not None and not sent.transport.is_closing():
+            sent.transport.abort()

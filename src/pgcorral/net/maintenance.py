@@ -103,6 +103,59 @@ def disconnect_idle_clients(ctx: Context) -> int:
     return ended
 
 
+_cancels: set[asyncio.Task[None]] = set()  # query_timeout cancels in flight (referenced)
+
+
+def enforce_timeouts(ctx: Context) -> int:
+    """query_timeout, idle_transaction_timeout, transaction_timeout, from the request and
+    transaction start times the data path keeps anyway (``ServerConnection.sending`` and
+    ``answered``); run by the maintenance tick, at half the shortest timeout. How many
+    clients were ended."""
+    main = ctx.config.main
+    query, idle_tx, xact = (main.query_timeout, main.idle_transaction_timeout,
+                            main.transaction_timeout)
+    if query <= 0 and idle_tx <= 0 and xact <= 0:
+        return 0
+    now_us = time.monotonic_ns() // 1000
+    ended = 0
+    for client in list(ctx.clients):
+        server = client.server
+        if server is None or server.closed or client.terminating:
+            continue
+        request, started = server.request_us, server.xact_start_us
+        reason = ""
+        if query > 0 and request and now_us - request > query * 1e6:
+            if now_us - request > 2 * query * 1e6:
+                reason = "query_timeout"
+                sqlstate = "57014"
+                text = "canceling statement due to query timeout (query_timeout); closing"
+            elif server.timeout_cancelled != request:  # once per request
+                server.timeout_cancelled = request
+                log.info("query of client %s (user %s, database %s) running for more than "
+                         "%g s (query_timeout): cancelling it", client.address or "[local]",
+                         client.user, client.database, query)
+                task = ctx.loop.create_task(ctx.cancel_backend(server))
+                _cancels.add(task)
+                task.add_done_callback(_cancels.discard)
+                continue
+        if not reason and xact > 0 and started and now_us - started > xact * 1e6:
+            reason, sqlstate = "transaction_timeout", "25P04"
+            text = "terminating connection due to transaction timeout (transaction_timeout)"
+        if (not reason and idle_tx > 0 and started and not request
+                and now_us - server.last_ready_us > idle_tx * 1e6):
+            reason, sqlstate = "idle_transaction_timeout", "25P03"
+            text = ("terminating connection due to idle-in-transaction timeout "
+                    "(idle_transaction_timeout)")
+        if not reason:
+            continue
+        log.info("closing client %s (user %s, database %s): %s", client.address or "[local]",
+                 client.user, client.database, reason)
+        client.write(msg.error_response(sqlstate, text))
+        client.end(reason)
+        ended += 1
+    return ended
+
+
 async def validate_idle(ctx: Context) -> None:
     """Background validation: check every idle connection; close the broken ones."""
     for slot in ctx.pool.idle_slots():

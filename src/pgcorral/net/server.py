@@ -134,6 +134,8 @@ class ServerConnection(Endpoint):
         self.request_us = 0
         self.xact_start_us = 0
         self.last_ready_us = 0
+        #: query_timeout: the ``request_us`` of the request a cancel was sent for
+        self.timeout_cancelled = 0
         #: the last bytes passed to a client ended with a FATAL ErrorResponse (PostgreSQL's
         #: goodbye): a client whose server then closes gets no 08006 of pgcorral's on top
         self.fatal_sent = False

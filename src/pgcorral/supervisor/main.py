@@ -97,7 +97,10 @@ class Daemon:
         await runtime.start()
         await self.management.start()
         http = await start_http(self)
-        for signum, action in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast")):
+        # so_reuseport: SIGTERM stops when the clients have left (a rolling restart, as
+        # PgBouncer's SIGTERM); else gracefully, as pgagroal
+        term = "wait_for_clients" if self.config.main.so_reuseport else "graceful"
+        for signum, action in ((signal.SIGTERM, term), (signal.SIGINT, "fast")):
             loop.add_signal_handler(signum, self.stop, action)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         main = self.ctx.config.main

@@ -39,6 +39,7 @@ from pgcorral.management.server import ManagementServer
 from pgcorral.management.services import start_http
 from pgcorral.net.control import replace_main_key, replace_server_key
 from pgcorral.security.secrets import Secrets
+from pgcorral.supervisor import peers
 from pgcorral.supervisor.channel import Channel, ChannelClosed, send_blocking
 from pgcorral.supervisor.logs import level_of
 from pgcorral.supervisor.process import sd_notify
@@ -91,6 +92,8 @@ class Supervisor:
         self._unix: socket.socket | None = None
         self.unix_path = ""
         self._stopping: str | None = None
+        self._unix_inode = 0  # the unix socket's inode (another pgcorral may take it over)
+        self._peer: peers.PeerListener | None = None  # so_reuseport: cancels from the others
         self._done: asyncio.Future[None] | None = None
         self._commands = 0
         self._state: dict[str, Any] = {"disabled": set(), "switched_to": None,
@@ -162,6 +165,13 @@ class Supervisor:
         sd_notify("STOPPING=1")
         log.info("%s shutdown of %d worker(s)", mode, len(self.workers))
         self._broadcast("stop", mode)
+        if mode == "wait_for_clients":  # new clients go to the other pgcorral on the port
+            for sock in self._listening():
+                sock.close()
+            self._own_tcp.clear()
+            if self.unix_path and self._unix_inode:
+                peers.unlink_if_ours(self.unix_path, self._unix_inode)
+                self._unix_inode = 0
         if mode == "fast":
             self._spawn_task(self._kill_stragglers())
         self._check_done()
@@ -199,10 +209,19 @@ class Supervisor:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        for signum, action in ((signal.SIGTERM, "graceful"), (signal.SIGINT, "fast")):
+        # so_reuseport: SIGTERM stops when the clients have left (a rolling restart, as
+        # PgBouncer's SIGTERM); else gracefully, as pgagroal
+        term = "wait_for_clients" if self.config.main.so_reuseport else "graceful"
+        for signum, action in ((signal.SIGTERM, term), (signal.SIGINT, "fast")):
             loop.add_signal_handler(signum, self.stop, action)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._bind()
+        main = self._config.main
+        if main.so_reuseport:  # cancels for our clients that land on another pgcorral
+            self._peer = peers.PeerListener(main.unix_socket_dir, main.port,
+                                            lambda pid, secret: self._broadcast(
+                                                "cancel", pid, secret))
+            await self._peer.start()
         await self.management.start()
         http = await start_http(self)
         await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
@@ -225,26 +244,32 @@ class Supervisor:
             service.close()
         for sock in self._listening():
             sock.close()
-        if self.unix_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.unix_path)
+        if self.unix_path and self._unix_inode:
+            peers.unlink_if_ours(self.unix_path, self._unix_inode)
+        if self._peer is not None:
+            self._peer.close()
         log.info("pgcorral: stopped (%s)", self._stopping)
         return 0
 
     def _bind(self) -> None:
         main = self._config.main
         if not self.reuseport:
-            self._tcp = bind_tcp(main.host, main.port, main.backlog, reuseport=False)
+            self._tcp = bind_tcp(main.host, main.port, main.backlog,
+                                 reuseport=main.so_reuseport)
         else:
             for index in range(self.count):
                 self._own_tcp[index] = bind_tcp(main.host, main.port, main.backlog,
                                                 reuseport=True)
         os.makedirs(main.unix_socket_dir, exist_ok=True)
         self.unix_path = os.path.join(main.unix_socket_dir, f".s.PGSQL.{main.port}")
-        remove_stale_socket(self.unix_path)
+        if main.so_reuseport:
+            peers.take_over_unix_socket(self.unix_path)
+        else:
+            remove_stale_socket(self.unix_path)
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         unix.bind(self.unix_path)
         os.chmod(self.unix_path, 0o777)
+        self._unix_inode = os.stat(self.unix_path).st_ino
         unix.listen(main.backlog)
         unix.set_inheritable(True)
         self._unix = unix
@@ -371,6 +396,10 @@ class Supervisor:
             for other in self.workers.values():
                 if other is not handle:
                     other.channel.send("cancel", message[1], message[2])
+            main = self._config.main
+            if self._peer is not None:  # maybe a client of the other pgcorral on the port
+                self._spawn_task(peers.send_to_peers(main.unix_socket_dir, main.port,
+                                                     message[1], message[2]))
         elif kind == "admin":  # a statement of the SQL admin console (management.sqlconsole)
             self._spawn_task(self._admin(handle, message[1], message[2]))
         elif kind == "ready":

@@ -46,9 +46,13 @@ def write_pidfile(path: str) -> None:
     mine = os.getpid()
 
     def remove() -> None:
-        if os.getpid() == mine:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        if os.getpid() != mine:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, encoding="ascii") as f:
+                if int(f.read().strip() or "0") != mine:
+                    return  # a newer pgcorral on the port took it over (so_reuseport)
+            os.unlink(path)
 
     atexit.register(remove)
 

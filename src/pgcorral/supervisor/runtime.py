@@ -25,6 +25,7 @@ from pgcorral.net.context import Context
 from pgcorral.net.pipeline import choose
 from pgcorral.pool.budget import Budget
 from pgcorral.security.secrets import Secrets
+from pgcorral.supervisor import peers
 from pgcorral.supervisor.process import sd_notify
 
 log = logging.getLogger("pgcorral.main")
@@ -49,6 +50,8 @@ class WorkerRuntime:
         self._prefill: asyncio.Task[int] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self.unix_path = ""  # the client socket this runtime created (and removes)
+        self.unix_inode = 0  # its inode: another process may take the path over (so_reuseport)
+        self.peer: peers.PeerListener | None = None  # so_reuseport: cancels from the others
 
     async def start(self) -> None:
         """Listen for clients; start the maintenance tick and the initial prefill."""
@@ -64,6 +67,9 @@ class WorkerRuntime:
         assert self._stop is not None
         while True:
             mode = await self._stop
+            if mode == "wait_for_clients":
+                await self._wait_for_clients()
+                return "graceful"
             if mode == "graceful":
                 mode = await self._drain()
                 if mode == "cancel":
@@ -97,6 +103,18 @@ class WorkerRuntime:
             log.info("graceful shutdown cancelled; back to normal service")
         return mode
 
+    async def _wait_for_clients(self) -> None:
+        """PgBouncer's SHUTDOWN WAIT_FOR_CLIENTS, for rolling restarts (``so_reuseport``):
+        the listeners close now (new clients reach the other pgcorral on the port), the
+        clients connected stay until they leave by themselves (none is told to), then we
+        stop. Cancel requests still arrive through the peer socket."""
+        ctx = self.ctx
+        ctx.draining = True
+        self.close_listeners()
+        log.info("shutdown when the clients are gone: listeners closed, waiting for %d "
+                 "client(s) to leave", len(ctx.clients))
+        await self._clients_gone()
+
     async def _clients_gone(self) -> None:
         ctx = self.ctx
         while ctx.clients:
@@ -111,12 +129,15 @@ class WorkerRuntime:
         while True:
             main = ctx.config.main
             short = [t for t in (main.idle_timeout, main.max_connection_age,
-                                 main.disconnect_client) if t > 0]
+                                 main.disconnect_client, main.query_timeout,
+                                 main.idle_transaction_timeout, main.transaction_timeout)
+                     if t > 0]
             if main.validation == "background":
                 short.append(main.background_interval)
             await asyncio.sleep(min([MAINTENANCE_TICK, *[t / 2 for t in short]]))
             maintenance.close_expired(ctx)
             maintenance.disconnect_idle_clients(ctx)
+            maintenance.enforce_timeouts(ctx)
             # top up to MIN_SIZE (INITIAL_SIZE after a flush)
             if self._prefill is None or self._prefill.done():
                 initial, ctx.prefill_initial = ctx.prefill_initial, False
@@ -168,26 +189,50 @@ class WorkerRuntime:
             return
         host = None if main.host in ("*", "") else main.host
         tcp = await loop.create_server(lambda: client("host"), host, main.port,
-                                       backlog=main.backlog, reuse_address=True)
+                                       backlog=main.backlog, reuse_address=True,
+                                       reuse_port=main.so_reuseport or None)
         self._listeners.append(tcp)
         os.makedirs(main.unix_socket_dir, exist_ok=True)
         self.unix_path = os.path.join(main.unix_socket_dir, f".s.PGSQL.{main.port}")
-        remove_stale_socket(self.unix_path)
+        if main.so_reuseport:
+            peers.take_over_unix_socket(self.unix_path)
+            socket_dir, port = main.unix_socket_dir, main.port
+
+            tasks: set[asyncio.Task[Any]] = set()  # (referenced until done)
+
+            def keep(task: asyncio.Task[Any]) -> None:
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+            def from_peer(pid: int, secret: bytes) -> None:
+                keep(loop.create_task(ctx.forward_cancel(pid, secret, local_only=True)))
+
+            def to_peers(pid: int, secret: bytes) -> None:
+                keep(loop.create_task(peers.send_to_peers(socket_dir, port, pid, secret)))
+
+            self.peer = peers.PeerListener(socket_dir, port, from_peer)
+            await self.peer.start()
+            ctx.cancel_peers = to_peers
+        else:
+            remove_stale_socket(self.unix_path)
         unix = await loop.create_unix_server(lambda: client("local"),
                                              self.unix_path, backlog=main.backlog)
         os.chmod(self.unix_path, 0o777)
+        self.unix_inode = os.stat(self.unix_path).st_ino
         self._listeners.append(unix)
 
     def close_listeners(self) -> None:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
-        if self.unix_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.unix_path)
+        if self.unix_path and self.unix_inode:
+            peers.unlink_if_ours(self.unix_path, self.unix_inode)  # (maybe taken over)
+            self.unix_inode = 0
 
     async def shutdown(self, mode: str) -> None:
         ctx = self.ctx
+        if self.peer is not None:
+            self.peer.close()
         ctx.shutting_down = True
         if self._maintenance is not None:
             self._maintenance.cancel()
