@@ -151,6 +151,13 @@ FAMILIES: dict[str, Family] = _families(
     ("pgcorral_management_commands_total", "counter", (), "Management commands served."),
     ("pgcorral_server_connections_adopted_total", "counter", (),
      "Server connections handed over from another worker."),
+    ("pgcorral_notifications_delivered_total", "counter", (),
+     "Transaction pipeline: notifications delivered to LISTENing clients (one per client)."),
+    ("pgcorral_notify_reconnects_total", "counter", (),
+     "Transaction pipeline: listening connections opened again after they broke."),
+    ("pgcorral_notify_maybe_missed_total", "counter", (),
+     "Transaction pipeline: channels (one per broken listening connection) whose "
+     "notifications may have been lost."),
     ("pgcorral_logins_total", "counter", ("outcome",),
      "Client logins by outcome (success, bad_password, refused, error), all pools and the "
      "logins that named no pool."),
@@ -208,7 +215,8 @@ FAMILIES: dict[str, Family] = _families(
 #: stats "counters" shown as pgcorral_<name>_total (the logins_* ones: pgcorral_logins_total)
 _GLOBAL_COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
                     "management_commands", "server_connections_adopted",
-                    "clients_refused_too_many")
+                    "clients_refused_too_many", "notifications_delivered",
+                    "notify_reconnects", "notify_maybe_missed")
 _PIPELINE_MODE = {"performance": 0, "session": 1, "auto": 1, "transaction": 2}
 _SLOT_STATE = {"login": "init", "idle": "free"}  # others: in_use
 _SECTION_STATE = {"notinit": "not_init"}

@@ -24,6 +24,7 @@ from pgcorral.errors import DatabaseDisabled, ServerUnavailable
 from pgcorral.net import dial
 from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
+from pgcorral.net.notify import Hubs, Sender
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
@@ -43,7 +44,8 @@ log = logging.getLogger("pgcorral.context")
 COUNTERS = ("client_connections", "logins_refused_disabled", "flushed_connections",
             "management_commands", "server_connections_adopted", "logins_success",
             "logins_bad_password", "logins_refused", "logins_error",
-            "clients_refused_too_many")
+            "clients_refused_too_many", "notifications_delivered", "notify_reconnects",
+            "notify_maybe_missed")
 
 #: Makes the server connection of a slot: (context, slot, on_lost) -> connection.
 ServerFactory = Callable[["Context", Slot, Callable[[ServerConnection], None]], ServerConnection]
@@ -108,6 +110,10 @@ class Context:
         self.registry = StatementRegistry()
         # transaction pipeline: what the last login of each (database, user) showed
         self.tx_logins: dict[tuple[str, str], TxLogin] = {}
+        # transaction pipeline, LISTEN/NOTIFY (net.notify): the listening connections, and
+        # who ran the last transactions on each backend pid (NotificationResponse pids)
+        self.notify = Hubs(self)
+        self.notify_senders: dict[int, Sender] = {}
         # blocking_timeout of every waiting client, both pipelines
         self.waits = WaitTimer(self.pool)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -265,6 +271,7 @@ class Context:
         return conn
 
     def server_lost(self, server: ServerConnection) -> None:
+        self.notify_senders.pop(server.pid, None)  # its pid may come back as another backend
         if server.draining:
             self.pool.gone(server.slot)
             return

@@ -44,10 +44,20 @@ from pgcorral.errors import (
 from pgcorral.net.client import ClientConnection
 from pgcorral.net.endpoint import FRAMED_BUFFER_LIMIT, ConnectionLost
 from pgcorral.net.maintenance import VALIDATION_TIMEOUT
+from pgcorral.net.notify import (  # LISTEN/NOTIFY (issue 14)
+    MAX_QUEUED,
+    MAX_QUEUED_BYTES,
+    record_sender,
+)
 from pgcorral.pipelines.session import RESET_TIMEOUT
 from pgcorral.pool.pool import Grant, Slot, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
+from pgcorral.protocol.listen import (  # LISTEN/NOTIFY (issue 14)
+    FIRST_BYTES,
+    extended_batch,
+    parse_listen,
+)
 from pgcorral.protocol.messages import fatal_ending_at
 from pgcorral.protocol.replyplan import own_query_step
 from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE, close_locally, parse_locally
@@ -74,7 +84,7 @@ from pgcorral.protocol.txforward import (
 if TYPE_CHECKING:
     from pgcorral.config import HbaRule
     from pgcorral.net.context import Context
-    from pgcorral.net.server import ServerConnection
+    from pgcorral.net.server import AuthRelay, ServerConnection
     from pgcorral.net.txserver import TxServerConnection
 
 # Module constants are ``Final``: compiled with mypyc, reading one is a C static load, not a
@@ -92,6 +102,9 @@ _READY_IDLE: Final = msg.ready_for_query(b"I")
 _SESSION_TYPES: Final = SESSION_TYPES
 _TERMINATE_TYPE: Final = codes.TERMINATE
 _PARSE_TYPE: Final = codes.PARSE
+_QUERY_TYPE: Final = codes.QUERY
+_BIND_TYPE: Final = codes.BIND
+_LISTEN_FIRST: Final = FIRST_BYTES  # the first bytes of a Query that may be only LISTENs
 
 
 class TxLogin(NamedTuple):
@@ -201,6 +214,11 @@ class TransactionClient(ClientConnection):
         self.sql_prepared: dict[str, str] = {}  # SQL-level PREPAREs carried: name -> source
         #: ``server`` with its type (the hot path reads it without a cast)
         self.linked: TxServerConnection | None = None
+        # LISTEN/NOTIFY (net.notify): notifications kept until the transaction ends; the
+        # client's prepared statements that are a LISTEN/UNLISTEN (answered by pgcorral)
+        self._notes: list[bytes] = []
+        self._notes_bytes = 0
+        self._listen_stmts: set[bytes] = set()
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -258,6 +276,17 @@ class TransactionClient(ClientConnection):
         ctx = self.ctx
         if ctx.shutting_down:
             self._shut_out()
+            return
+        # LISTEN/NOTIFY (net.notify): a Query of only LISTEN/UNLISTEN is answered by the hub
+        if type_ == _QUERY_TYPE:
+            if length > 5 and data[5] in _LISTEN_FIRST:
+                ops = parse_listen(data[5:1 + length])
+                if ops is not None:
+                    self._rest = data[1 + length:]
+                    ctx.notify.query(self, ops, b"")
+                    return
+        elif (type_ == _PARSE_TYPE or (type_ == _BIND_TYPE and self._listen_stmts)) and (
+                self._listen_extended(data)):
             return
         slot = ctx.pool.take_idle(self.key)
         if slot is not None:
@@ -412,6 +441,7 @@ class TransactionClient(ClientConnection):
             if seen & DISCARD_ALL:
                 self.extra = {}  # RESET ALL: non-reported settings back to defaults
                 server.extra.clear()
+                self.ctx.notify.leave(self)  # UNLISTEN * (net.notify)
             if seen & VIOLATION:
                 self._protocol_violation(forwarder.violation)
                 return
@@ -428,6 +458,7 @@ class TransactionClient(ClientConnection):
 
     def _link(self, server: TxServerConnection) -> None:
         self._acquiring = False
+        record_sender(self.ctx.notify_senders, server, self.cancel_pid)  # NOTIFY pids
         self.server = self.peer = self.linked = server
         server.peer = server.client = self
         server.client_id = self.id
@@ -522,6 +553,8 @@ class TransactionClient(ClientConnection):
             log.info("server connection %d (pid %d) sent %d bytes nobody asked for; closing it",
                      server.slot.id, server.pid, len(extra))
             server.poolable = False
+        if self._notes:  # notifications that came during the transaction (net.notify): the
+            self._flush_notes()  # client's stream stands after a ReadyForQuery 'I' now
         if self.pinned or self.state_suspect:
             if server.poolable:
                 self._stay(server)
@@ -558,6 +591,110 @@ class TransactionClient(ClientConnection):
             self._shut_out()
         elif self._rest:
             self._want_server()
+
+    # --- LISTEN/NOTIFY (net.notify) -----------------------------------------------------
+
+    def notify(self, data: bytes) -> None:
+        """A NotificationResponse for this client: written now between transactions (the
+        stream stands on a message boundary), else kept until the transaction ends. A client
+        that lets MAX_QUEUED notifications (or MAX_QUEUED_BYTES) pile up is closed."""
+        if self.closed or not self.in_session:
+            return
+        notes = self._notes
+        if not notes and (self.linked is None or self._idle_pinned()):
+            self.write(data)
+            if self.writing_paused and (
+                    self.transport.get_write_buffer_size() > MAX_QUEUED_BYTES):
+                self._notes_overflow()
+            return
+        notes.append(data)
+        self._notes_bytes += len(data)
+        if len(notes) > MAX_QUEUED or self._notes_bytes > MAX_QUEUED_BYTES:
+            self._notes_overflow()
+
+    def _idle_pinned(self) -> bool:
+        """Pinned (linked between transactions) and nothing in flight: at a boundary."""
+        server = self.linked
+        if not self.pinned or server is None:
+            return False
+        router = server.router
+        return router.plan.idle and router.at_boundary and self.forwarder.at_rest
+
+    def _flush_notes(self) -> None:
+        notes, self._notes = self._notes, []
+        self._notes_bytes = 0
+        self.write(b"".join(notes))
+        if self.writing_paused and self.transport.get_write_buffer_size() > MAX_QUEUED_BYTES:
+            self._notes_overflow()
+
+    def _notes_overflow(self) -> None:
+        log.warning("closing client %s (user %r): it does not take its notifications (more "
+                    "than %d or %d bytes waiting)", self.address or "[local]", self.user,
+                    MAX_QUEUED, MAX_QUEUED_BYTES)
+        self._notes = []
+        self._notes_bytes = 0
+        if self.linked is None or self._idle_pinned():  # else maybe inside a reply: no message
+            self.write(msg.error_response(
+                "53400", "too many notifications waiting for this client: it does not read "
+                "them, or its transaction lasts too long"))
+        self.ctx.notify.leave(self)
+        self.end("notification queue full")
+
+    def _listen_extended(self, data: bytes) -> bool:
+        """An extended-protocol batch of one LISTEN/UNLISTEN (``protocol.listen.
+        extended_batch``), whole in ``data``: answered by the hub (or, a Parse only, here)."""
+        if data[0] == _PARSE_TYPE:  # the first byte of its text, as for a Query
+            at = data.find(b"\0", 5)
+            if at < 0 or at + 1 >= len(data) or data[at + 1] not in _LISTEN_FIRST:
+                return False
+        batch = extended_batch(data, self.statements.names,
+                               self.ctx.config.main.max_prepared_statements > 0)
+        if batch is None:
+            return False
+        self._rest = data[batch.end:]
+        prepared = batch.prepared
+        if prepared is not None:
+            names = self.statements.names
+            listen_stmts = self._listen_stmts
+            if len(listen_stmts) >= 64:  # forget the ones closed since (bounded by the client's)
+                self._listen_stmts = listen_stmts = {n for n in listen_stmts if n in names}
+            # (pooler name, identity), as the mapper keeps them (protocol.rewrite)
+            names[prepared[0]] = (self.ctx.registry.fresh_for(prepared[1]), prepared[1])
+            listen_stmts.add(prepared[0])
+            self.forwarder.stateful.add(prepared[0])  # run on a server later: the ledger sees it
+        if batch.ops:
+            self.ctx.notify.query(self, batch.ops, batch.replies)
+        else:
+            self.listen_busy()
+            self.loop.call_soon(self.listen_done,
+                                batch.replies + _READY_IDLE if batch.synced else batch.replies)
+        return True
+
+    def listen_busy(self) -> None:
+        """A LISTEN/UNLISTEN Query is being answered: later requests wait (``listen_done``)."""
+        self._acquiring = True
+
+    def listen_done(self, reply: bytes) -> None:
+        """The answer to a LISTEN/UNLISTEN Query; then the requests that came after it. (Called
+        from the loop, never from ``_want_server`` itself: a client pipelining thousands of
+        LISTEN Queries must not recurse.)"""
+        self._acquiring = False
+        self.write(reply)
+        if self._rest_paused and len(self._rest) <= FRAMED_BUFFER_LIMIT:
+            self._rest_paused = False
+            self.transport.resume_reading()
+        if self.ctx.shutting_down and not self.closed:
+            self._shut_out()  # (``shutdown_started`` passed it by while it was busy)
+        elif self.linked is None:
+            self._want_server()
+
+    def login_relay(self) -> AuthRelay:
+        """How a new server connection for this client logs in (the listening connection of
+        net.notify too): the vault password, or what ``_relay_auth`` can answer."""
+        vault = self.vault_login
+        if vault is not None:
+            return vault
+        return self._relay_auth
 
     # --- the session-state ledger --------------------------------------------------------------
 
@@ -847,6 +984,7 @@ class TransactionClient(ClientConnection):
         """The client left (or was ended): its server connection, if any, is cleaned."""
         ctx = self.ctx
         ctx.cancels.drop(self, self.cancel_pid)
+        ctx.notify.leave(self)  # LISTEN/NOTIFY: unsubscribed from everything (net.notify)
         if self._waiter is not None:
             ctx.pool.cancel(self._waiter)
             self._waiter = None
