@@ -33,37 +33,50 @@ _HEADS: Final = {
     ord("s"): (b"set",), ord("r"): (b"reset",), ord("p"): (b"prepare",),
     ord("d"): (b"deallocate", b"declare", b"discard", b"drop"), ord("c"): (b"close", b"create"),
     ord("l"): (b"listen",), ord("u"): (b"unlisten",)}
-#: 1 for the bytes that may start one of ``_HEADS`` (lower case), 2 for blanks, 3 for the
+#: 1 for the bytes that may start one of ``_HEADS`` (either case), 2 for blanks, 3 for the
 #: bytes that may start a comment.
-_CLASS: Final = bytes(1 if c in b"srpdclu" else 2 if c in b" \t\n\r\x0b\x0c" else
+_CLASS: Final = bytes(1 if c in b"srpdcluSRPDCLU" else 2 if c in b" \t\n\r\x0b\x0c" else
                       3 if c in b"/-" else 0 for c in range(256))
-#: 1 for the bytes an identifier may continue with
-_IDENT: Final = bytes(1 if c in b"abcdefghijklmnopqrstuvwxyz0123456789_$" or c >= 128 else 0
-                      for c in range(256))
+#: 1 for the bytes an identifier may continue with (either case)
+_IDENT: Final = bytes(1 if c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                      b"0123456789_$" or c >= 128 else 0 for c in range(256))
 
 
-def _statement_at(low: bytes, pos: int) -> bool:
-    """Does a statement that may touch session state start at ``pos`` of ``low`` (lower case),
-    after blanks and comments?"""
-    n = len(low)
+def _word_at(text: bytes, pos: int, word: bytes) -> bool:
+    """Is the keyword ``word`` (lower case letters) at ``pos``, in any case, as a whole word?
+    (No copy: compiled, a loop over a few bytes.)"""
+    n = len(word)
+    end = pos + n
+    if end > len(text):
+        return False
+    for i in range(n):
+        if text[pos + i] | 32 != word[i]:
+            return False
+    return end == len(text) or not _IDENT[text[end]]
+
+
+def _statement_at(text: bytes, pos: int) -> bool:
+    """Does a statement that may touch session state start at ``pos`` of ``text``, after
+    blanks and comments?"""
+    n = len(text)
     while pos < n:
-        kind = _CLASS[low[pos]]
+        first = text[pos]
+        kind = _CLASS[first]
         if kind == 2:
             pos += 1
         elif kind == 3:
-            if low.startswith(b"--", pos):
-                end = low.find(b"\n", pos)
+            if text.startswith(b"--", pos):
+                end = text.find(b"\n", pos)
                 pos = n if end < 0 else end + 1
-            elif low.startswith(b"/*", pos):
-                end = low.find(b"*/", pos)
+            elif text.startswith(b"/*", pos):
+                end = text.find(b"*/", pos)
                 pos = n if end < 0 else end + 2
             else:
                 return False
         elif kind == 1:
-            for head in _HEADS[low[pos]]:
-                after = pos + len(head)
-                if low.startswith(head, pos) and (after >= n or not _IDENT[low[after]]):
-                    return head != b"create" or low.find(b"temp", after) >= 0
+            for word in _HEADS[first | 32]:
+                if _word_at(text, pos, word):
+                    return word != b"create" or text.lower().find(b"temp", pos + 6) >= 0
             return False
         else:
             return False
@@ -73,22 +86,22 @@ def _statement_at(low: bytes, pos: int) -> bool:
 def may_touch_state(text: bytes, start: int = 0) -> bool:
     """The pre-check (see the module docstring). ``text[start:]`` is the SQL, maybe with the
     trailing NUL of its message (a whole Query message with ``start`` 5: no copy of the body
-    is made). Cheap for the common statements: a lower-cased copy, two substring searches, a
-    look at the first word, and one more per ``;``."""
-    low = text.lower()
-    # (``find``, not ``in``: the operator goes through the buffer protocol, twice the cost)
-    if low.find(b"advisory") >= 0 or low.find(b"set_config") >= 0 or low.find(
-            b"_backend") >= 0:  # (pg_cancel_backend, pg_terminate_backend: ``vpid_refusal``)
-        return True
-    if _statement_at(low, start):
+    is made). Cheap for the common statements: a look at the first word (and the one after
+    each ``;``); the function names only where a ``(`` is (a lower-cased copy and three
+    ``find``: not ``in``, which goes through the buffer protocol at twice the cost)."""
+    if _statement_at(text, start):
         return True
     # several statements (or a ';' inside a literal: a false positive costs only a probe)
-    semi = low.find(b";", start)
+    semi = text.find(b";", start)
     while semi >= 0:
-        if _statement_at(low, semi + 1):
+        if _statement_at(text, semi + 1):
             return True
-        semi = low.find(b";", semi + 1)
-    return False
+        semi = text.find(b";", semi + 1)
+    if text.find(b"(", start) < 0:
+        return False  # no function is called
+    low = text.lower()
+    return (low.find(b"advisory", start) >= 0 or low.find(b"set_config", start) >= 0
+            or low.find(b"_backend", start) >= 0)  # (pg_cancel/terminate_backend)
 
 
 #: The first virtual pid (net.cancels.VIRTUAL_PID_BASE): no Linux pid is this large.
