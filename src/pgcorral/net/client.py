@@ -291,6 +291,9 @@ class ClientConnection(Endpoint):
         ended = self._ended
         if ended is not None and not ended.done():
             ended.set_result(reason)
+        granted = self._grant
+        if granted is not None and not granted.done():  # waiting in line (``_acquire``)
+            granted.set_exception(ConnectionLost("client left while waiting"))
 
     # --- the cold path in callbacks ----------------------------------------------------------
 
@@ -649,17 +652,16 @@ class ClientConnection(Endpoint):
         timeout = main.blocking_timeout
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
+        # One future, completed by whichever comes first: the pool's grant (``_granted``),
+        # blocking_timeout (``expire``: PoolExhausted), the client's end (``end``:
+        # ConnectionLost). Not asyncio.wait on two futures: that cost a waiting client about
+        # 1.5 KiB more (two coroutines, a future, a set, a closure, contexts; issue 15).
         granted: asyncio.Future[Grant] = self.loop.create_future()
         self._grant = granted
 
-        def exhausted() -> PoolExhausted:
-            return PoolExhausted(
-                f'connection pool is full: no server connection for user "{key[1]}", '
-                f'database "{key[0]}" became free within {timeout:g} s')
-
         def expire() -> None:  # called by the worker's WaitTimer (net.waits)
             if isinstance(result, Waiter) and ctx.pool.cancel(result) and not granted.done():
-                granted.set_exception(exhausted())
+                granted.set_exception(_exhausted(key, timeout))
 
         result = ctx.pool.request(key, timeout, self._granted, expire)
         if isinstance(result, Grant):
@@ -667,19 +669,21 @@ class ClientConnection(Endpoint):
         assert self._ended is not None
         log.debug("client %s waits for a server connection for %s@%s (%d waiting)",
                   self.address or "[local]", key[1], key[0], ctx.pool.waiting)
-        if timeout > 0:
+        if timeout <= 0:
+            self._grant = None  # nobody awaits it: ``end`` must not fail it
+            if not granted.done() and ctx.pool.cancel(result):
+                raise _exhausted(key, timeout)
+        else:
             ctx.waits.watch()
-            waits: list[asyncio.Future[Any]] = [granted, self._ended]
             since = self.wait_since_us = time.monotonic_ns() // 1000
             try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await granted
+            except ConnectionLost:  # the client left while waiting (``end``)
+                ctx.pool.cancel(result)
+                raise
             finally:
                 self.wait_since_us = 0
                 self.login_wait_us += time.monotonic_ns() // 1000 - since
-        if not granted.done() and ctx.pool.cancel(result):
-            if self._ended.done():
-                raise ConnectionLost("client left while waiting")
-            raise exhausted()
         grant = granted.result()
         if self._ended.done():  # served just as the client left: give it back untouched
             if grant.new:
@@ -691,8 +695,10 @@ class ClientConnection(Endpoint):
 
     def _granted(self, grant: Grant) -> None:
         """The pool serves this client's Waiter (called synchronously by the pool)."""
-        assert self._grant is not None
-        self._grant.set_result(grant)
+        granted = self._grant
+        assert granted is not None
+        if not granted.done():
+            granted.set_result(grant)
 
     async def _open(self, slot: Slot, key: tuple[str, str]) -> ServerConnection:
         ctx = self.ctx
@@ -885,6 +891,12 @@ class ClientConnection(Endpoint):
                  self.user, self.database, exc.sqlstate, exc.message)
         self.write(msg.error_response(exc.sqlstate, exc.message, severity=exc.severity,
                                       detail=exc.detail))
+
+
+def _exhausted(key: tuple[str, str], timeout: float) -> PoolExhausted:
+    return PoolExhausted(
+        f'connection pool is full: no server connection for user "{key[1]}", '
+        f'database "{key[0]}" became free within {timeout:g} s')
 
 
 def _client_settings(params: dict[str, str]) -> dict[str, str]:
