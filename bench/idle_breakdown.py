@@ -153,7 +153,7 @@ class Probe:
                 value = getattr(client, name)
             except Exception:
                 continue
-            if id(value) in skip or callable(value) and not hasattr(value, "__self__"):
+            if id(value) in skip or (callable(value) and not hasattr(value, "__self__")):
                 continue
             if value is None or isinstance(value, (bool, int, float)):
                 continue

@@ -27,6 +27,7 @@ import itertools
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -97,6 +98,9 @@ _TLS_HANDSHAKE_RECORD = 0x16
 #: was the proof, checked in ``_check_client_cert``).
 _ASKS_NOTHING = frozenset(["trust", "cert"])
 
+#: ``_startup_rx`` once the startup is over: one empty reader for all (never fed).
+_STARTUP_OVER = StartupReader()
+
 # Who drives the client (``ClientConnection._phase``).
 _STARTUP = 0  # callbacks: startup packets (``_advance``)
 _TASK = 1  # the coroutine ``run``: the rest of the cold path, or the whole client
@@ -125,7 +129,10 @@ class ClientConnection(Endpoint):
         self.vault_login: VaultLogin | None = None  # set for users in the vault
         self.linked_once = False  # got a server connection (for log_disconnections)
         self.activity = 0  # chunks relayed from the client (disconnect_client samples it)
-        self.seen_activity = (0, 0.0)  # (activity, when) at the last sample that saw a change
+        # activity, and when, at the last sample that saw a change (two fields, not a tuple:
+        # a tuple and a float were 80 bytes of every idle client)
+        self.seen_activity = 0
+        self.seen_activity_at = 0.0
         self.settings: dict[str, str] = {}  # asked for at startup (options included)
         self.hba_rule: HbaRule | None = None
         self.tls: ssl.SSLObject | None = None  # set once a TLS handshake finished
@@ -135,8 +142,9 @@ class ClientConnection(Endpoint):
         self._held = b""  # sent with the next write (``hold``)
         self._encryption_requests = 0  # SSLRequest/GSSENCRequest answered with N
         self._timer: asyncio.TimerHandle | None = None  # authentication_timeout of the startup
-        # created with the coroutine (``_start``): ``end`` sets it, the coroutine watches it
-        self._ended: asyncio.Future[str] | None = None
+        # why the client ended ("": it did not): ``end`` sets it, the coroutine checks it (a
+        # string, not a future: nothing awaits it, and a future is 144 bytes; issue 15)
+        self._ended = ""
         self._grant: asyncio.Future[Grant] | None = None
         self._task: asyncio.Task[None] | None = None
         # --- counters (pool.stats; read by control.stats, folded into the pool at the end)
@@ -161,7 +169,8 @@ class ClientConnection(Endpoint):
         if self.conn_type == "host":
             peer = transport.get_extra_info("peername")  # uvloop got it at accept
             if peer:
-                self.address, self.port = peer[0], peer[1]
+                # interned: the clients of one host share the string (issue 15)
+                self.address, self.port = sys.intern(peer[0]), peer[1]
             if not main.nodelay:  # uvloop and asyncio set TCP_NODELAY
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
@@ -281,16 +290,16 @@ class ClientConnection(Endpoint):
     def end(self, reason: str) -> None:
         """End the client: a linked session at once (``_end_session``: every caller returns
         right after ``end``, and a call_soon would cost a loop iteration, an epoll_wait more),
-        a client in its startup at once, a coroutine through ``_ended``."""
+        a client in its startup at once, a coroutine through ``_ended`` (and ``_grant`` when it
+        waits in line)."""
         phase = self._phase
         if phase == _LINKED:
             self._phase = _ENDING
             self._end_session(reason)
         elif phase == _STARTUP:
             self._done()
-        ended = self._ended
-        if ended is not None and not ended.done():
-            ended.set_result(reason)
+        if not self._ended:
+            self._ended = reason
         granted = self._grant
         if granted is not None and not granted.done():  # waiting in line (``_acquire``)
             granted.set_exception(ConnectionLost("client left while waiting"))
@@ -415,7 +424,8 @@ class ClientConnection(Endpoint):
         if startup.needs_negotiation:
             self.write(msg.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized))
         params = startup.params
-        self.user, self.database = startup.user, startup.database
+        # interned: the clients of one database/user share the strings (issue 15)
+        self.user, self.database = sys.intern(startup.user), sys.intern(startup.database)
         replication = params.get("replication")
         if replication is not None and replication.lower() not in _NOT_REPLICATION:
             raise StartupRejected("replication connections are not supported by pgcorral",
@@ -488,10 +498,9 @@ class ClientConnection(Endpoint):
         # bytes (pipelined bytes move over; a login in callbacks takes them from the startup
         # reader, ``take_buffered``)
         self.use_reader(MessageReader(MAX_AUTH_TOKEN_LENGTH))
+        self._startup_rx = _STARTUP_OVER  # its buffer goes (read only in _STARTUP)
         self._phase = _TASK
-        loop = self.loop
-        self._ended = loop.create_future()
-        self._task = loop.create_task(self.run(work))
+        self._task = self.loop.create_task(self.run(work))
 
     def _done(self) -> None:
         """The client is gone: out of the worker's clients, its connection closed."""
@@ -666,7 +675,6 @@ class ClientConnection(Endpoint):
         result = ctx.pool.request(key, timeout, self._granted, expire)
         if isinstance(result, Grant):
             return result
-        assert self._ended is not None
         log.debug("client %s waits for a server connection for %s@%s (%d waiting)",
                   self.address or "[local]", key[1], key[0], ctx.pool.waiting)
         if timeout <= 0:
@@ -685,7 +693,7 @@ class ClientConnection(Endpoint):
                 self.wait_since_us = 0
                 self.login_wait_us += time.monotonic_ns() // 1000 - since
         grant = granted.result()
-        if self._ended.done():  # served just as the client left: give it back untouched
+        if self._ended:  # served just as the client left: give it back untouched
             if grant.new:
                 ctx.pool.discard(grant.slot)
             else:
@@ -784,7 +792,8 @@ class ClientConnection(Endpoint):
     def _send_greeting(self, head: bytes, pid: int, secret: int, status: int) -> bytes:
         """``_greet`` with AuthenticationOk and the ParameterStatus messages in ``head``."""
         self.linked_once = True
-        self.seen_activity = (self.activity, time.monotonic())
+        self.seen_activity = self.activity
+        self.seen_activity_at = time.monotonic()
         ctx = self.ctx
         pstats = self.pstats = ctx.pool_stats((ctx.config.real_database(self.database),
                                                self.user))
@@ -816,12 +825,18 @@ class ClientConnection(Endpoint):
         tally.wait_count += 1
         tally.wait_us += self.login_wait_us
         self.pstats.hist_wait.observe(self.login_wait_us)
-        self._phase = _LINKED
-        ended = self._ended
-        if ended is not None and ended.done():  # the client left while the coroutine worked
-            self.end(ended.result())
+        self._to_callbacks()
+        if self._ended:  # the client left while the coroutine worked
+            self.end(self._ended)
         elif pipelined:
             self.data_received(pipelined)
+
+    def _to_callbacks(self) -> None:
+        """From here on callbacks drive the client: ``end`` calls ``_end_session``. The
+        coroutine that did the cold path (if one did) ends now and is not kept: an idle
+        client holds no task (issue 15)."""
+        self._phase = _LINKED
+        self._task = None
 
     def _end_session(self, reason: str) -> None:
         """The session is over (``end``): the server connection goes back (reset in the

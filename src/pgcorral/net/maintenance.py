@@ -85,10 +85,11 @@ def disconnect_idle_clients(ctx: Context) -> int:
         server = client.server
         if server is None and not getattr(client, "in_session", False):
             continue
-        if client.activity != client.seen_activity[0]:
-            client.seen_activity = (client.activity, now)
+        if client.activity != client.seen_activity:
+            client.seen_activity = client.activity
+            client.seen_activity_at = now
             continue
-        idle_for = now - client.seen_activity[1]
+        idle_for = now - client.seen_activity_at
         if idle_for < main.disconnect_client:
             continue
         status = server.status if server is not None else codes.TX_IDLE

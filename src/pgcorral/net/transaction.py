@@ -9,8 +9,9 @@ Then, per transaction:
 
 1. Client bytes arrive with no server linked: they are kept until a whole message is there (a
    lone Terminate ends the client). An idle connection of the same database/user is taken
-   synchronously (``Pool.take_idle``); otherwise the client's coroutine waits for one or opens a
-   new one (``_serve``), within blocking_timeout.
+   synchronously (``Pool.take_idle``); otherwise the client waits for one in line (callbacks) or
+   a task opens a new one (``_open_pending``), within blocking_timeout. Between transactions
+   no task runs for the client.
 2. ``_link``: the client's settings are brought over when the connection differs (reported
    parameters the client saw last, plus non-reported startup settings: one ``set_config``
    batch whose replies are dropped), then the client's messages are forwarded.
@@ -74,6 +75,7 @@ from pgcorral.protocol.txforward import (
     DEALLOCATE_ALL,
     DISCARD_ALL,
     NAMED_PARSE,
+    NO_NAMES,
     SESSION_STATE,
     SESSION_TYPES,
     TERMINATE,
@@ -105,6 +107,12 @@ _PARSE_TYPE: Final = codes.PARSE
 _QUERY_TYPE: Final = codes.QUERY
 _BIND_TYPE: Final = codes.BIND
 _LISTEN_FIRST: Final = FIRST_BYTES  # the first bytes of a Query that may be only LISTENs
+#: Shared by the clients that carry no SQL-level PREPARE (never changed in place).
+_NO_PREPARED: Final[dict[str, str]] = {}
+#: Shared by the clients that are not pinned and have no notification waiting (replaced,
+#: never changed in place): an idle client owns no empty list (issue 15).
+_NO_PINS: Final[list[str]] = []
+_NO_NOTES: Final[list[bytes]] = []
 
 
 class TxLogin(NamedTuple):
@@ -117,8 +125,10 @@ class TxLogin(NamedTuple):
 
 def _predict(baseline: dict[str, str], names: dict[str, str], settings: dict[str, str],
              learned: dict[tuple[str, str], str]) -> dict[str, str] | None:
-    """The parameters a login with ``settings`` would report, or None if one is unknown."""
-    params = dict(baseline)
+    """The parameters a login with ``settings`` would report, or None if one is unknown.
+    ``baseline`` itself when nothing differs: parameter dicts are replaced, never changed in
+    place, so clients share it (a copy was 464 bytes per idle client; issue 15)."""
+    params = baseline
     for name, value in settings.items():
         canon = names.get(name.lower())
         if canon is None:
@@ -130,7 +140,10 @@ def _predict(baseline: dict[str, str], names: dict[str, str], settings: dict[str
             if baseline.get(canon) != value:
                 return None
             reported = value
-        params[canon] = reported
+        if params.get(canon) != reported:
+            if params is baseline:
+                params = dict(baseline)
+            params[canon] = reported
     return params
 
 
@@ -192,11 +205,11 @@ class TransactionClient(ClientConnection):
         self.in_session = False  # greeted: bytes are requests now
         self._rest = b""  # client bytes not forwarded yet (no server, or a partial message)
         self._rest_paused = False
-        self._need: asyncio.Future[None] | None = None  # wakes _serve
+        self._opening = False  # the task ``_open_pending`` runs
         self._acquiring = False  # getting a server connection (waiting, opening, validating)
         self._waiter: Waiter | None = None  # our place in the pool's line
         self._wait_timeout = 0.0
-        self._grant_pending: Grant | None = None  # for _serve: open or validate it
+        self._grant_pending: Grant | None = None  # for _open_pending: open or validate it
         self._cleartext: bytes | None = None  # pass-through cleartext password, for new logins
         self.forwarder = ClientForwarder(self.statements, ctx.registry, self.tracker.max_length)
         self.named_parse = False  # a named Parse went through unmapped in this transaction
@@ -208,17 +221,19 @@ class TransactionClient(ClientConnection):
         self.deallocate_all = False  # a DEALLOCATE ALL went by (it drops SQL-level ones too)
         self.settling = False  # the probe runs: no server connection is taken meanwhile
         #: why the client keeps its server connection between transactions (empty: it does not)
-        self.pinned: list[str] = []
+        self.pinned: list[str] = _NO_PINS
         self.pinned_since = 0.0
         self._pin_timer: asyncio.TimerHandle | None = None
-        self.sql_prepared: dict[str, str] = {}  # SQL-level PREPAREs carried: name -> source
+        # SQL-level PREPAREs carried: name -> source (replaced, never changed in place: the
+        # empty one is shared)
+        self.sql_prepared: dict[str, str] = _NO_PREPARED
         #: ``server`` with its type (the hot path reads it without a cast)
         self.linked: TxServerConnection | None = None
         # LISTEN/NOTIFY (net.notify): notifications kept until the transaction ends; the
         # client's prepared statements that are a LISTEN/UNLISTEN (answered by pgcorral)
-        self._notes: list[bytes] = []
+        self._notes: list[bytes] = _NO_NOTES
         self._notes_bytes = 0
-        self._listen_stmts: set[bytes] = set()
+        self._listen_stmts: set[bytes] = NO_NAMES  # shared until the first (``_listen_extended``)
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -370,15 +385,14 @@ class TransactionClient(ClientConnection):
         self._serve_in_coroutine(Grant(slot, new=False))
 
     def _client_gone(self) -> bool:
-        ended = self._ended
-        return self.closed or (ended is not None and ended.done())
+        return self.closed or bool(self._ended)
 
     def _serve_in_coroutine(self, grant: Grant) -> None:
-        """Open (or validate) the slot in the client's coroutine (``_serve``)."""
+        """Open (or validate) the slot in a task (``_open_pending``), started if none runs."""
         self._grant_pending = grant
-        need = self._need
-        if need is not None and not need.done():
-            need.set_result(None)
+        if not self._opening:
+            self._opening = True
+            self._task = self.loop.create_task(self._open_pending())
 
     def _answer_locally(self) -> None:
         """Unlinked (so status 'I', no batch open): answer the leading Parse of statements a
@@ -400,8 +414,8 @@ class TransactionClient(ClientConnection):
                         break
                     name_end = data.find(b"\0", pos + 5, end)
                     if may_touch_state(data[name_end + 1:end]):
-                        self.forwarder.stateful.add(data[pos + 5:name_end])
-                        self.forwarder.custom.update(custom_setting_names(data[name_end + 1:end]))
+                        self.forwarder.add_stateful(data[pos + 5:name_end])
+                        self.forwarder.add_custom(custom_setting_names(data[name_end + 1:end]))
                     out.append(PARSE_COMPLETE)
                 elif type_ == codes.CLOSE:
                     if not close_locally(data[pos + 5:end], statements):
@@ -607,6 +621,8 @@ class TransactionClient(ClientConnection):
                     self.transport.get_write_buffer_size() > MAX_QUEUED_BYTES):
                 self._notes_overflow()
             return
+        if notes is _NO_NOTES:
+            self._notes = notes = []
         notes.append(data)
         self._notes_bytes += len(data)
         if len(notes) > MAX_QUEUED or self._notes_bytes > MAX_QUEUED_BYTES:
@@ -621,7 +637,7 @@ class TransactionClient(ClientConnection):
         return router.plan.idle and router.at_boundary and self.forwarder.at_rest
 
     def _flush_notes(self) -> None:
-        notes, self._notes = self._notes, []
+        notes, self._notes = self._notes, _NO_NOTES
         self._notes_bytes = 0
         self.write(b"".join(notes))
         if self.writing_paused and self.transport.get_write_buffer_size() > MAX_QUEUED_BYTES:
@@ -631,7 +647,7 @@ class TransactionClient(ClientConnection):
         log.warning("closing client %s (user %r): it does not take its notifications (more "
                     "than %d or %d bytes waiting)", self.address or "[local]", self.user,
                     MAX_QUEUED, MAX_QUEUED_BYTES)
-        self._notes = []
+        self._notes = _NO_NOTES
         self._notes_bytes = 0
         if self.linked is None or self._idle_pinned():  # else maybe inside a reply: no message
             self.write(msg.error_response(
@@ -656,12 +672,13 @@ class TransactionClient(ClientConnection):
         if prepared is not None:
             names = self.statements.names
             listen_stmts = self._listen_stmts
-            if len(listen_stmts) >= 64:  # forget the ones closed since (bounded by the client's)
+            if listen_stmts is NO_NAMES or len(listen_stmts) >= 64:  # its own set; forget the
+                # ones closed since (bounded by the client's)
                 self._listen_stmts = listen_stmts = {n for n in listen_stmts if n in names}
             # (pooler name, identity), as the mapper keeps them (protocol.rewrite)
             names[prepared[0]] = (self.ctx.registry.fresh_for(prepared[1]), prepared[1])
             listen_stmts.add(prepared[0])
-            self.forwarder.stateful.add(prepared[0])  # run on a server later: the ledger sees it
+            self.forwarder.add_stateful(prepared[0])  # run on a server later: the ledger sees it
         if batch.ops:
             self.ctx.notify.query(self, batch.ops, batch.replies)
         else:
@@ -810,7 +827,7 @@ class TransactionClient(ClientConnection):
 
     def _unpin(self) -> None:
         if self.pinned:
-            self.pinned = []
+            self.pinned = _NO_PINS
             self.ctx.pinned -= 1
         if self._pin_timer is not None:
             self._pin_timer.cancel()
@@ -870,11 +887,13 @@ class TransactionClient(ClientConnection):
     def server_lost(self) -> None:
         self.end("server lost")
 
-    def end(self, reason: str) -> None:
-        super().end(reason)
-        need = self._need
-        if need is not None and not need.done():
-            need.set_result(None)
+    def _end_session(self, reason: str) -> None:
+        """The client leaves after its greeting (``end``): its server connection, if any, is
+        cleaned (``_finish``), then it goes; after ``_open_pending`` if that runs."""
+        if not self._ended:
+            self._ended = reason
+        if not self._opening:
+            self._finish_and_go()
 
     # --- the coroutine -----------------------------------------------------------------------
 
@@ -913,10 +932,13 @@ class TransactionClient(ClientConnection):
         await self._greet_and_serve(params, extra)
 
     async def _greet_and_serve(self, params: dict[str, str], extra: dict[str, str]) -> None:
+        """Greet the client; from then on callbacks serve it: the coroutine ends here, an idle
+        client holds no task (issue 15). A server connection to open or validate gets a task
+        of its own (``_open_pending``), and so does the end when a reset must be awaited."""
         self.cancel_pid, secret = self.ctx.cancels.issue_virtual(self)
         self.params = params
         self.extra = extra
-        self.startup_extra = dict(extra)
+        self.startup_extra = extra  # (``extra`` is replaced, never changed in place)
         pipelined = self._greet(b"".join(msg.parameter_status(k, v) for k, v in params.items()),
                                 self.cancel_pid, secret, codes.TX_IDLE)
         waited = self.login_wait_us
@@ -926,45 +948,80 @@ class TransactionClient(ClientConnection):
             tally.wait_count += 1
             self.pstats.hist_wait.observe(waited)
         self.in_session = True
-        try:
-            if pipelined:
-                self.data_received(pipelined)
-            await self._serve()
-        finally:
-            await self._finish()
-
-    async def _serve(self) -> None:
-        """The client's coroutine after the greeting: opens (or validates) the server
-        connections the callbacks could not link at once, until the client leaves."""
-        loop = asyncio.get_running_loop()
-        ended = self._ended
-        assert ended is not None
-        while not ended.done():
-            grant = self._grant_pending
-            if grant is None:
-                self._need = loop.create_future()
-                try:
-                    await self._need
-                finally:
-                    self._need = None
-                continue
-            self._grant_pending = None
+        self._to_callbacks()
+        if self._ended:  # the client left while the coroutine worked
+            self.end(self._ended)
+        elif pipelined:
             try:
-                server = await self._ready_server(grant)
-            except (ConnectionLost, ConnectionError):
-                return
-            except PgCorralError as exc:
-                self._fail(exc)
-                return
-            if server is None:  # failed validation: try again
-                self._acquiring = False
-                self._want_server()
-                continue
-            if ended.done():
-                release_free(self.ctx, server)
-                return
-            server.router.reset()
-            self._link(server)
+                self.data_received(pipelined)
+            except Exception as exc:  # as a callback's would: reported, the client ended
+                self._report(exc)
+                self.end("error")
+
+    async def _open_pending(self) -> None:
+        """Opens (or validates) the server connections the callbacks could not link at once
+        (``_grant_pending``), until none is pending or the client left; then, if it left,
+        its end (``_finish_and_go``)."""
+        try:
+            while not self._ended:
+                grant = self._grant_pending
+                if grant is None:
+                    return
+                self._grant_pending = None
+                try:
+                    server = await self._ready_server(grant)
+                except (ConnectionLost, ConnectionError):
+                    self.end("error")
+                    return
+                except PgCorralError as exc:
+                    self._fail(exc)
+                    self.end("error")
+                    return
+                if server is None:  # failed validation: try again
+                    self._acquiring = False
+                    self._want_server()
+                    continue
+                if self._ended:
+                    release_free(self.ctx, server)
+                    return
+                server.router.reset()
+                self._link(server)
+        except Exception as exc:
+            self._report(exc)
+            self.end("error")
+        finally:
+            self._opening = False
+            self._task = None
+            if self._ended:
+                self._finish_and_go()
+
+    def _finish_and_go(self) -> None:
+        """``_finish``, then the client goes (``_done``): in callbacks when no reset must be
+        awaited (the usual end: no server connection linked), else in a task."""
+        server = self._finish()
+        if server is None:
+            self._done()
+        else:
+            self._task = self.loop.create_task(self._reset_and_go(server))
+
+    async def _reset_and_go(self, server: TxServerConnection) -> None:
+        """The end of a client that left with a clean server connection linked: it is rolled
+        back (and reset with ``server_reset_query_always``) before it goes back."""
+        ctx = self.ctx
+        try:
+            main = ctx.config.main
+            ok = await reset(server, main.server_reset_query
+                             if main.server_reset_query_always else "")
+        except Exception as exc:
+            self._report(exc)
+            ok = False
+        try:
+            if ok:
+                release_free(ctx, server, run_reset=False)
+            else:
+                ctx.release_server(server, clean=False)
+        finally:
+            self._done()
 
     async def _ready_server(self, grant: Grant) -> TxServerConnection | None:
         ctx = self.ctx
@@ -980,8 +1037,9 @@ class TransactionClient(ClientConnection):
         ctx.release_server(server, clean=False)
         return None
 
-    async def _finish(self) -> None:
-        """The client left (or was ended): its server connection, if any, is cleaned."""
+    def _finish(self) -> TxServerConnection | None:
+        """The client left (or was ended): what it held is given back; a server connection
+        to roll back first is returned (``_reset_and_go``)."""
         ctx = self.ctx
         ctx.cancels.drop(self, self.cancel_pid)
         ctx.notify.leave(self)  # LISTEN/NOTIFY: unsubscribed from everything (net.notify)
@@ -991,34 +1049,28 @@ class TransactionClient(ClientConnection):
         if self._grant_pending is not None:
             _give_back(ctx, self._grant_pending)
             self._grant_pending = None
-        ended = self._ended
-        reason = ended.result() if ended is not None and ended.done() else "error"
+        reason = self._ended or "error"
         server = self.linked
         pinned = bool(self.pinned)
         self._unpin()
         if server is None:
-            return
+            return None
         if reason == "server lost" and not server.fatal_sent:  # one error, not two
             self.write(msg.error_response("08006", "server closed the connection unexpectedly"))
         if pinned:  # its advisory locks, temporary tables, cursors go with the backend
             self._unlink(server)
             ctx.release_server(server, clean=False)
-            return
+            return None
         self._unlink(server)
         router = server.router
-        ok = (not self.dirty and self.forwarder.at_rest and router.at_boundary
-              and router.plan.idle and server.poolable and not server.closed
-              and router.status in (codes.TX_IDLE, codes.TX_IN_BLOCK, codes.TX_FAILED))
-        if ok:
+        if (not self.dirty and self.forwarder.at_rest and router.at_boundary
+                and router.plan.idle and server.poolable and not server.closed
+                and router.status in (codes.TX_IDLE, codes.TX_IN_BLOCK, codes.TX_FAILED)):
             server.status = router.status
             server.transport.resume_reading()
-            main = ctx.config.main
-            ok = await reset(server, main.server_reset_query
-                             if main.server_reset_query_always else "")
-        if ok:
-            release_free(ctx, server, run_reset=False)
-        else:
-            ctx.release_server(server, clean=False)
+            return server
+        ctx.release_server(server, clean=False)
+        return None
 
     # --- authentication of later logins --------------------------------------------------
 
