@@ -99,10 +99,12 @@ class Probe:
         self.base_ids = {id(o) for o in objs}
         self.base_snapshot = tracemalloc.take_snapshot()
         self.base_traced = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
         return {"traced": self.base_traced, "pss_kib": _pss_kib()}
 
     def measure(self, n: int) -> dict[str, Any]:
         import tracemalloc
+        traced, peak = tracemalloc.get_traced_memory()  # before the census allocates
         gc.collect()
         traced = tracemalloc.get_traced_memory()[0]
         pss = _pss_kib()
@@ -134,7 +136,9 @@ class Probe:
             sites.append({"site": f"{frame.filename.split('/src/')[-1]}:{frame.lineno}",
                           "bytes_per_client": round(stat.size_diff / n, 1),
                           "blocks_per_client": round(stat.count_diff / n, 2)})
+        tracemalloc.reset_peak()
         return {"traced_per_client": round((traced - self.base_traced) / n, 1),
+                "peak_per_client": round((peak - self.base_traced) / n, 1),
                 "objects_per_client": round(sum(by_type.values()) / n, 1),
                 "pss_kib": pss, "types": types, "sites": sites, "client": client}
 
@@ -212,7 +216,15 @@ async def measure(args: argparse.Namespace, port: int, workdir: Path) -> dict[st
                          wait_ready=args.pipeline == "transaction")
     await asyncio.sleep(1)
     held = await ask(workdir, "held", args.clients)
-    for w in writers + warm:
+    for w in writers:
+        w.close()
+    await asyncio.sleep(3)
+    # what is left of the clients once they left (per client that left)
+    gone = await ask(workdir, "gone", args.clients)
+    held["after_close"] = {k: gone[k] for k in ("traced_per_client", "objects_per_client",
+                                                "peak_per_client")}
+    held["after_close"]["types"] = gone["types"][:12]
+    for w in warm:
         w.close()
     held["pss_per_client_kib"] = round((held["pss_kib"] - base["pss_kib"]) / args.clients, 2)
     return held
@@ -226,6 +238,8 @@ def main() -> int:
     parser.add_argument("--pure", action="store_true",
                         help="run pgcorral from a copy of src/ without compiled modules")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--src", type=Path, default=ROOT / "src",
+                        help="the pgcorral tree to measure (default: this checkout's src/)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -237,10 +251,10 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workdir = Path(tempfile.mkdtemp(prefix="idle-breakdown-"))
     os.chmod(workdir, 0o755)
-    src = ROOT / "src"
+    src = args.src
     if args.pure:
         src = workdir / "src"
-        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        shutil.copytree(args.src, src, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     pg = PgCluster(str(workdir / "pg"))
     pg.init()
     pg.start()

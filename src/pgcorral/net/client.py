@@ -145,7 +145,8 @@ class ClientConnection(Endpoint):
         # why the client ended ("": it did not): ``end`` sets it, the coroutine checks it (a
         # string, not a future: nothing awaits it, and a future is 144 bytes; issue 15)
         self._ended = ""
-        self._grant: asyncio.Future[Grant] | None = None
+        # a place in line (``_acquire``): the grant, or None when the client left
+        self._grant: asyncio.Future[Grant | None] | None = None
         self._task: asyncio.Task[None] | None = None
         # --- counters (pool.stats; read by control.stats, folded into the pool at the end)
         self.id = next(_client_ids)
@@ -302,7 +303,7 @@ class ClientConnection(Endpoint):
             self._ended = reason
         granted = self._grant
         if granted is not None and not granted.done():  # waiting in line (``_acquire``)
-            granted.set_exception(ConnectionLost("client left while waiting"))
+            granted.set_result(None)
 
     # --- the cold path in callbacks ----------------------------------------------------------
 
@@ -662,10 +663,12 @@ class ClientConnection(Endpoint):
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
             timeout = main.max_retries * main.connection_retry_delay
         # One future, completed by whichever comes first: the pool's grant (``_granted``),
-        # blocking_timeout (``expire``: PoolExhausted), the client's end (``end``:
-        # ConnectionLost). Not asyncio.wait on two futures: that cost a waiting client about
-        # 1.5 KiB more (two coroutines, a future, a set, a closure, contexts; issue 15).
-        granted: asyncio.Future[Grant] = self.loop.create_future()
+        # blocking_timeout (``expire``: PoolExhausted), the client's end (``end``: None).
+        # Not asyncio.wait on two futures: that cost a waiting client about 1.5 KiB more
+        # (two coroutines, a future, a set, a closure, contexts; issue 15). Not an exception
+        # set by ``end`` either: when every waiting client left at once, that raised the
+        # peak by about 4.4 KiB per client (bench/idle_breakdown.py, "after_close").
+        granted: asyncio.Future[Grant | None] = self.loop.create_future()
         self._grant = granted
 
         def expire() -> None:  # called by the worker's WaitTimer (net.waits)
@@ -686,13 +689,13 @@ class ClientConnection(Endpoint):
             since = self.wait_since_us = time.monotonic_ns() // 1000
             try:
                 await granted
-            except ConnectionLost:  # the client left while waiting (``end``)
-                ctx.pool.cancel(result)
-                raise
             finally:
                 self.wait_since_us = 0
                 self.login_wait_us += time.monotonic_ns() // 1000 - since
         grant = granted.result()
+        if grant is None:  # the client left while waiting (``end``)
+            ctx.pool.cancel(result)
+            raise ConnectionLost("client left while waiting")
         if self._ended:  # served just as the client left: give it back untouched
             if grant.new:
                 ctx.pool.discard(grant.slot)
@@ -837,6 +840,7 @@ class ClientConnection(Endpoint):
         client holds no task (issue 15)."""
         self._phase = _LINKED
         self._task = None
+        self._grant = None  # (done: the wait in line, if any, is over)
 
     def _end_session(self, reason: str) -> None:
         """The session is over (``end``): the server connection goes back (reset in the
