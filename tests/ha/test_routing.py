@@ -245,9 +245,9 @@ def test_split_brain_refuses_writes(pgcorral: DaemonFactory, ha_pair: HaPair) ->
     pair.replica.promote()  # two servers out of recovery now
     poll(lambda: "split brain" in status(d)["writes_refused"], "split brain to be seen", 20,
          lambda: (states(d), d.log()))
-    with pytest.raises(psycopg.errors.CannotConnectNow) as err:
-        with psycopg.connect(d.dsn(), autocommit=True) as other:
-            other.execute("INSERT INTO nothing VALUES (1)")
+    with pytest.raises(psycopg.errors.CannotConnectNow) as err, psycopg.connect(
+            d.dsn(), autocommit=True) as other:
+        other.execute("INSERT INTO nothing VALUES (1)")
     assert "split brain" in str(err.value)
     conn.close()
     assert "both claim to be primary" in d.log()
