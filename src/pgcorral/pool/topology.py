@@ -130,8 +130,10 @@ class Topology:
         self.rounds += 1
         claimants = [n for n in self.names if self.servers[n].state == PRIMARY]
         refusal = ""
-        if len(claimants) == 1:
-            primary: str | None = claimants[0]
+        if len(self.names) == 1:  # one server: the checks only report (nothing to fail over
+            primary: str | None = self.names[0]  # to; a standby alone still serves reads)
+        elif len(claimants) == 1:
+            primary = claimants[0]
         elif not claimants:
             primary = None
             refusal = "no primary server: " + (
