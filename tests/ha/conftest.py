@@ -15,3 +15,14 @@ def pytest_configure(config: pytest.Config) -> None:
         "patroni: the Patroni end-to-end run (needs patroni and etcd-server); the long "
         "variant only under `make ha-test` (PGCORRAL_HA_TEST=full)",
     )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.ha import report
+
+    if not report.RUNS:
+        return
+    terminalreporter.section("HA figures")
+    for run in report.RUNS:
+        for line in report.table(run):
+            terminalreporter.write_line(line)
