@@ -130,10 +130,10 @@ class WriteLoad:
                 t1 = time.monotonic()
                 c.stuck_since = None
                 broken = conn.broken or conn.closed
-                if broken or e.sqlstate is None or e.sqlstate.startswith(("08", "57P")):
+                if _maybe_committed(e.sqlstate):
                     c.in_doubt.append(seq)  # the connection died: the commit may have happened
                 self._record(Event(c.ident, t0, t1, False, "write", e.sqlstate, _first_line(e)))
-                if broken or e.sqlstate is None or e.sqlstate.startswith(("08", "57P")):
+                if broken:  # else (an error through a pooler) the same connection goes on
                     conn.close()
                     conn = None
                     self._conns.pop(c.ident, None)
@@ -233,6 +233,14 @@ class WriteLoad:
             "in_doubt_committed": len(doubt & present),
             "unexpected_rows": len(present - acked - doubt),
         }
+
+
+def _maybe_committed(sqlstate: str | None) -> bool:
+    """Whether a write that failed so may have committed: no SQLSTATE (the connection was
+    lost), a connection exception (08), or a backend terminated while it ran (57P01, 57P02).
+    57P03 (cannot connect now) and the rest mean the statement did not run or was rolled
+    back."""
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02")
 
 
 def _first_line(e: BaseException) -> str:
