@@ -71,7 +71,7 @@ class HaPair:
         name = f"replica{len(self.extra) + 2}"
         replica = PgCluster.replica_of(
             self.primary, os.path.join(self.basedir, name), name=name, slot=name,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
         self.extra.append(replica)
         return replica
@@ -168,7 +168,7 @@ def ha_pair_factory(ha_template: PgCluster) -> Iterator[HaPairFactory]:
     pairs: list[HaPair] = []
 
     def make(**options: object) -> HaPair:
-        pair = make_pair(template=ha_template, **options)  # type: ignore[arg-type]
+        pair = make_pair(template=ha_template, **options)
         pairs.append(pair)
         return pair
 

@@ -15,6 +15,7 @@ exists) and ``synchronous_mode: true`` (no commit is acknowledged before the sta
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -349,6 +350,7 @@ class PatroniCluster:
     @classmethod
     def start(cls, basedir: str, nodes: int = 2) -> PatroniCluster:
         cluster = cls(basedir, nodes)
+        atexit.register(cluster.stop)  # an interrupted run leaves no daemon behind
         try:
             cluster.etcd.wait_ready()
             # the first node bootstraps alone, the others clone from it
@@ -440,6 +442,7 @@ class PatroniCluster:
             self.etcd.daemon.stop()
 
     def destroy(self) -> None:
+        atexit.unregister(self.stop)
         self.stop()
         shutil.rmtree(self.basedir, ignore_errors=True)
 

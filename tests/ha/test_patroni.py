@@ -62,11 +62,11 @@ def patroni() -> Iterator[PatroniCluster]:
                 "CREATE ROLE trustuser LOGIN",
                 f"CREATE DATABASE {TEST_DB}",
             ):
-                conn.execute(sql)  # type: ignore[arg-type]
+                conn.execute(sql)
         with psycopg.connect(leader.dsn(dbname=TEST_DB), autocommit=True) as conn:
             conn.execute("GRANT ALL ON SCHEMA public TO PUBLIC")
-            conn.execute(CREATE_TABLE)  # type: ignore[arg-type]
-            conn.execute(f"GRANT ALL ON {TABLE} TO PUBLIC")  # type: ignore[arg-type]
+            conn.execute(CREATE_TABLE)
+            conn.execute(f"GRANT ALL ON {TABLE} TO PUBLIC")
         yield cluster
     finally:
         cluster.destroy()
@@ -131,12 +131,13 @@ def run_failovers(
             dsn = direct_dsn(cluster)
 
         def diag() -> str:
-            return daemon.log()[-8000:] if daemon is not None else cluster.logs()
+            own = f"--- pgcorral ---\n{daemon.log()[-8000:]}\n" if daemon is not None else ""
+            return own + cluster.logs()
 
         load = WriteLoad(dsn, clients, next(_run_ids))
         load.start()
         wait_for("acknowledged write from every client", 30,
-                 lambda: all(c.acked for c in load.clients), diag)  # type: ignore[union-attr]
+                 lambda: all(c.acked for c in load.clients), diag)
         for i in range(failovers):
             if i:
                 leader = cluster.wait_healthy(timeout=120)  # the old leader is back, in sync
@@ -147,10 +148,10 @@ def run_failovers(
             new = cluster.wait_leader(timeout=60, other_than=killed)
             t_new = time.monotonic()
             wait_for("successful write after the new leader", 60,
-                     lambda t=t_new: load.first_success_after(t), diag)  # type: ignore[misc]
+                     lambda t=t_new: load.first_success_after(t), diag)
             # every client writes again (new transactions go to the new primary)
             wait_for("successful write from every client after the failover", 60,
-                     lambda t=t_new: load.all_succeeded_since(t), diag)  # type: ignore[misc]
+                     lambda t=t_new: load.all_succeeded_since(t), diag)
             time.sleep(settle)  # the load keeps running a few seconds on the new primary
             windows.append({"killed": killed.name, "new_leader": new.name,
                             "leader_switch_s": round(t_new - t_kill, 3)})
@@ -160,6 +161,8 @@ def run_failovers(
         if daemon is not None:
             daemon.stop()
     t_end = time.monotonic()
+    if daemon is not None and "Traceback" in daemon.log():
+        pytest.fail(f"pgcorral logged a Traceback:\n{daemon.log()[-8000:]}", pytrace=False)
     for i, w in enumerate(windows):
         w.update(load.window(kills[i], kills[i + 1] if i + 1 < len(kills) else t_end))
     primary = cluster.wait_leader()
