@@ -42,8 +42,10 @@ __all__ = [
     "PgCluster",
     "PgClusterError",
     "SslFiles",
+    "child_pids",
     "find_bindir",
     "find_free_port",
+    "pid_alive",
     "unprivileged_user",
 ]
 
@@ -193,7 +195,7 @@ def _check_identifier(name: str) -> None:
         raise ValueError(f"not a plain lower-case identifier: {name!r}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
@@ -203,7 +205,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _children_of(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """The pids whose parent is ``pid`` (from /proc)."""
     out: list[int] = []
     for entry in os.listdir("/proc"):
@@ -771,10 +773,10 @@ class PgCluster:
         With ``wait``, return once it and its children (backends, walsenders...) are gone, so
         that start() may run again.  Returns the pid killed (None when none ran)."""
         pid = self.postmaster_pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not pid_alive(pid):
             self._running = False
             return None
-        children = _children_of(pid)
+        children = child_pids(pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         self._running = False
@@ -782,9 +784,9 @@ class PgCluster:
             # Also until the dead postmaster is reaped: a new one refuses to start while the
             # pid in postmaster.pid exists, and a zombie does until init collects it.
             deadline = time.monotonic() + timeout
-            while os.path.exists(f"/proc/{pid}") or any(_alive(c) for c in children):
+            while os.path.exists(f"/proc/{pid}") or any(pid_alive(c) for c in children):
                 if time.monotonic() > deadline:
-                    if _alive(pid) or any(_alive(c) for c in children):
+                    if pid_alive(pid) or any(pid_alive(c) for c in children):
                         raise PgClusterError(f"postmaster {pid} or its children still alive")
                     break  # only an unreaped zombie is left
                 time.sleep(0.01)
