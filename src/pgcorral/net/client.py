@@ -687,7 +687,9 @@ class ClientConnection(Endpoint):
         granted: asyncio.Future[Grant] = self.loop.create_future()
         self._grant = granted
 
-        def exhausted() -> PoolExhausted:
+        def exhausted() -> PgCorralError:
+            if pool.held:  # waited for a new primary (issue 13) in vain
+                return ctx.no_primary(timeout)
             return PoolExhausted(
                 f'connection pool is full: no server connection for user "{key[1]}", '
                 f'database "{key[0]}" became free within {timeout:g} s')

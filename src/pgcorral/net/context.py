@@ -240,7 +240,7 @@ class Context:
             main = self.pool
             pool = Pool(main.max_connections, main.limits, time.monotonic, main.budget,
                         server=server)
-            pool.paused = main.paused  # PAUSE/RESUME hold for every server
+            pool.paused = set(main.paused)  # PAUSE/RESUME hold for every server
             pool.on_starved = main.on_starved
             self.replica_pools[server] = pool
             self.waits.pools.append(pool)
@@ -261,6 +261,9 @@ class Context:
         replica pool of a server no longer a healthy replica is emptied the same way."""
         old, self.topology = self.topology, snapshot
         primary = snapshot.primary
+        # no primary (not a split brain): a failover is under way; write transactions and
+        # logins wait for the new primary (blocking_timeout), as under PAUSE
+        self.pool.hold(primary is None and not snapshot.refusal.startswith("split brain"))
         if primary is not None and snapshot.at:
             self.wal_marks.append((snapshot.at, snapshot.lsn_of(primary)))
         closed = marked = 0
@@ -284,6 +287,11 @@ class Context:
             log.info("topology: primary %s, replicas %s; %d idle server connections closed, "
                      "%d closed when their clients are done", primary or "none (refused)",
                      ", ".join(snapshot.replicas) or "none", closed, marked)
+
+    def no_primary(self, waited: float) -> NoPrimary:
+        """The error of a client that waited ``waited`` seconds for a new primary."""
+        return NoPrimary(f"no primary server: none became available within {waited:g} s "
+                         f"({self.topology.refusal})")
 
     def check_writable(self) -> None:
         """NoPrimary (57P03) when the health checker sees no single primary."""
