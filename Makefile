@@ -67,7 +67,7 @@ test: lint test-compiled wheel smoke-pure
 test-compiled: build
 	PGCORRAL_EXPECT_BUILD=compiled $(VENV)/bin/pytest -q
 	PGCORRAL_EXPECT_BUILD=compiled PGCORRAL_TEST_WORKERS=2 $(VENV)/bin/pytest -q \
-	    -m "integration and not single_worker" tests/integration
+	    -m "integration and not single_worker" tests/integration tests/ha/test_routing.py
 
 # `python -m build` (isolated, as a user's pip would; the wheel is built from the sdist, so
 # nothing of the in-place build is reused): the wheel must carry compiled modules, and

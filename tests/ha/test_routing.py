@@ -18,6 +18,8 @@ from tests.ha import fixtures
 from tests.ha.fixtures import HEALTH_USER, TEST_DB, HaPair
 from tests.integration.test_management import cli_json, poll
 
+pytestmark = pytest.mark.integration  # (the 2-worker pass of `make test` runs it too)
+
 ha_template = fixtures.ha_template
 ha_pair_factory = fixtures.ha_pair_factory
 ha_pair = fixtures.ha_pair
