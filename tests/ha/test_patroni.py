@@ -194,6 +194,7 @@ MODES = ["direct", "pgcorral"]
 
 
 @pytest.mark.skipif(FULL, reason="the full variant runs instead")
+@pytest.mark.timeout(300)  # the Patroni cluster starts in its first test: 10 to 60 s
 @pytest.mark.parametrize("mode", MODES)
 def test_failover_short(patroni: PatroniCluster, mode: str, tmp_path: Any) -> None:
     result = run_failovers(patroni, mode, clients=6, failovers=1, settle=2.0,
