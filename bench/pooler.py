@@ -95,13 +95,16 @@ async def wait_ready(port: int, user: str, database: str) -> None:
 
 
 def start_pgcorral(workdir: Path, pg: PgCluster, args: argparse.Namespace,
-                   port: int | None = None, extra: str = "") -> subprocess.Popen[bytes]:
+                   port: int | None = None, extra: str = "", name: str = "pgcorral",
+                   log_level: str = "warn") -> subprocess.Popen[bytes]:
+    """pgcorral in front of ``pg``; ``extra``: more lines for its [pgcorral] section; its
+    configuration and log are ``<workdir>/<name>.conf`` and ``.log``."""
     port = port or find_free_port()
-    conf = workdir / f"pgcorral-{port}-{len(list(workdir.glob('pgcorral-*.conf')))}.conf"
+    conf = workdir / f"{name}.conf"
     conf.write_text(
         "[pgcorral]\nhost = 127.0.0.1\n"
         f"port = {port}\nunix_socket_dir = {workdir}\nlog_type = file\n"
-        f"log_path = {workdir}/pgcorral.log\nlog_level = warn\n"
+        f"log_path = {workdir}/{name}.log\nlog_level = {log_level}\n"
         f"pipeline = {args.pipeline}\nmax_connections = {args.pool}\n"
         f"workers = {args.workers}\nblocking_timeout = {int(args.timeout)}\n{extra}"
         f"\n[primary]\nhost = 127.0.0.1\nport = {pg.port}\n")
