@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 _CANCEL_CODE = 80877102
@@ -115,9 +118,6 @@ class ProxyProcess:
     one GIL with the proxy's (the soak's asyncio clients ran 15 times slower so)."""
 
     def __init__(self, target_port: int) -> None:
-        import subprocess
-        import sys
-        from pathlib import Path
 
         root = str(Path(__file__).resolve().parent.parent)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.faultproxy",
@@ -142,14 +142,17 @@ class ProxyProcess:
         self._command("cut")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()  # its end of input: it closes everything and exits
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
             self.proc.kill()  # (our own child, by its PID)
-        self.proc.wait()
+            self.proc.wait()
+        self.proc.stdout.close()
 
 
 def _serve(target_port: int) -> None:
-    import sys
-
     proxy = FaultProxy(target_port)
     print(proxy.port, flush=True)
     for line in sys.stdin:
@@ -161,6 +164,4 @@ def _serve(target_port: int) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     _serve(int(sys.argv[1]))
