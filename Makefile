@@ -67,7 +67,7 @@ test: lint test-compiled wheel smoke-pure
 test-compiled: build
 	PGCORRAL_EXPECT_BUILD=compiled $(VENV)/bin/pytest -q
 	PGCORRAL_EXPECT_BUILD=compiled PGCORRAL_TEST_WORKERS=2 $(VENV)/bin/pytest -q \
-	    -m "integration and not single_worker" tests/integration
+	    -m "integration and not single_worker" tests/integration tests/ha/test_routing.py
 
 # `python -m build` (isolated, as a user's pip would; the wheel is built from the sdist, so
 # nothing of the in-place build is reused): the wheel must carry compiled modules, and
@@ -129,3 +129,15 @@ soak: build
 
 soak-ci: build
 	SOAK_SECONDS=$${SOAK_SECONDS:-120} PYTHONPATH=src $(VPY) -m tests.soak
+
+# issue 13's Patroni end-to-end run in full (tests/ha): etcd and two Patroni nodes on loopback,
+# several kills of the leader's postmaster under load, directly and through pgcorral (1, then 2
+# workers). Prints the figures; HA_REPORT=path also writes them as JSON. `make test` runs only
+# the short variant. Needs `apt-get install patroni etcd-server`.
+.PHONY: ha-test
+ha-test: build
+	PGCORRAL_HA_TEST=full PGCORRAL_HA_REPORT=$(or $(HA_REPORT),build/ha-report.json) \
+	    $(VENV)/bin/pytest -q -p no:cacheprovider tests/ha
+	PGCORRAL_HA_TEST=full PGCORRAL_TEST_WORKERS=2 \
+	    PGCORRAL_HA_REPORT=$(or $(HA_REPORT),build/ha-report.json).workers2 \
+	    $(VENV)/bin/pytest -q -p no:cacheprovider tests/ha -k "pgcorral"

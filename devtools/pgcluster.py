@@ -42,8 +42,10 @@ __all__ = [
     "PgCluster",
     "PgClusterError",
     "SslFiles",
+    "child_pids",
     "find_bindir",
     "find_free_port",
+    "pid_alive",
     "unprivileged_user",
 ]
 
@@ -183,6 +185,40 @@ def _tail(path: str, lines: int = 60) -> str:
             return "".join(f.readlines()[-lines:])
     except OSError as e:
         return f"<cannot read {path}: {e}>"
+
+
+_LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+
+def _check_identifier(name: str) -> None:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"not a plain lower-case identifier: {name!r}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            out.append(int(entry))
+    return out
 
 
 def _makedirs_traversable(path: Path) -> None:
@@ -362,6 +398,27 @@ class PgCluster:
             ]
         self.write_hba(hba_lines)
 
+    def init_from(self, template: PgCluster) -> None:
+        """Instead of init(): copy the data directory of ``template``, an initialized cluster
+        that is stopped (cheaper than initdb plus setup for many alike clusters; the copies
+        share its system identifier).  This cluster keeps its own port and sockets."""
+        if os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
+            raise PgClusterError(f"{self.datadir} is already initialized")
+        if os.path.exists(os.path.join(template.datadir, "postmaster.pid")):
+            raise PgClusterError(f"{template!r} must be stopped to be copied")
+        self._prepare_dirs()
+        res = subprocess.run(
+            ["cp", "-a", template.datadir, self.datadir], capture_output=True, text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise PgClusterError(f"copying {template.datadir} failed: {res.stderr.strip()}")
+        self.append_conf({
+            "listen_addresses": self.host,
+            "port": str(self.port),
+            "unix_socket_directories": self.socket_dir,
+        })
+
     def append_conf(self, settings: dict[str, str]) -> None:
         """Append settings to postgresql.conf (later lines win); reload to apply."""
         lines = [f"{k} = {_conf_quote(v)}" for k, v in settings.items()]
@@ -527,6 +584,213 @@ class PgCluster:
         if res.returncode != 0:
             return None
         return res.stdout.strip() or None
+
+    # -------------------------------------------------------------- replication
+    # A primary: enable_replication() (before start(), or restart() after), create_slot(),
+    # set_synchronous_standby_names(). A replica: PgCluster.replica_of(primary, basedir, ...)
+    # (pg_basebackup -R). Then promote(), current_lsn() / replay_lsn() / wait_replayed(),
+    # wait_streaming(), kill_postmaster().
+
+    def enable_replication(
+        self, *, max_wal_senders: int = 10, settings: dict[str, str] | None = None
+    ) -> None:
+        """Make this cluster a primary that replicas can stream from: wal_level = replica,
+        max_wal_senders, max_replication_slots, hot_standby = on (inherited by replicas made
+        with pg_basebackup), and a pg_hba ``replication`` trust line for loopback when there
+        is none.  Call after init() and before start() (wal_level needs a restart)."""
+        if not os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
+            raise PgClusterError("enable_replication() needs init() first")
+        self.append_conf({
+            "wal_level": "replica",
+            "max_wal_senders": str(max_wal_senders),
+            "max_replication_slots": str(max_wal_senders),
+            "hot_standby": "on",
+            "wal_keep_size": "64MB",
+            **(settings or {}),
+        })
+        hba = os.path.join(self.datadir, "pg_hba.conf")
+        with open(hba, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        has_replication = any(
+            len(fields) >= 3 and fields[0] == "host" and fields[1] == "replication"
+            for fields in (line.split() for line in lines)
+        )
+        if not has_replication:
+            with open(hba, "a", encoding="utf-8") as f:
+                f.write(
+                    "host replication all 127.0.0.1/32 trust\n"
+                    "host replication all ::1/128 trust\n"
+                )
+
+    def restart(self) -> None:
+        """stop("fast") then start()."""
+        self.stop("fast")
+        self.start()
+
+    def create_slot(self, name: str) -> None:
+        """Create a physical replication slot (no-op when it exists)."""
+        _check_identifier(name)
+        self.psql(
+            f"SELECT pg_create_physical_replication_slot('{name}') WHERE NOT EXISTS "
+            f"(SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}')"
+        )
+
+    def set_synchronous_standby_names(self, value: str, *, commit: str = "on") -> None:
+        """synchronous_standby_names = value (e.g. ``'replica1'``, ``'ANY 1 (*)'``, or ``''``
+        to turn it off), and synchronous_commit = commit (the base settings have it off, under
+        which no commit waits for a standby); reloads a running server."""
+        self.append_conf({"synchronous_standby_names": value, "synchronous_commit": commit})
+        if self.is_running():
+            self.reload()
+
+    @classmethod
+    def replica_of(
+        cls,
+        primary: PgCluster,
+        basedir: str | Path,
+        port: int | None = None,
+        *,
+        name: str | None = None,
+        slot: str | None = None,
+        apply_delay: str | None = None,
+        hot_standby_feedback: bool = False,
+        settings: dict[str, str] | None = None,
+        log_to: str | None = None,
+        start: bool = True,
+    ) -> PgCluster:
+        """A streaming replica of the running ``primary`` (after its enable_replication()):
+        pg_basebackup -R into ``basedir/data``, with its own port and socket directory.
+
+        name: the walreceiver's application_name (what synchronous_standby_names and
+        pg_stat_replication see; default: the base directory's name).  slot: a physical
+        replication slot on the primary, created when missing (primary_slot_name).
+        apply_delay: recovery_min_apply_delay (``"2s"``...).  With ``start`` (default), the
+        replica is started and streaming when this returns."""
+        replica = cls(basedir, port, log_to=log_to)
+        replica._prepare_dirs()
+        app = name if name is not None else os.path.basename(replica.basedir)
+        cmd = [
+            replica.bin("pg_basebackup"),
+            "-D", replica.datadir,
+            "-R",
+            "-X", "stream",
+            "-c", "fast",
+            "--no-sync",
+            "-d", f"host={primary.host} port={primary.port} user=postgres "
+                  f"application_name={_dsn_quote(app)}",
+        ]  # fmt: skip
+        if slot is not None:
+            primary.create_slot(slot)
+            cmd += ["-S", slot]
+        replica._run_server_cmd(cmd)
+        conf: dict[str, str] = {
+            "listen_addresses": replica.host,
+            "port": str(replica.port),
+            "unix_socket_directories": replica.socket_dir,
+            "hot_standby": "on",
+            "hot_standby_feedback": "on" if hot_standby_feedback else "off",
+            "synchronous_standby_names": "",
+        }
+        if slot is not None:
+            conf["primary_slot_name"] = slot
+        if apply_delay is not None:
+            conf["recovery_min_apply_delay"] = apply_delay
+        conf.update(settings or {})
+        replica.append_conf(conf)
+        if start:
+            replica.start()
+            replica.wait_streaming()
+        return replica
+
+    def _query_value(self, sql: str) -> str:
+        return self.psql(sql).strip()
+
+    def is_in_recovery(self) -> bool:
+        return self._query_value("SELECT pg_is_in_recovery()") == "t"
+
+    def current_lsn(self) -> str:
+        """The primary's current WAL insert position (pg_current_wal_insert_lsn(): with
+        synchronous_commit = off the write position, pg_current_wal_lsn(), can still be
+        behind the last commit)."""
+        return self._query_value("SELECT pg_current_wal_insert_lsn()")
+
+    def replay_lsn(self) -> str | None:
+        """A replica's last replayed WAL position (None on a primary)."""
+        return self._query_value("SELECT pg_last_wal_replay_lsn()") or None
+
+    def wait_replayed(self, lsn: str, timeout: float = 30.0) -> None:
+        """Wait until this replica has replayed WAL up to ``lsn`` (e.g. a primary's
+        current_lsn() after a commit)."""
+        if not _LSN_RE.match(lsn):
+            raise ValueError(f"not an LSN: {lsn!r}")
+        self._wait_true(
+            f"SELECT coalesce(pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn, false)",
+            timeout,
+            f"replay of {lsn}",
+        )
+
+    def wait_streaming(self, timeout: float = 30.0) -> None:
+        """Wait until this replica's walreceiver is streaming from its primary."""
+        self._wait_true(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+            timeout,
+            "a streaming walreceiver",
+        )
+
+    def promote(self, timeout: float = 30.0) -> None:
+        """pg_ctl promote, then wait until pg_is_in_recovery() is false."""
+        self._run_server_cmd(
+            [self.bin("pg_ctl"), "promote", "-w", "-t", str(int(timeout)), "-s", "-D",
+             self.datadir]
+        )  # fmt: skip
+        self._wait_true("SELECT NOT pg_is_in_recovery()", timeout, "the end of recovery")
+
+    def _wait_true(self, sql: str, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            res = self._psql_cmd(sql, self.host, "postgres", "postgres")
+            last = res.stdout.strip() or res.stderr.strip()
+            if res.returncode == 0 and last == "t":
+                return
+            if time.monotonic() > deadline:
+                raise PgClusterError(
+                    f"{self!r}: no {what} after {timeout:g} s (last answer: {last!r})\n"
+                    f"--- tail of {self.logfile} ---\n{_tail(self.logfile)}"
+                )
+            time.sleep(0.02)
+
+    def postmaster_pid(self) -> int | None:
+        """The postmaster's pid from postmaster.pid (None without the file)."""
+        try:
+            with open(os.path.join(self.datadir, "postmaster.pid"), encoding="utf-8") as f:
+                return int(f.readline().strip())
+        except (OSError, ValueError):
+            return None
+
+    def kill_postmaster(self, *, wait: bool = True, timeout: float = 10.0) -> int | None:
+        """SIGKILL the postmaster (a crash: no shutdown checkpoint, postmaster.pid stays).
+        With ``wait``, return once it and its children (backends, walsenders...) are gone, so
+        that start() may run again.  Returns the pid killed (None when none ran)."""
+        pid = self.postmaster_pid()
+        if pid is None or not pid_alive(pid):
+            self._running = False
+            return None
+        children = child_pids(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        self._running = False
+        if wait:
+            # Also until the dead postmaster is reaped: a new one refuses to start while the
+            # pid in postmaster.pid exists, and a zombie does until init collects it.
+            deadline = time.monotonic() + timeout
+            while os.path.exists(f"/proc/{pid}") or any(pid_alive(c) for c in children):
+                if time.monotonic() > deadline:
+                    if pid_alive(pid) or any(pid_alive(c) for c in children):
+                        raise PgClusterError(f"postmaster {pid} or its children still alive")
+                    break  # only an unreaped zombie is left
+                time.sleep(0.01)
+        return pid
 
     # ------------------------------------------------------------------ clients
     def _psql_cmd(

@@ -90,6 +90,13 @@ class DatabaseDisabled(PgCorralError):
     sqlstate = "57P03"
 
 
+class NoPrimary(PgCorralError):
+    """Writes are refused: no server is primary now (failover in progress), or two claim to be
+    (split brain). See ``pool.topology``."""
+
+    sqlstate = "57P03"
+
+
 class ServerError(PgCorralError):
     """An ErrorResponse that PostgreSQL sent and pgcorral relays (fields kept as sent)."""
 

@@ -81,7 +81,7 @@ def test_status_counts_and_output_shapes(pgcorral: DaemonFactory) -> None:
         assert status["max_connections"] == 20 and status["status"] == "running"
         assert status["servers"] == [{"name": "primary", "host": "127.0.0.1",
                                       "port": status["servers"][0]["port"], "state": "primary",
-                                      "errors": 0}]
+                                      "lsn": 0, "reads_active": 0, "errors": 0}]
         details = cli_json(d, "details")  # the 0.5.0 name of status details
         assert details["connections"][0]["pid"] == pid
         assert details["connections"][0]["state"] == "active"

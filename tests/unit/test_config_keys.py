@@ -29,7 +29,9 @@ OURS = ["max_packet_size", "max_prepared_statements", "pin_timeout", "max_pinned
         "query_timeout", "idle_transaction_timeout", "transaction_timeout",
         "workers", "server_connect_timeout", "so_reuseport", "max_client_conn",
         "admin_users", "stats_users", "tls_crl_file", "tls_min_protocol_version",
-        "tls_max_protocol_version", "tls_ciphers", "metrics_client_groups"]
+        "tls_max_protocol_version", "tls_ciphers", "metrics_client_groups",
+        "max_replica_lag", "max_replica_lag_bytes", "replica_balance", "read_only_suffix",
+        "read_your_writes"]
 
 
 def _main_keys() -> dict[str, object]:

@@ -179,6 +179,23 @@ KEYS: tuple[Key, ...] = (
         "Role (and database) used for probes; required when health_check is on."),
     Key("startup_validation", "enum", "try", _LIVE,
         "Check servers' system_identifier at startup and reload.", choices=("off", "try", "on")),
+    # -- read replicas (health_check = on finds them) ------------------------------------------
+    Key("max_replica_lag", "duration", 0.0, _LIVE,
+        _OURS + "A replica further behind than this (time since the last commit it replayed, "
+        "when it has WAL left to replay) serves no reads; 0 = no bound. See docs/HA.md."),
+    Key("max_replica_lag_bytes", "size", 0, _LIVE,
+        _OURS + "A replica whose replay position is more than this many bytes of WAL behind "
+        "the primary serves no reads; 0 = no bound.", minimum=0),
+    Key("replica_balance", "enum", "least_busy", _LIVE,
+        _OURS + "How reads are spread over the healthy replicas: `least_busy` (fewest server "
+        "connections in use in the worker, ties in turn) or `round_robin`.",
+        choices=("least_busy", "round_robin")),
+    Key("read_only_suffix", "string", "", _LIVE,
+        _OURS + "A client asking for database `<name><suffix>` (e.g. `app_ro` with `_ro`) gets "
+        "database `<name>` on a replica; empty = off."),
+    Key("read_your_writes", "bool", True, _LIVE,
+        _OURS + "After a client's write transaction, its reads go only to replicas that have "
+        "replayed it (or to the primary). Transaction pipeline; see docs/HA.md."),
     # -- management and metrics ----------------------------------------------------------------
     Key("management", "int", 0, _NOT_LIVE, "TCP port for remote management; 0 = off.",
         minimum=0, maximum=65535),

@@ -111,6 +111,12 @@ class MainConfig:
     health_check_timeout: float = 5.0
     health_check_user: str = ""
     startup_validation: str = "try"
+    # read replicas
+    max_replica_lag: float = 0.0
+    max_replica_lag_bytes: int = 0
+    replica_balance: str = "least_busy"
+    read_only_suffix: str = ""
+    read_your_writes: bool = True
     # management and metrics
     management: int = 0
     metrics: int = 0

@@ -138,7 +138,11 @@ FAMILIES: dict[str, Family] = _families(
      "up to metrics_cache_max_age)."),
     ("pgcorral_max_connections", "gauge", (), "The max_connections setting."),
     ("pgcorral_server", "gauge", ("name", "host", "port", "state"),
-     "1 per server section; state is primary, failed or not_init."),
+     "1 per server section; state is primary, replica, lagging, down or unknown with "
+     "health_check on (docs/HA.md), else primary, failed or not_init."),
+    ("pgcorral_server_wal_position_bytes", "gauge", ("name",),
+     "WAL position the last health probe read: the primary's insert position, a replica's "
+     "replay position (0: not probed)."),
     ("pgcorral_clients", "gauge", ("state",),
      "Client connections by state: active, idle, waiting, login."),
     ("pgcorral_client_connections_total", "counter", (), "Client connections accepted."),
@@ -364,6 +368,8 @@ class SnapshotCollector(Collector):
         for section in s.get("server_sections", []):
             out.add("pgcorral_server", 1, section["name"], section["host"], section["port"],
                     _SECTION_STATE.get(section["state"], section["state"]))
+            out.add("pgcorral_server_wal_position_bytes", section.get("lsn", 0),
+                    section["name"])
         states = dict.fromkeys(_CLIENT_STATES, 0)
         for client in s["clients"]:
             states[client["state"]] = states.get(client["state"], 0) + 1

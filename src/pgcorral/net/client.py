@@ -53,12 +53,13 @@ from pgcorral.net.tls import TlsLink
 from pgcorral.pipelines import session
 from pgcorral.pipelines.settings import learn, reported_requests
 from pgcorral.pipelines.settings import plan as settings_plan
-from pgcorral.pool.pool import Grant, Slot, Waiter
+from pgcorral.pool.pool import Grant, Pool, Slot, Waiter
 from pgcorral.pool.stats import PoolStats, Tally
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.auth_md5 import MAX_AUTH_TOKEN_LENGTH, auth_message_length_error
 from pgcorral.protocol.framing import TERMINATE_SPLIT, BoundaryTracker, FramingError, MessageReader
+from pgcorral.protocol.readonly import session_attrs
 from pgcorral.protocol.startup import (
     NEWEST_MINOR,
     CancelRequest,
@@ -127,6 +128,11 @@ class ClientConnection(Endpoint):
         self.activity = 0  # chunks relayed from the client (disconnect_client samples it)
         self.seen_activity = (0, 0.0)  # (activity, when) at the last sample that saw a change
         self.settings: dict[str, str] = {}  # asked for at startup (options included)
+        #: issue 13: the client asked for a replica (``read_only_suffix`` database name, or
+        #: ``target_session_attrs``); its session (transaction pipeline: every transaction)
+        #: goes to a replica's pool (``home_pool``, chosen at login) when one is healthy
+        self.read_only = False
+        self.home_pool: Pool | None = None
         self.hba_rule: HbaRule | None = None
         self.tls: ssl.SSLObject | None = None  # set once a TLS handshake finished
         self._direct_tls = False  # the handshake began without an SSLRequest
@@ -418,6 +424,7 @@ class ClientConnection(Endpoint):
             raise StartupRejected("replication connections are not supported by pgcorral",
                                   sqlstate="0A000")
         settings = self.settings = _client_settings(params)
+        self._choose_route(settings)
         rule = self.hba_rule = self._hba_rule()
         if rule.clientcert:
             self._check_client_cert(rule)
@@ -431,6 +438,32 @@ class ClientConnection(Endpoint):
             self._start(self._authenticate_and_login(settings, rule))
         elif not self._login_now(settings, rule):
             self._start(self._login(settings, rule))
+
+    def _choose_route(self, settings: dict[str, str]) -> None:
+        """A read-only client (docs/HA.md): database ``<name><read_only_suffix>``, or
+        ``target_session_attrs`` given as a setting (``options=-c target_session_attrs=...``;
+        never sent on to PostgreSQL, which does not know it)."""
+        suffix = self.ctx.config.main.read_only_suffix
+        database = self.database
+        if suffix and database.endswith(suffix) and len(database) > len(suffix) and \
+                not console.is_console(database):
+            self.database = database[:-len(suffix)]
+            self.read_only = True
+        attrs = settings.pop("target_session_attrs", None)
+        if attrs is not None:
+            route = session_attrs(attrs)
+            if route is None:
+                raise StartupRejected(f'invalid target_session_attrs value: "{attrs}"',
+                                      sqlstate="22023")
+            self.read_only = self.read_only or route
+
+    def _pool(self) -> Pool:
+        """The pool this session's server connection comes from (chosen once, at login)."""
+        pool = self.home_pool
+        if pool is None:
+            ctx = self.ctx
+            pool = self.home_pool = ctx.read_pool(0) if self.read_only else ctx.pool
+        return pool
 
     def _asks_nothing(self, rule: HbaRule) -> bool:
         """Does pgcorral let the client in without a message exchange (``_authenticate``
@@ -460,13 +493,14 @@ class ClientConnection(Endpoint):
         ctx = self.ctx
         if ctx.config.main.validation == "foreground":
             return False
-        slot = ctx.pool.take_idle((ctx.config.real_database(self.database), self.user))
+        pool = self._pool()
+        slot = pool.take_idle((ctx.config.real_database(self.database), self.user))
         if slot is None:
             return False
         server: ServerConnection = slot.conn
         server.idle = False
         if server.closed:
-            ctx.pool.discard(slot)
+            pool.discard(slot)
             return False
         if not self._reuse_asks_nothing(server, rule):
             self._start(self._check_and_use(server, settings, rule))
@@ -621,7 +655,7 @@ class ClientConnection(Endpoint):
             server: ServerConnection = slot.conn
             server.idle = False
             if server.closed:
-                ctx.pool.discard(slot)
+                ctx.pool_of(slot, ctx.pool).discard(slot)
                 continue
             if ctx.config.main.validation == "foreground" and not await server.validate(
                     VALIDATION_TIMEOUT):
@@ -645,6 +679,7 @@ class ClientConnection(Endpoint):
 
     async def _acquire(self, key: tuple[str, str]) -> Grant:
         ctx = self.ctx
+        pool = self._pool()
         main = ctx.config.main
         timeout = main.blocking_timeout
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
@@ -658,15 +693,15 @@ class ClientConnection(Endpoint):
                 f'database "{key[0]}" became free within {timeout:g} s')
 
         def expire() -> None:  # called by the worker's WaitTimer (net.waits)
-            if isinstance(result, Waiter) and ctx.pool.cancel(result) and not granted.done():
+            if isinstance(result, Waiter) and pool.cancel(result) and not granted.done():
                 granted.set_exception(exhausted())
 
-        result = ctx.pool.request(key, timeout, self._granted, expire)
+        result = pool.request(key, timeout, self._granted, expire)
         if isinstance(result, Grant):
             return result
         assert self._ended is not None
         log.debug("client %s waits for a server connection for %s@%s (%d waiting)",
-                  self.address or "[local]", key[1], key[0], ctx.pool.waiting)
+                  self.address or "[local]", key[1], key[0], pool.waiting)
         if timeout > 0:
             ctx.waits.watch()
             waits: list[asyncio.Future[Any]] = [granted, self._ended]
@@ -676,14 +711,14 @@ class ClientConnection(Endpoint):
             finally:
                 self.wait_since_us = 0
                 self.login_wait_us += time.monotonic_ns() // 1000 - since
-        if not granted.done() and ctx.pool.cancel(result):
+        if not granted.done() and pool.cancel(result):
             if self._ended.done():
                 raise ConnectionLost("client left while waiting")
             raise exhausted()
         grant = granted.result()
         if self._ended.done():  # served just as the client left: give it back untouched
             if grant.new:
-                ctx.pool.discard(grant.slot)
+                pool.discard(grant.slot)
             else:
                 ctx.release_server(grant.slot.conn, clean=True)
             raise ConnectionLost("client left while waiting")
@@ -706,7 +741,7 @@ class ClientConnection(Endpoint):
             if server is not None:
                 server.poolable = False
                 server.close()
-            ctx.pool.discard(slot)
+            ctx.pool_of(slot, ctx.pool).discard(slot)
             if isinstance(exc, TimeoutError):
                 raise ServerUnavailable("timeout while logging in to the server") from None
             if isinstance(exc, ConnectionLost) and self.closed:
@@ -714,7 +749,7 @@ class ClientConnection(Endpoint):
             if isinstance(exc, ConnectionLost):
                 raise ServerUnavailable("server closed the connection during login") from None
             raise
-        ctx.pool.opened(slot)
+        ctx.pool_of(slot, ctx.pool).opened(slot)
         return server
 
     async def _relay_auth(self, request: bytes) -> bytes:

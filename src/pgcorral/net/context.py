@@ -16,11 +16,12 @@ import asyncio
 import logging
 import resource
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pgcorral.config import Config, HbaRule, ServerConfig
-from pgcorral.errors import DatabaseDisabled, ServerUnavailable
+from pgcorral.errors import DatabaseDisabled, NoPrimary, ServerUnavailable
 from pgcorral.net import dial
 from pgcorral.net.authquery import AuthQuery
 from pgcorral.net.cancels import CancelKeys
@@ -30,6 +31,7 @@ from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
 from pgcorral.pool.pool import Pool, Slot
 from pgcorral.pool.stats import GroupStats, PoolStats, group_key
+from pgcorral.pool.topology import Snapshot, configured_snapshot, pick_replica
 from pgcorral.protocol.statements import StatementRegistry
 from pgcorral.security import tls
 from pgcorral.security.secrets import Secrets
@@ -102,6 +104,17 @@ class Context:
         #: connections to each server section that failed to open (pgagroal_server_error)
         self.server_errors: dict[str, int] = {}
         self.switched_to: str | None = None  # switch-to: the server new connections go to
+        #: issue 13: the servers' roles as the health checker last saw them
+        #: (``supervisor.health``); before its first round, the configured primary only
+        self.topology: Snapshot = configured_snapshot(config.current_server(None).name)
+        #: a pool per replica server section that served reads here (``pool_for``)
+        self.replica_pools: dict[str, Pool] = {}
+        self.read_turn = 0  # round robin over the replicas
+        #: (when a health round began, the primary's WAL insert position it read): the last
+        #: rounds, oldest first, for read-your-writes (``read_pool``)
+        self.wal_marks: deque[tuple[float, int]] = deque(maxlen=64)
+        self.reads_to_replica = 0  # read routes served by a replica / by the primary
+        self.reads_to_primary = 0
         self.started_at = time.time()
         #: counters per (real database, user) and per client group (pool.stats)
         self.stats: dict[tuple[str, str], PoolStats] = {}
@@ -170,7 +183,114 @@ class Context:
 
     @property
     def server(self) -> ServerConfig:
+        """The server writes (and new connections of the primary pool) go to."""
+        primary = self.topology.primary
+        if primary is not None and self.topology.known:
+            server = self.config.server_named(primary)
+            if server is not None:
+                return server
         return self.config.current_server(self.switched_to)
+
+    # --- read routing (issue 13) -------------------------------------------------------------
+
+    @property
+    def has_replicas(self) -> bool:
+        return bool(self.topology.replicas)
+
+    def read_pool(self, wrote_at: float) -> Pool:
+        """The pool a read-only transaction or session takes a connection from: a healthy
+        replica's, chosen by ``replica_balance``; else the primary pool.
+
+        Read-your-writes: ``wrote_at`` is when the client's last transaction on the primary
+        ended (0.0: never, or the check is off). The first health round that began after it
+        read the primary's WAL insert position, which is at or past that transaction's
+        commit record; only a replica that has replayed that far qualifies. Until such a
+        round, the read goes to the primary. No query on the client's path: the cost is
+        that reads right after a write go to the primary for up to one
+        ``health_check_period`` (plus the replica's replay delay)."""
+        snapshot = self.topology
+        name = None
+        min_lsn = 0
+        if wrote_at:
+            for at, head in self.wal_marks:
+                if at > wrote_at:
+                    min_lsn = head
+                    break
+            else:
+                min_lsn = -1  # no round since the write: no replica is known to have it
+        if snapshot.replicas and min_lsn >= 0:
+            self.read_turn += 1
+            busy: dict[str, int] = {}
+            least_busy = self.config.main.replica_balance == "least_busy"
+            if least_busy:
+                for replica in snapshot.replicas:
+                    pool = self.replica_pools.get(replica)
+                    busy[replica] = 0 if pool is None else pool.count("active")
+            name = pick_replica(snapshot, min_lsn, busy, self.read_turn, least_busy)
+        if name is None:
+            self.reads_to_primary += 1
+            return self.pool
+        self.reads_to_replica += 1
+        return self.pool_for(name)
+
+    def pool_for(self, server: str) -> Pool:
+        """The pool of replica ``server``, made on first use (sharing the budget)."""
+        pool = self.replica_pools.get(server)
+        if pool is None:
+            main = self.pool
+            pool = Pool(main.max_connections, main.limits, time.monotonic, main.budget,
+                        server=server)
+            pool.paused = main.paused  # PAUSE/RESUME hold for every server
+            pool.on_starved = main.on_starved
+            self.replica_pools[server] = pool
+            self.waits.pools.append(pool)
+        return pool
+
+    def pools(self) -> list[Pool]:
+        return [self.pool, *self.replica_pools.values()]
+
+    @staticmethod
+    def pool_of(slot: Slot, default: Pool) -> Pool:
+        home = slot.home
+        return home if home is not None else default
+
+    def set_topology(self, snapshot: Snapshot) -> None:
+        """A new decision of the health checker: route by it, and close what it retired.
+        Idle connections of the primary pool to another server than the primary (or to any
+        server when writes are refused) are closed and busy ones are not pooled again; a
+        replica pool of a server no longer a healthy replica is emptied the same way."""
+        old, self.topology = self.topology, snapshot
+        primary = snapshot.primary
+        if primary is not None and snapshot.at:
+            self.wal_marks.append((snapshot.at, snapshot.lsn_of(primary)))
+        closed = marked = 0
+        for pool in self.pools():
+            if pool is self.pool:
+                keep = primary
+            else:
+                keep = pool.server if pool.server in snapshot.replicas else None
+            for slot in pool.slots():
+                conn = slot.conn
+                if conn is None or conn.server_name == keep:
+                    continue
+                if slot.state == "idle":
+                    conn.terminate()
+                    pool.discard(slot)
+                    closed += 1
+                elif conn.poolable:
+                    conn.poolable = False
+                    marked += 1
+        if old.primary != primary or closed or marked:
+            log.info("topology: primary %s, replicas %s; %d idle server connections closed, "
+                     "%d closed when their clients are done", primary or "none (refused)",
+                     ", ".join(snapshot.replicas) or "none", closed, marked)
+
+    def check_writable(self) -> None:
+        """NoPrimary (57P03) when the health checker sees no single primary."""
+        snapshot = self.topology
+        if snapshot.primary is None:
+            raise NoPrimary(f"no primary server: {snapshot.refusal}" if not
+                            snapshot.refusal.startswith("split brain") else snapshot.refusal)
 
     def apply(self, config: Config, secrets: Secrets) -> None:
         """A reloaded configuration: new hba, limits, vaults and reloadable keys for new
@@ -255,7 +375,15 @@ class Context:
         def factory() -> ServerConnection:
             return new_server(self, slot, lost)
 
-        server = self.server
+        home = slot.home
+        if home is not None and home.server:
+            replica = self.config.server_named(home.server)
+            if replica is None:
+                raise ServerUnavailable(f'server "{home.server}" is no longer configured')
+            server = replica
+        else:
+            self.check_writable()
+            server = self.server
         generation = self.tls_generation
         try:
             conn = await dial.connect(server, factory,
@@ -272,36 +400,39 @@ class Context:
 
     def server_lost(self, server: ServerConnection) -> None:
         self.notify_senders.pop(server.pid, None)  # its pid may come back as another backend
+        pool = self.pool_of(server.slot, self.pool)
         if server.draining:
-            self.pool.gone(server.slot)
+            pool.gone(server.slot)
             return
         client = server.peer
         if client is None:
-            self.pool.discard(server.slot)
+            pool.discard(server.slot)
         else:  # the linked client is told; its release then discards the slot
             client.server_lost()
 
     def release_server(self, server: ServerConnection, clean: bool) -> None:
         """Back to the pool if clean, else closed; either way the slot may serve a waiter."""
         slot = server.slot
+        pool = self.pool_of(slot, self.pool)
         too_old = Pool.too_old(slot, time.monotonic(), self.config.main.max_connection_age) \
             or server.tls_generation != self.tls_generation
         if clean and server.poolable and not server.closed and not too_old:
             server.idle = True
-            wanted_elsewhere = self.pool.release(slot)
+            wanted_elsewhere = pool.release(slot)
             if slot.state != "idle":  # handed straight to a waiter
                 server.idle = False
             elif wanted_elsewhere:  # a client of another worker waits for it
-                if self.offer is not None:  # session pooling: hand it over (net.handoff)
+                if self.offer is not None and pool is self.pool:
+                    # session pooling: hand it over (net.handoff)
                     self.offer(slot.key, slot.rule_no)
                 else:  # make room there
-                    self.pool.checkout_idle(slot)
+                    pool.checkout_idle(slot)
                     server.idle = False
                     server.terminate()
-                    self.pool.discard(slot)
+                    pool.discard(slot)
         else:
             server.terminate()
-            self.pool.discard(slot)
+            pool.discard(slot)
 
     # --- cancel ------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pgcorral.config import Config
 from pgcorral.net.console import is_console
 from pgcorral.pool.pool import ACTIVE, IDLE, OPENING
 from pgcorral.pool.stats import BUCKETS_US, PoolStats, Tally
+from pgcorral.pool.topology import Snapshot
 
 if TYPE_CHECKING:
     from pgcorral.net.context import Context
@@ -31,29 +32,54 @@ ALL_DATABASES = ("all", "*")
 def status(ctx: Context) -> dict[str, Any]:
     """Counts of the pool and the clients, servers, disabled databases, counters."""
     pool = ctx.pool
+    pools = ctx.pools()
     current = ctx.server.name
+    topology = ctx.topology
+    busy = {p.server: p.count(ACTIVE) for p in pools if p.server}
     servers = [{"name": s.name, "host": s.host, "port": s.port,
-                "state": "primary" if s.name == current else
-                "failed" if s.name in ctx.failed_servers else "notinit",
+                "state": _section_state(ctx, s.name, current),
+                "lsn": topology.lsn_of(s.name), "reads_active": busy.get(s.name, 0),
                 "errors": ctx.server_errors.get(s.name, 0)}
                for s in ctx.config.servers]
     return {
         "status": "graceful shutdown" if ctx.shutting_down or ctx.draining else "running",
-        "active_connections": pool.count(ACTIVE), "idle_connections": pool.count(IDLE),
-        "opening_connections": pool.count(OPENING), "total_connections": pool.total,
+        "active_connections": sum(p.count(ACTIVE) for p in pools),
+        "idle_connections": sum(p.count(IDLE) for p in pools),
+        "opening_connections": sum(p.count(OPENING) for p in pools),
+        "total_connections": sum(p.total for p in pools),
         "max_connections": pool.max_connections, "clients": len(ctx.clients),
-        "waiting_clients": pool.waiting, "pinned_clients": ctx.pinned,
+        "waiting_clients": sum(p.waiting for p in pools), "pinned_clients": ctx.pinned,
+        "writes_refused": topology.refusal if topology.primary is None else "",
+        "reads_to_replica": ctx.reads_to_replica, "reads_to_primary": ctx.reads_to_primary,
         "server": current, "servers": servers,
         "disabled": sorted(ctx.disabled), "counters": dict(ctx.counters),
         "worker": ctx.worker, "pid": os.getpid(),
     }
 
 
+def _section_state(ctx: Context, name: str, current: str) -> str:
+    """primary, replica, lagging, down (health_check on); else as pgagroal: primary, failed,
+    notinit."""
+    topology = ctx.topology
+    if topology.known:
+        state = topology.state_of(name)
+        if state == "primary" and topology.primary is None:
+            return "primary (split brain)" if topology.refusal.startswith("split") else state
+        return state
+    return "primary" if name == current else \
+        "failed" if name in ctx.failed_servers else "notinit"
+
+
+def set_topology(ctx: Context, snapshot: Snapshot) -> None:
+    """The health checker's decision (``supervisor.health``): route by it."""
+    ctx.set_topology(snapshot)
+
+
 def details(ctx: Context) -> dict[str, Any]:
     """``status`` plus one entry per server connection and per client."""
     now_mono, now = time.monotonic(), time.time()
     connections = []
-    for slot in sorted(ctx.pool.slots(), key=lambda s: s.id):
+    for slot in sorted((s for p in ctx.pools() for s in p.slots()), key=lambda s: s.id):
         conn = slot.conn
         connections.append({
             "id": slot.id, "state": slot.state, "database": slot.key[0],
@@ -229,7 +255,7 @@ def stats(ctx: Context) -> dict[str, Any]:
         entry["maxwait_us"] = max(entry["maxwait_us"], int((now_mono - since) * 1e6))
     servers = []
     prepared: dict[tuple[str, str], list[int]] = {}
-    for slot in sorted(ctx.pool.slots(), key=lambda s: s.id):
+    for slot in sorted((s for p in ctx.pools() for s in p.slots()), key=lambda s: s.id):
         state = _server_state(slot)
         pool_entry(slot.key)["sv_" + state] += 1
         servers.append(_server_row(ctx, slot, state, now, now_mono))
@@ -265,7 +291,8 @@ def pause(ctx: Context, database: str) -> list[str]:
 
 
 def resume(ctx: Context, database: str) -> list[str]:
-    ctx.pool.resume("*" if database in ALL_DATABASES else ctx.config.real_database(database))
+    for pool in ctx.pools():  # (they share one set of paused databases)
+        pool.resume("*" if database in ALL_DATABASES else ctx.config.real_database(database))
     log.info("resumed %s", database)
     return sorted(ctx.pool.paused)
 
@@ -294,13 +321,13 @@ def flush(ctx: Context, mode: str, database: str | None = None) -> dict[str, int
     close when their client leaves; all: also abort the clients in session and close their
     server connections. Limited to ``database`` when given."""
     closed = marked = aborted = 0
-    for slot in ctx.pool.idle_slots():
+    for slot in [s for p in ctx.pools() for s in p.idle_slots()]:
         if _matches(ctx, database, slot.key[0]):
             slot.conn.terminate()
-            ctx.pool.discard(slot)
+            ctx.pool_of(slot, ctx.pool).discard(slot)
             closed += 1
     if mode in ("gracefully", "all"):
-        for slot in ctx.pool.slots():
+        for slot in [s for p in ctx.pools() for s in p.slots()]:
             if slot.state != IDLE and slot.conn is not None and _matches(
                     ctx, database, slot.key[0]):
                 slot.conn.poolable = False  # release closes it instead of pooling it
@@ -418,4 +445,5 @@ def kill_client(ctx: Context, client_id: int) -> bool:
 #: What the management layer may call, by name (the supervisor sends these names to workers).
 OPERATIONS = {f.__name__: f for f in (status, details, stats, pause, resume, disable, enable,
                                        flush, switch_to, clear_server, clear_counters,
-                                       set_main_key, set_server_key, kill_client)}
+                                       set_main_key, set_server_key, kill_client,
+                                       set_topology)}

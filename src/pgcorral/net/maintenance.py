@@ -62,14 +62,17 @@ async def prefill(ctx: Context, initial: bool) -> int:
 def close_expired(ctx: Context) -> int:
     """Close idle connections past idle_timeout or max_connection_age; how many."""
     main = ctx.config.main
-    expired = ctx.pool.expired_idle(time.monotonic(), main.idle_timeout,
-                                    main.max_connection_age)
-    for slot in expired:
-        log.debug("closing idle server connection %d (%s@%s)", slot.id, slot.key[1],
-                  slot.key[0])
-        slot.conn.terminate()
-        ctx.pool.discard(slot)
-    return len(expired)
+    now = time.monotonic()
+    closed = 0
+    for pool in ctx.pools():  # the primary's and each replica's
+        expired = pool.expired_idle(now, main.idle_timeout, main.max_connection_age)
+        for slot in expired:
+            log.debug("closing idle server connection %d (%s@%s)", slot.id, slot.key[1],
+                      slot.key[0])
+            slot.conn.terminate()
+            pool.discard(slot)
+        closed += len(expired)
+    return closed
 
 
 def disconnect_idle_clients(ctx: Context) -> int:
@@ -158,10 +161,10 @@ def enforce_timeouts(ctx: Context) -> int:
 
 async def validate_idle(ctx: Context) -> None:
     """Background validation: check every idle connection; close the broken ones."""
-    for slot in ctx.pool.idle_slots():
+    for slot in [s for pool in ctx.pools() for s in pool.idle_slots()]:
         if slot.state != "idle":  # taken meanwhile
             continue
         server: ServerConnection = slot.conn
-        ctx.pool.checkout_idle(slot)
+        ctx.pool_of(slot, ctx.pool).checkout_idle(slot)
         server.idle = False
         ctx.release_server(server, await server.validate(VALIDATION_TIMEOUT))

@@ -50,7 +50,7 @@ from pgcorral.net.notify import (  # LISTEN/NOTIFY (issue 14)
     record_sender,
 )
 from pgcorral.pipelines.session import RESET_TIMEOUT
-from pgcorral.pool.pool import Grant, Slot, Waiter
+from pgcorral.pool.pool import Grant, Pool, Slot, Waiter
 from pgcorral.protocol import codes
 from pgcorral.protocol import messages as msg
 from pgcorral.protocol.listen import (  # LISTEN/NOTIFY (issue 14)
@@ -59,6 +59,8 @@ from pgcorral.protocol.listen import (  # LISTEN/NOTIFY (issue 14)
     parse_listen,
 )
 from pgcorral.protocol.messages import fatal_ending_at
+from pgcorral.protocol.readonly import LOOK as READ_ONLY_LOOK
+from pgcorral.protocol.readonly import starts_read_only
 from pgcorral.protocol.replyplan import own_query_step
 from pgcorral.protocol.rewrite import CLOSE_COMPLETE, PARSE_COMPLETE, close_locally, parse_locally
 from pgcorral.protocol.sessionsql import (
@@ -142,7 +144,7 @@ def _extra(settings: dict[str, str], names: dict[str, str]) -> dict[str, str]:
 def _give_back(ctx: Context, grant: Grant) -> None:
     """A grant the client can no longer use."""
     if grant.new:
-        ctx.pool.discard(grant.slot)
+        ctx.pool_of(grant.slot, ctx.pool).discard(grant.slot)
     else:
         ctx.release_server(grant.slot.conn, clean=True)
 
@@ -219,6 +221,11 @@ class TransactionClient(ClientConnection):
         self._notes: list[bytes] = []
         self._notes_bytes = 0
         self._listen_stmts: set[bytes] = set()
+        # issue 13 (docs/HA.md): the pool of the transaction being served, and when this
+        # client's last transaction on the primary ended (read-your-writes)
+        self.tx_pool: Pool = ctx.pool
+        self.tx_read = False  # it is a read (it cannot have written on the primary)
+        self.wrote_at = 0.0
 
     # --- bytes from the client ---------------------------------------------------------------
 
@@ -288,7 +295,13 @@ class TransactionClient(ClientConnection):
         elif (type_ == _PARSE_TYPE or (type_ == _BIND_TYPE and self._listen_stmts)) and (
                 self._listen_extended(data)):
             return
-        slot = ctx.pool.take_idle(self.key)
+        if ctx.topology.replicas:  # issue 13: a read-only transaction may go to a replica
+            pool = self._route(data, type_, length)
+        else:
+            pool = ctx.pool
+            self.tx_read = False
+        self.tx_pool = pool
+        slot = pool.take_idle(self.key)
         if slot is not None:
             self._take(slot)
             return
@@ -304,7 +317,7 @@ class TransactionClient(ClientConnection):
         # bound methods made per wait (rare: no idle connection), not kept on self: that
         # made every client a reference cycle, freed only by the cyclic collector (with the
         # OpenSSL memory of a TLS client, which it does not count)
-        result = ctx.pool.request(self.key, timeout, self._granted_tx, self._wait_expired)
+        result = pool.request(self.key, timeout, self._granted_tx, self._wait_expired)
         if isinstance(result, Grant):
             self._use_grant(result)
             return
@@ -315,6 +328,23 @@ class TransactionClient(ClientConnection):
             return
         ctx.waits.watch()  # one timer for every waiting client (net.waits)
 
+    def _route(self, data: bytes, type_: int, length: int) -> Pool:
+        """Issue 13: the pool of this transaction, a replica's when it is read-only (the
+        client's route, or its first Query: ``protocol.readonly``) and a healthy replica has
+        replayed this client's last transaction on the primary (read-your-writes,
+        ``Context.read_pool``); else the primary's."""
+        declared = type_ == _QUERY_TYPE and starts_read_only(
+            data[5:min(length, 5 + READ_ONLY_LOOK)])
+        ctx = self.ctx
+        if not (declared or self.read_only):
+            self.tx_read = False
+            return ctx.pool
+        pool = ctx.read_pool(self.wrote_at if ctx.config.main.read_your_writes else 0.0)
+        # a READ ONLY transaction cannot write, wherever it runs; a read-only client's
+        # transaction sent to the primary (no replica qualified) is not stopped from writing
+        self.tx_read = declared or pool is not ctx.pool
+        return pool
+
     def _granted_tx(self, grant: Grant) -> None:
         """The pool serves our place in line: linked at once. (The pool calls this last in
         its bookkeeping; a transaction linked here cannot end before a server reply comes, so
@@ -324,7 +354,7 @@ class TransactionClient(ClientConnection):
 
     def _wait_expired(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is None or not self.ctx.pool.cancel(waiter):
+        if waiter is None or not self.tx_pool.cancel(waiter):
             return  # served meanwhile
         self._acquiring = False
         self._fail(PoolExhausted(
@@ -358,7 +388,7 @@ class TransactionClient(ClientConnection):
             return
         server.idle = False
         if server.closed:
-            ctx.pool.discard(slot)
+            ctx.pool_of(slot, ctx.pool).discard(slot)
             self._acquiring = False
             self._want_server()
             return
@@ -535,6 +565,11 @@ class TransactionClient(ClientConnection):
 
     def _unlink(self, server: TxServerConnection) -> None:
         self.server = self.peer = self.linked = None
+        ctx = self.ctx
+        if ctx.topology.known and server.slot.home is ctx.pool and not self.tx_read:
+            # read-your-writes: when this client's last primary transaction ended (it may
+            # have written; Context.read_pool compares with the health checker's rounds)
+            self.wrote_at = time.monotonic()
         server.peer = server.client = None
         server.client_id = 0
         # what the transaction did is the client's; it held the connection for its length
@@ -986,7 +1021,7 @@ class TransactionClient(ClientConnection):
         ctx.cancels.drop(self, self.cancel_pid)
         ctx.notify.leave(self)  # LISTEN/NOTIFY: unsubscribed from everything (net.notify)
         if self._waiter is not None:
-            ctx.pool.cancel(self._waiter)
+            self.tx_pool.cancel(self._waiter)
             self._waiter = None
         if self._grant_pending is not None:
             _give_back(ctx, self._grant_pending)

@@ -17,13 +17,17 @@ from pgcorral.pool.pool import Pool
 
 class WaitTimer:
     def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+        self.pools = [pool]  # the primary pool, then each replica pool made (net.context)
         self._handle: asyncio.TimerHandle | None = None
         self._at = 0.0
 
     def watch(self) -> None:
         """A waiter joined the line (or the line changed): fire at the earliest deadline."""
-        deadline = self.pool.next_deadline()
+        deadline = None
+        for pool in self.pools:
+            at = pool.next_deadline()
+            if at is not None and (deadline is None or at < deadline):
+                deadline = at
         if deadline is None:
             return
         if self._handle is not None:
@@ -36,9 +40,11 @@ class WaitTimer:
 
     def _fire(self) -> None:
         self._handle = None
-        for waiter in self.pool.expired_waiters(time.monotonic()):
-            if waiter.expire is not None:
-                waiter.expire()
-            else:
-                self.pool.cancel(waiter)
+        now = time.monotonic()
+        for pool in self.pools:
+            for waiter in pool.expired_waiters(now):
+                if waiter.expire is not None:
+                    waiter.expire()
+                else:
+                    pool.cancel(waiter)
         self.watch()

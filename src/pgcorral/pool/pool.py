@@ -42,11 +42,13 @@ CLOSED = "closed"
 class Slot:
     """One server connection, as the pool sees it."""
 
-    __slots__ = ("conn", "created_at", "id", "key", "last_used", "rule", "rule_no", "state")
+    __slots__ = ("conn", "created_at", "home", "id", "key", "last_used", "rule", "rule_no",
+                 "state")
 
     def __init__(self, slot_id: int, key: Key, rule: LimitRule | None, now: float,
-                 rule_no: int = NO_RULE) -> None:
+                 rule_no: int = NO_RULE, home: Pool | None = None) -> None:
         self.id = slot_id
+        self.home = home  # the pool it belongs to (None: a connection kept outside pools)
         self.key = key
         self.rule = rule
         self.rule_no = rule_no  # the rule's number in the budget (0: none)
@@ -87,7 +89,12 @@ class Waiter:
 
 class Pool:
     def __init__(self, max_connections: int, limits: Sequence[LimitRule],
-                 clock: Callable[[], float], budget: Budget | None = None) -> None:
+                 clock: Callable[[], float], budget: Budget | None = None,
+                 server: str = "") -> None:
+        #: the server section of a replica pool (issue 13: read routing); "" for the pool of
+        #: the primary, whichever server that is now. Replica pools share the primary pool's
+        #: budget, so max_connections and the limits hold over all servers together.
+        self.server = server
         self.max_connections = max_connections
         self.limits = tuple(limits)
         self.clock = clock
@@ -268,7 +275,7 @@ class Pool:
         rule = self.rule_for(key)
         rule_no = self.rule_number(rule)
         self.budget.adopt(rule_no)
-        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no)
+        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no, self)
         slot.state = ACTIVE
         self._slots[slot.id] = slot
         return slot
@@ -333,7 +340,7 @@ class Pool:
         cap = target if rule is None else min(target, rule.max_size)
         if self.budget.claim(rule_no, cap, self.max_connections) != OK:
             return None
-        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no)
+        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no, self)
         self._slots[slot.id] = slot
         return slot
 
@@ -375,7 +382,7 @@ class Pool:
             self._remove_idle(victim)
             victim.state = CLOSED
             del self._slots[victim.id]
-        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no)
+        slot = Slot(next(self._ids), key, rule, self.clock(), rule_no, self)
         self._slots[slot.id] = slot
         return Grant(slot, new=True, victim=victim)
 

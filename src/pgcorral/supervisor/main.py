@@ -28,6 +28,7 @@ from pgcorral.management.server import ManagementServer
 from pgcorral.management.services import start_http
 from pgcorral.net import control
 from pgcorral.security.secrets import Secrets
+from pgcorral.supervisor.health import HealthChecker
 from pgcorral.supervisor.multi import Supervisor
 from pgcorral.supervisor.process import sd_notify
 from pgcorral.supervisor.reload import ReloadConfig, reload_files
@@ -44,6 +45,9 @@ class Daemon:
         self.management = ManagementServer(self)
         # the SQL admin console runs management commands with this daemon as controller
         self.ctx.admin_console = functools.partial(sqlconsole.answer, manage=self._manage)
+        #: issue 13: probes the servers, routes this process's pool by their roles
+        self.health = HealthChecker(config, secrets, self.ctx.set_topology,
+                                    lambda: self.ctx.switched_to)
 
     # --- the Controller of management.commands -----------------------------------------------
 
@@ -60,7 +64,10 @@ class Daemon:
         return self.ctx.shutting_down
 
     async def call(self, operation: str, *args: Any) -> Any:
-        return control.OPERATIONS[operation](self.ctx, *args)
+        answer = control.OPERATIONS[operation](self.ctx, *args)
+        if operation == "switch_to":
+            self.health.poke()
+        return answer
 
     def note_command(self) -> None:
         self.ctx.counters["management_commands"] += 1
@@ -82,6 +89,7 @@ class Daemon:
             sd_notify("READY=1")
             return list(exc.problems) or [str(exc)]
         self.runtime.apply(config, secrets)
+        self.health.apply(config, secrets)
         log.info("configuration reloaded")
         sd_notify("READY=1")
         return []
@@ -109,7 +117,9 @@ class Daemon:
                  "event loop %s", main.host, main.port, runtime.unix_path, server.name,
                  server.host, server.port, loop_kind())
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+        self.health.start()
         mode = await runtime.run()
+        self.health.stop()
         sd_notify("STOPPING=1")
         self.management.close()
         for service in http:

@@ -38,9 +38,11 @@ from pgcorral.management.commands import dispatch
 from pgcorral.management.server import ManagementServer
 from pgcorral.management.services import start_http
 from pgcorral.net.control import replace_main_key, replace_server_key
+from pgcorral.pool.topology import Snapshot
 from pgcorral.security.secrets import Secrets
 from pgcorral.supervisor import peers
 from pgcorral.supervisor.channel import Channel, ChannelClosed, send_blocking
+from pgcorral.supervisor.health import HealthChecker
 from pgcorral.supervisor.logs import level_of
 from pgcorral.supervisor.process import sd_notify
 from pgcorral.supervisor.reload import ReloadConfig, reload_files
@@ -60,7 +62,8 @@ QUICK_DEATH = 5.0
 RESTART_PAUSE_MAX = 30.0
 #: status fields that are summed over workers
 _SUMMED = ("active_connections", "idle_connections", "opening_connections",
-           "total_connections", "clients", "waiting_clients", "pinned_clients")
+           "total_connections", "clients", "waiting_clients", "pinned_clients",
+           "reads_to_replica", "reads_to_primary")
 
 
 class WorkerHandle:
@@ -97,7 +100,11 @@ class Supervisor:
         self._done: asyncio.Future[None] | None = None
         self._commands = 0
         self._state: dict[str, Any] = {"disabled": set(), "switched_to": None,
-                                       "failed_servers": set(), "paused": set()}
+                                       "failed_servers": set(), "paused": set(),
+                                       "topology": None}
+        #: issue 13: one health checker for every worker; its decisions go to each
+        self.health = HealthChecker(config, secrets, self._publish_topology,
+                                    lambda: self._state["switched_to"])
         self._tasks: set[asyncio.Task[Any]] = set()
         self._quick_deaths: dict[int, int] = {}  # worker index -> deaths soon after start
 
@@ -145,6 +152,7 @@ class Supervisor:
             state["paused"] = set(answer)
         elif operation == "switch_to":
             state["switched_to"] = args[0]
+            self.health.poke()
             if answer not in (None, args[0]):  # the previous server is marked failed
                 state["failed_servers"].add(answer)
             state["failed_servers"].discard(args[0])
@@ -200,6 +208,7 @@ class Supervisor:
         self._config, self._secrets = config, secrets
         logging.getLogger().setLevel(level_of(config.main.log_level))
         self._broadcast("apply", config, secrets)
+        self.health.apply(config, secrets)
         log.info("configuration reloaded")
         sd_notify("READY=1")
         return []
@@ -238,7 +247,9 @@ class Supervisor:
                  server.name, server.host, server.port, loop_kind(), self.count,
                  " ".join(str(h.pid) for h in self.workers.values()))
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+        self.health.start()
         await self._done
+        self.health.stop()
         self.management.close()
         for service in http:
             service.close()
@@ -363,6 +374,10 @@ class Supervisor:
                         handle.pid)
             with contextlib.suppress(ProcessLookupError):
                 handle.proc.kill()
+
+    def _publish_topology(self, snapshot: Snapshot) -> None:
+        self._state["topology"] = snapshot  # for a worker started later
+        self._broadcast("topology", snapshot)
 
     def _broadcast(self, *message: Any) -> None:
         for handle in self.workers.values():
@@ -512,6 +527,10 @@ def merge_status(answers: list[dict[str, Any]], supervisor: Supervisor) -> dict[
     for name in _SUMMED:
         out[name] = sum(a[name] for a in answers)
     out["servers"] = _merge_sections(answers)
+    # writes are refused if any worker refuses them (they follow the same decisions, a
+    # moment apart)
+    out["writes_refused"] = next((a.get("writes_refused") for a in answers
+                                  if a.get("writes_refused")), "")
     counters: dict[str, int] = {}
     for answer in answers:
         for name, value in answer["counters"].items():

@@ -65,6 +65,8 @@ class Worker:
         ctx.switched_to = state["switched_to"]
         ctx.failed_servers.update(state["failed_servers"])
         ctx.pool.paused.update(state["paused"])
+        if state.get("topology") is not None:  # the health checker's last decision
+            ctx.set_topology(state["topology"])
         self.channel = Channel(self._on_message, self._on_lost)
         self._starving = False
         # SCM_RIGHTS to and from the supervisor (server connections handed over)
@@ -169,7 +171,10 @@ class Worker:
             self._starving = False
             ctx.pool.retry()
         elif kind == "retry":
-            ctx.pool.retry()
+            for pool in ctx.pools():
+                pool.retry()
+        elif kind == "topology":  # supervisor.health decided (issue 13)
+            ctx.set_topology(message[1])
         elif kind == "cancel":
             asyncio.get_running_loop().create_task(
                 ctx.forward_cancel(message[1], message[2], local_only=True))
