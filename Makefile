@@ -118,6 +118,18 @@ clean:
 	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +
 	find src -name '*.so' -delete
 
+# The soak (tests/soak): the fuzzer's mixes through pgcorral (2 workers) with faults on a
+# schedule (backend kills, SIGHUP, a worker's kill -9, a PostgreSQL fast restart, a black-holed
+# network), then the figures. SOAK_SECONDS (1800), SOAK_FAULT_INTERVAL, SOAK_SEED, SOAK_WORKERS,
+# SOAK_POOL, SOAK_CLIENTS: see tests/soak/soak.py. soak-ci: the 2-minute version CI runs
+# (as tests/soak/test_soak.py).
+.PHONY: soak soak-ci
+soak: build
+	PYTHONPATH=src $(VPY) -m tests.soak
+
+soak-ci: build
+	SOAK_SECONDS=$${SOAK_SECONDS:-120} PYTHONPATH=src $(VPY) -m tests.soak
+
 # issue 13's Patroni end-to-end run in full (tests/ha/test_patroni.py, docs/HA-TESTING.md): etcd
 # and two Patroni nodes on loopback, three kills of the leader's postmaster under load, directly
 # and through pgcorral (1, then 2 workers); about 7 minutes. Prints the figures and writes them
