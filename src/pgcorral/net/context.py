@@ -472,6 +472,16 @@ class Context:
         held = server if hasattr(server, "cancel_done") else None
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
+            # pgcorral's own statement may run first on this backend (the client's settings
+            # or prepared statements, linked just now): a cancel would hit it, its error would
+            # be dropped with its replies, and the client's statement would run without its
+            # settings (the soak of issue 15 saw application_name lost so, once in 649,147
+            # transactions). Wait until it is done (bounded), then the cancel reaches the
+            # client's statement, as it would on PostgreSQL.
+            deadline = time.monotonic() + OWN_STEP_WAIT
+            while _own_step_running(held) and not held.closed and \
+                    time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
         # the backend's server, with its section's TLS: not where switch-to sends new ones
         target = self.config.current_server(server.server_name or self.switched_to)
         try:
@@ -483,6 +493,17 @@ class Context:
         finally:
             if held is not None:
                 held.cancel_done()
+
+
+#: how long a cancel waits for pgcorral's own statement on the backend to finish
+OWN_STEP_WAIT = 2.0
+
+
+def _own_step_running(server: Any) -> bool:
+    """Is the reply the transaction pipeline waits for first that of pgcorral's own request
+    (a ``drop`` step: settings, prepared statements, the session-state probe)?"""
+    steps = server.router.plan.steps
+    return bool(steps) and bool(steps[0].drop)
 
 
 def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:
