@@ -24,69 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import pwd
-import resource
-import shutil
-import signal
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from devtools.pgcluster import PgCluster, find_free_port, unprivileged_user  # noqa: E402
-
-
-def pss_kib(root: int) -> int:
-    """PSS of ``root`` and its descendants, KiB (``/proc/PID/smaps_rollup``)."""
-    pids = [root]
-    children = Path(f"/proc/{root}/task/{root}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
-
-
-def fds(root: int) -> int:
-    pids = [root]
-    children = Path(f"/proc/{root}/task/{root}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids if Path(f"/proc/{pid}").exists())
-
-
-def startup(user: str, database: str) -> bytes:
-    body = struct.pack("!i", 196608) + f"user\0{user}\0database\0{database}\0\0".encode()
-    return struct.pack("!i", len(body) + 4) + body
-
-
-async def login(port: int, user: str, database: str, wait_ready: bool
-                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(startup(user, database))
-    await writer.drain()
-    if wait_ready:
-        while True:
-            head = await reader.readexactly(5)
-            body = await reader.readexactly(struct.unpack("!i", head[1:])[0] - 4)
-            if head[:1] == b"E":
-                raise RuntimeError(f"login refused: {body!r}")
-            if head[:1] == b"Z":
-                break
-    return reader, writer
+from pooler import fds, login, pooler_run, pss_kib, raise_fd_limit, wait_ready
 
 
 async def query_latency(port: int, user: str, database: str, seconds: float) -> float:
@@ -123,59 +70,9 @@ async def hold(port: int, n: int, user: str, database: str, wait_ready: bool,
     return writers
 
 
-def start_pgcorral(workdir: Path, pg: PgCluster,
-                   args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    port = find_free_port()
-    conf = workdir / "pgcorral.conf"
-    conf.write_text(
-        "[pgcorral]\nhost = 127.0.0.1\n"
-        f"port = {port}\nunix_socket_dir = {workdir}\nlog_type = file\n"
-        f"log_path = {workdir}/pgcorral.log\nlog_level = warn\n"
-        f"pipeline = {args.pipeline}\nmax_connections = {args.pool}\n"
-        f"workers = {args.workers}\nblocking_timeout = {int(args.timeout)}\n"
-        f"\n[primary]\nhost = 127.0.0.1\nport = {pg.port}\n")
-    hba = workdir / "hba.conf"
-    hba.write_text("host all all 127.0.0.1/32 trust\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.Popen([sys.executable, "-m", "pgcorral", "-c", str(conf), "-a", str(hba)],
-                            env=env, cwd=workdir)
-    proc.port = port  # type: ignore[attr-defined]
-    return proc
-
-
-def start_pgbouncer(workdir: Path, pg: PgCluster,
-                    args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    port = find_free_port()
-    ini = workdir / "pgbouncer.ini"
-    users = workdir / "users.txt"
-    users.write_text(f'"{args.user}" ""\n')
-    ini.write_text(
-        f"[databases]\n* = host=127.0.0.1 port={pg.port}\n[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {users}\npool_mode = {args.pipeline}\n"
-        f"default_pool_size = {args.pool}\nmax_client_conn = {args.clients + 100}\n"
-        f"query_wait_timeout = {int(args.timeout)}\nlogfile = {workdir}/pgbouncer.log\n")
-    user = unprivileged_user()  # PgBouncer refuses to run as root
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        for path in (workdir, ini, users):
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-    proc = subprocess.Popen(["pgbouncer", str(ini)], cwd=workdir, user=user,
-                            group=pwd.getpwnam(user).pw_gid if user else None,
-                            extra_groups=[] if user else None)
-    proc.port = port  # type: ignore[attr-defined]
-    return proc
-
-
 async def measure(args: argparse.Namespace, proc: subprocess.Popen[bytes]) -> dict[str, object]:
     port: int = proc.port  # type: ignore[attr-defined]
-    for _ in range(200):
-        try:
-            _, w = await login(port, args.user, args.database, wait_ready=True)
-            w.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.1)
+    await wait_ready(port, args.user, args.database)
     latency_before = await query_latency(port, args.user, args.database, 2)
     await asyncio.sleep(1)
     before, fds_before = pss_kib(proc.pid), fds(proc.pid)
@@ -212,35 +109,16 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     args.user, args.database = "postgres", "postgres"
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    hard = raise_fd_limit()
     if args.clients + 200 > hard:
         print(f"the fd limit ({hard}) is too low for {args.clients} clients", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="idle-clients-"))
-    os.chmod(workdir, 0o755)
-    pg = PgCluster(str(workdir / "pg"))
-    pg.init()
-    pg.start()
-    proc = None
-    try:
-        proc = (start_pgcorral if args.target == "pgcorral" else start_pgbouncer)(
-            workdir, pg, args)
+    with pooler_run("idle-clients-", args) as proc:
         result = asyncio.run(asyncio.wait_for(measure(args, proc), args.timeout))
-        result.update(target=args.target, pipeline=args.pipeline, workers=args.workers,
-                      pool=args.pool)
-        print(json.dumps(result, indent=2))
-        return 0
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
+    result.update(target=args.target, pipeline=args.pipeline, workers=args.workers,
+                  pool=args.pool)
+    print(json.dumps(result, indent=2))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,8 @@ Reports JSON: connections attempted, served, refused (an error from the pooler),
 (anything else: timeouts, resets), achieved rate, the steady client's latency (median, p99,
 max) during the storm and alone before it, and the pooler's memory (PSS) and descriptors
 before, right after, and 5 s after the storm (no growth once the storm ends is the goal).
-Loopback only; bounded by --seconds and per-connection timeouts. Uses bench/idle_clients.py's
-helpers to start PostgreSQL and the pooler.
+Loopback only; bounded by --seconds and per-connection timeouts. PostgreSQL and the pooler
+are started and stopped by bench/pooler.py.
 """
 
 from __future__ import annotations
@@ -18,21 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import resource
-import shutil
-import signal
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import idle_clients as ic
+import pooler as ic
 
 Q1 = b"SELECT 1\0"
 QUERY = b"Q" + struct.pack("!i", len(Q1) + 4) + Q1
@@ -97,13 +92,7 @@ def quantiles(samples: list[float]) -> dict[str, float]:
 async def storm(args: argparse.Namespace, proc: subprocess.Popen[bytes]) -> dict[str, object]:
     port: int = proc.port  # type: ignore[attr-defined]
     user, database = args.user, args.database
-    for _ in range(200):
-        try:
-            _, w = await ic.login(port, user, database, wait_ready=True)
-            w.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.1)
+    await ic.wait_ready(port, user, database)
     alone: list[float] = []
     stop = asyncio.Event()
     task = asyncio.create_task(steady(port, user, database, stop, alone))
@@ -150,32 +139,12 @@ def main() -> int:
     parser.add_argument("--target", choices=["pgcorral", "pgbouncer"], default="pgcorral")
     args = parser.parse_args()
     args.user, args.database, args.timeout, args.clients = "postgres", "postgres", 30, 10000
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    workdir = Path(tempfile.mkdtemp(prefix="storm-"))
-    os.chmod(workdir, 0o755)
-    pg = ic.PgCluster(str(workdir / "pg"))
-    pg.init()
-    pg.start()
-    proc = None
-    try:
-        proc = (ic.start_pgcorral if args.target == "pgcorral" else ic.start_pgbouncer)(
-            workdir, pg, args)
+    with ic.pooler_run("storm-", args) as proc:
         result = asyncio.run(storm(args, proc))
-        result.update(target=args.target, pipeline=args.pipeline, workers=args.workers,
-                      pool=args.pool, seconds=args.seconds)
-        print(json.dumps(result, indent=2))
-        return 0
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
+    result.update(target=args.target, pipeline=args.pipeline, workers=args.workers,
+                  pool=args.pool, seconds=args.seconds)
+    print(json.dumps(result, indent=2))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -596,8 +596,9 @@ class PgCluster:
     ) -> None:
         """Make this cluster a primary that replicas can stream from: wal_level = replica,
         max_wal_senders, max_replication_slots, hot_standby = on (inherited by replicas made
-        with pg_basebackup), and a pg_hba ``replication`` trust line for loopback when there
-        is none.  Call after init() and before start() (wal_level needs a restart)."""
+        with pg_basebackup), wal_log_hints and full_page_writes on (for pg_rewind), a pg_hba
+        ``replication`` trust line for loopback when there is none.  Call after init() and
+        before start() (wal_level needs a restart)."""
         if not os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
             raise PgClusterError("enable_replication() needs init() first")
         self.append_conf({
@@ -606,6 +607,8 @@ class PgCluster:
             "max_replication_slots": str(max_wal_senders),
             "hot_standby": "on",
             "wal_keep_size": "64MB",
+            "wal_log_hints": "on",  # so that pg_rewind (rejoin()) can run on it later,
+            "full_page_writes": "on",  # which needs these two on its source
             **(settings or {}),
         })
         hba = os.path.join(self.datadir, "pg_hba.conf")
@@ -701,6 +704,54 @@ class PgCluster:
             replica.start()
             replica.wait_streaming()
         return replica
+
+    def rejoin(
+        self, primary: PgCluster, *, name: str | None = None, slot: str | None = None,
+        start: bool = True,
+    ) -> None:
+        """Make this cluster (an old primary, stopped or killed) a streaming replica of
+        ``primary`` (the promoted one): pg_rewind from it (which first finishes the crash
+        recovery of a killed server), then standby.signal and primary_conninfo.  name: the
+        application_name (default: the base directory's name); slot: created on
+        ``primary`` when missing."""
+        if self.postmaster_pid() is not None and pid_alive(self.postmaster_pid() or 0):
+            self.stop("fast")
+        self._running = False
+        app = name if name is not None else os.path.basename(self.basedir)
+        # A just-promoted server's control file still names the old timeline until its first
+        # checkpoint; pg_rewind would then find nothing to rewind.
+        primary.psql("CHECKPOINT")
+        self._run_server_cmd([
+            self.bin("pg_rewind"),
+            "--target-pgdata", self.datadir,
+            "--source-server", f"host={primary.host} port={primary.port} user=postgres "
+                               "dbname=postgres",
+            "--no-sync",
+        ])  # fmt: skip
+        Path(os.path.join(self.datadir, "standby.signal")).touch()
+        self._chown(os.path.join(self.datadir, "standby.signal"))
+        # pg_rewind copied the source's configuration files: its postgresql.auto.conf (with
+        # the primary_conninfo and slot pg_basebackup -R wrote there) would win over ours.
+        with open(os.path.join(self.datadir, "postgresql.auto.conf"), "w",
+                  encoding="utf-8") as f:
+            f.write("# emptied by devtools/pgcluster.py rejoin()\n")
+        conf = {
+            "primary_conninfo": f"host={primary.host} port={primary.port} user=postgres "
+                                f"application_name={_dsn_quote(app)}",
+            "primary_slot_name": "",
+            "recovery_min_apply_delay": "0",
+            "listen_addresses": self.host,
+            "port": str(self.port),
+            "unix_socket_directories": self.socket_dir,
+            "synchronous_standby_names": "",
+        }
+        if slot is not None:
+            primary.create_slot(slot)
+            conf["primary_slot_name"] = slot
+        self.append_conf(conf)
+        if start:
+            self.start()
+            self.wait_streaming()
 
     def _query_value(self, sql: str) -> str:
         return self.psql(sql).strip()

@@ -13,9 +13,11 @@ acknowledged without its standby (a client-side cancel would cause it; none is s
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +44,19 @@ class Event:
 
 @dataclass
 class ClientState:
+    """One client's record. Successful writes are kept compactly (a run has millions):
+    ``acked[i]`` is the sequence number of the i-th acknowledged commit, which started at
+    ``ok_start[i]`` and returned at ``ok_end[i]`` (both ascending)."""
+
     ident: int
-    acked: list[int] = field(default_factory=list)
+    acked: array[int] = field(default_factory=lambda: array("q"))
+    ok_start: array[float] = field(default_factory=lambda: array("d"))
+    ok_end: array[float] = field(default_factory=lambda: array("d"))
     in_doubt: list[int] = field(default_factory=list)
-    stuck_since: float | None = None  # start of the statement it is in
+
+    def first_ok_since(self, t: float) -> int:
+        """Index of the first success that started at or after ``t`` (len when none)."""
+        return bisect.bisect_left(self.ok_start, t)
 
 
 class WriteLoad:
@@ -53,14 +64,17 @@ class WriteLoad:
 
     def __init__(
         self, dsn: str, clients: int, run: int, *, connect_timeout: int = 3,
-        pause_after_error: float = 0.05,
+        pause_after_error: float = 0.05, think: float = 0.002,
     ) -> None:
+        """think: pause after each commit (seconds), so that the load measures availability
+        without saturating a shared machine (about 400 commits/s per client)."""
         self.dsn = dsn
+        self.think = think
         self.run = run
         self.connect_timeout = connect_timeout
         self.pause_after_error = pause_after_error
         self.clients = [ClientState(i) for i in range(clients)]
-        self.events: list[Event] = []
+        self.failures: list[Event] = []
         self.sync_cancel_warnings = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -97,7 +111,7 @@ class WriteLoad:
 
     def _record(self, ev: Event) -> None:
         with self._lock:
-            self.events.append(ev)
+            self.failures.append(ev)
 
     def _notice(self, diag: psycopg.errors.Diagnostic) -> None:
         if "synchronous replication" in (diag.message_primary or ""):
@@ -122,13 +136,11 @@ class WriteLoad:
                 self._conns[c.ident] = conn
             seq += 1
             t0 = time.monotonic()
-            c.stuck_since = t0
             try:
                 conn.execute(f"INSERT INTO {TABLE} (run, client, seq) VALUES (%s, %s, %s)",
                              (self.run, c.ident, seq))
             except psycopg.Error as e:
                 t1 = time.monotonic()
-                c.stuck_since = None
                 broken = conn.broken or conn.closed
                 if _maybe_committed(e.sqlstate):
                     c.in_doubt.append(seq)  # the connection died: the commit may have happened
@@ -140,77 +152,79 @@ class WriteLoad:
                 self._stop.wait(self.pause_after_error)
                 continue
             t1 = time.monotonic()
-            c.stuck_since = None
-            c.acked.append(seq)
-            self._record(Event(c.ident, t0, t1, True, "write"))
+            with self._lock:
+                c.acked.append(seq)
+                c.ok_start.append(t0)
+                c.ok_end.append(t1)
+            if self.think:
+                self._stop.wait(self.think)
         if conn is not None:
             conn.close()
 
     # ---------------------------------------------------------------- figures
     def snapshot(self) -> list[Event]:
+        """The failures so far."""
         with self._lock:
-            return list(self.events)
+            return list(self.failures)
 
-    def first_success_after(self, t: float) -> Event | None:
-        """The first write that started at or after ``t`` and succeeded."""
-        oks = [e for e in self.snapshot() if e.ok and e.start >= t]
-        return min(oks, key=lambda e: e.end) if oks else None
+    def first_success_after(self, t: float) -> bool:
+        """Whether a write that started at or after ``t`` succeeded."""
+        with self._lock:
+            return any(c.first_ok_since(t) < len(c.ok_start) for c in self.clients)
 
     def all_succeeded_since(self, t: float) -> bool:
         """Every client has a successful write that started at or after ``t``."""
-        done = {e.client for e in self.snapshot() if e.ok and e.start >= t}
-        return len(done) == len(self.clients)
+        with self._lock:
+            return all(c.first_ok_since(t) < len(c.ok_start) for c in self.clients)
 
     def window(self, t_from: float, t_to: float) -> dict[str, Any]:
-        """Figures for one failover: writes between t_from (the kill) and t_to."""
-        evs = [e for e in self.snapshot() if t_from <= e.end < t_to]
-        fails = [e for e in evs if not e.ok]
-        oks = [e for e in evs if e.ok]
-        out: dict[str, Any] = {
-            "writes_ok": len(oks),
+        """Figures for one failover: writes that returned between t_from (the kill) and t_to.
+        Call after stop()."""
+        fails = [e for e in self.failures if t_from <= e.end < t_to]
+        first_fail = min((e.end for e in fails), default=None)
+        since = first_fail if first_fail is not None else t_from
+        writes_ok = 0
+        recovered: list[float] = []  # per client: the end of its first success since `since`
+        gaps: list[float] = []
+        clients_recovered = 0
+        for c in self.clients:
+            lo = bisect.bisect_left(c.ok_end, t_from)
+            hi = bisect.bisect_left(c.ok_end, t_to)
+            writes_ok += hi - lo
+            clients_recovered += hi > lo
+            i = c.first_ok_since(since)
+            if i < len(c.ok_end) and c.ok_end[i] < t_to:
+                recovered.append(c.ok_end[i])
+            # the longest time this client went without a commit, from its last one before
+            # the kill through the window
+            points = [c.ok_end[lo - 1] if lo else t_from, *c.ok_end[lo:hi]]
+            if len(points) > 1:
+                gaps.append(max(b - a for a, b in itertools.pairwise(points)))
+        first_back = min(recovered, default=None)
+        return {
+            "writes_ok": writes_ok,
             "errors": len(fails),
             "errors_by_sqlstate": dict(Counter(e.sqlstate or "none" for e in fails)),
             "error_samples": sorted({f"{e.sqlstate or 'none'}: {e.message}" for e in fails})[:8],
+            "first_error_after_kill_s": _r(first_fail - t_from) if first_fail else None,
+            # from the first failed write to the first successful write that started after it
+            "unavailable_s": (0.0 if first_fail is None else
+                              _r(first_back - first_fail) if first_back else None),
+            # from the kill to the end of the unavailability
+            "kill_to_recovery_s": _r(first_back - t_from) if first_back else None,
+            "max_client_gap_s": _r(max(gaps)) if gaps else None,
+            "clients_recovered": clients_recovered,
         }
-        if fails:
-            first_fail = min(e.end for e in fails)
-            after = [e.end for e in oks if e.end > first_fail and e.start >= first_fail]
-            out["first_error_after_kill_s"] = round(first_fail - t_from, 3)
-            out["unavailable_s"] = round(min(after) - first_fail, 3) if after else None
-        else:
-            out["first_error_after_kill_s"] = None
-            out["unavailable_s"] = 0.0
-        # from the kill to the end of the unavailability (or to the first write after the
-        # kill when none failed)
-        if fails:
-            rec = [e.end for e in oks if e.start >= min(e.end for e in fails)]
-        else:
-            rec = [e.end for e in oks if e.start >= t_from]
-        out["kill_to_recovery_s"] = round(min(rec) - t_from, 3) if rec else None
-        # the longest time any one client went without a commit across the kill
-        gaps: list[float] = []
-        for c in self.clients:
-            ends = sorted(e.end for e in evs if e.ok and e.client == c.ident)
-            prior = [e.end for e in self.snapshot()
-                     if e.ok and e.client == c.ident and e.end < t_from]
-            points = ([max(prior)] if prior else [t_from]) + ends
-            if len(points) > 1:
-                gaps.append(max(b - a for a, b in itertools.pairwise(points)))
-        out["max_client_gap_s"] = round(max(gaps), 3) if gaps else None
-        out["clients_recovered"] = sum(
-            1 for c in self.clients if any(e.ok and e.client == c.ident for e in evs)
-        )
-        return out
 
     def totals(self) -> dict[str, Any]:
-        evs = self.snapshot()
-        fails = [e for e in evs if not e.ok]
+        fails = self.snapshot()
+        acked = sum(len(c.acked) for c in self.clients)
         return {
             "clients": len(self.clients),
-            "writes_ok": sum(1 for e in evs if e.ok),
+            "writes_ok": acked,
             "errors": len(fails),
             "errors_by_sqlstate": dict(Counter(e.sqlstate or "none" for e in fails)),
-            "acknowledged": sum(len(c.acked) for c in self.clients),
+            "acknowledged": acked,
             "in_doubt": sum(len(c.in_doubt) for c in self.clients),
             "sync_rep_cancel_warnings": self.sync_cancel_warnings,
         }
@@ -233,6 +247,10 @@ class WriteLoad:
             "in_doubt_committed": len(doubt & present),
             "unexpected_rows": len(present - acked - doubt),
         }
+
+
+def _r(seconds: float) -> float:
+    return round(seconds, 3)
 
 
 def _maybe_committed(sqlstate: str | None) -> bool:

@@ -19,7 +19,6 @@ $PGCORRAL_HA_REPORT when it is set.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -191,21 +190,12 @@ def check_result(result: dict[str, Any]) -> None:
             assert w["unavailable_s"] < 45, w
 
 
-#: The module of the lead's health checker (issue 13 parts 1-2). Until it is in the tree the
-#: pgcorral variant is skipped: the keys load but nothing follows the roles. Drop this gate
-#: once the routing is merged.
-HEALTH_MODULE = "pgcorral.supervisor.health"
-
-
-def _modes() -> list[Any]:
-    routing = importlib.util.find_spec(HEALTH_MODULE) is not None
-    return ["direct", pytest.param("pgcorral", marks=pytest.mark.skipif(
-        not routing, reason=f"no {HEALTH_MODULE} in this tree: pgcorral's HA routing "
-        "(issue 13) is not merged yet"))]
+MODES = ["direct", "pgcorral"]
 
 
 @pytest.mark.skipif(FULL, reason="the full variant runs instead")
-@pytest.mark.parametrize("mode", _modes())
+@pytest.mark.timeout(300)  # the Patroni cluster starts in its first test: 10 to 60 s
+@pytest.mark.parametrize("mode", MODES)
 def test_failover_short(patroni: PatroniCluster, mode: str, tmp_path: Any) -> None:
     result = run_failovers(patroni, mode, clients=6, failovers=1, settle=2.0,
                            workdir=str(tmp_path))
@@ -214,7 +204,7 @@ def test_failover_short(patroni: PatroniCluster, mode: str, tmp_path: Any) -> No
 
 @pytest.mark.skipif(not FULL, reason="long: `make ha-test` (PGCORRAL_HA_TEST=full)")
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("mode", _modes())
+@pytest.mark.parametrize("mode", MODES)
 def test_failover_full(patroni: PatroniCluster, mode: str, tmp_path: Any) -> None:
     result = run_failovers(patroni, mode, clients=16, failovers=3, settle=5.0,
                            workdir=str(tmp_path))

@@ -193,12 +193,15 @@ def test_read_your_writes(pgcorral: DaemonFactory, ha_pair_delayed: HaPair) -> N
 
 
 def _promote_script(directory: str, replica_cmd: list[str]) -> tuple[str, str]:
-    """A failover_script that records its arguments and promotes the replica."""
+    """A failover_script that records its arguments, waits for the test's go (a file named
+    ``go``), and promotes the replica."""
     args_file = os.path.join(directory, "failover.args")
+    go = os.path.join(directory, "go")
     path = os.path.join(directory, "failover.sh")
     with open(path, "w", encoding="utf-8") as f:
         f.write("#!/bin/sh\n")
         f.write(f'echo "$@" > {shlex.quote(args_file)}\n')
+        f.write(f"while [ ! -e {shlex.quote(go)} ]; do sleep 0.05; done\n")
         f.write(f"exec {shlex.join(replica_cmd)}\n")
     os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path, args_file
@@ -219,6 +222,20 @@ def test_failover_runs_the_script_and_moves_writes(pgcorral: DaemonFactory,
         session.execute("BEGIN")
         session.execute("SELECT 1")  # in a transaction on the primary when it dies
         pair.primary.kill_postmaster()
+        poll(lambda: os.path.exists(args_file), "the failover script to run", 30,
+             lambda: (states(d), d.log()))
+        assert "no primary server" in status(d)["writes_refused"]
+        # no primary yet: a new transaction waits for one (blocking_timeout) ...
+        waited: list[Any] = []
+        writer = threading.Thread(target=lambda: waited.append(
+            conn.execute("INSERT INTO fo VALUES (3) RETURNING pg_is_in_recovery()").fetchone()))
+        writer.start()
+        poll(lambda: status(d)["waiting_clients"] >= 1, "the transaction to wait", 10)
+        assert writer.is_alive()
+        with open(os.path.join(pair.basedir, "go"), "w", encoding="utf-8"):
+            pass  # ... and runs once the script promoted the replica
+        writer.join(30)
+        assert waited == [(False,)]
         poll(lambda: states(d).get("replica1") == "primary", "the replica to be promoted",
              30, lambda: (states(d), d.log()))
         with open(args_file, encoding="utf-8") as f:
@@ -232,7 +249,7 @@ def test_failover_runs_the_script_and_moves_writes(pgcorral: DaemonFactory,
         # ... the next transaction of a client between transactions goes to the new primary
         conn.execute("INSERT INTO fo VALUES (2)")
         assert conn.execute("SELECT pg_is_in_recovery(), count(*) FROM fo").fetchone() == (
-            False, 2)
+            False, 3)
     log = d.log()
     assert "failover: primary primary is down; promoting replica1" in log
     assert "failover: writes go to replica1" in log

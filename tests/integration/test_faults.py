@@ -1,38 +1,28 @@
 """Faults under load (issue 15, item 3; docs/RELIABILITY.md "Faults"): each case states what
 the clients saw, and that no file descriptors or server connections leaked.
 
-Covered elsewhere: PostgreSQL restart with idle and active connections
-(test_server_restart.py), `kill -9` of a worker (test_workers.py), a backend killed with and
-without a FATAL (test_server_goodbye.py)."""
+Covered elsewhere: PostgreSQL restarts (fast, immediate) and backend kills under load
+(test_faults_pg.py), the log's disk full (test_faults_log.py), `kill -9` of a worker
+(test_workers.py), a backend killed with and without a FATAL (test_server_goodbye.py)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from psycopg import errors
 from tests.faultproxy import FaultProxy
 from tests.integration.test_management import cli_json, poll
+from tests.load import Load, tree_fds
 
 if TYPE_CHECKING:
     from devtools.pgcluster import PgCluster
-    from tests.conftest import Daemon, DaemonFactory
-
-
-def tree_fds(pid: int) -> int:
-    """Open file descriptors of ``pid`` and its children (the workers)."""
-    pids = [pid]
-    children = f"/proc/{pid}/task/{pid}/children"
-    if os.path.exists(children):
-        with open(children, encoding="ascii") as f:
-            pids += [int(p) for p in f.read().split()]
-    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids if os.path.exists(f"/proc/{p}"))
+    from tests.conftest import DaemonFactory
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -46,36 +36,6 @@ def peer_closed(sock: socket.socket) -> bool:
         return False
     except ConnectionResetError:
         return True
-
-
-class Load:
-    """Clients running short transactions on their own connections, counting failures."""
-
-    def __init__(self, d: Daemon, clients: int = 6) -> None:
-        self.stop = threading.Event()
-        self.failures: list[str] = []
-        self.done = 0
-        self.conns = [psycopg.connect(d.dsn(), autocommit=True) for _ in range(clients)]
-        self.threads = [threading.Thread(target=self._run, args=(c,)) for c in self.conns]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, conn: psycopg.Connection[Any]) -> None:
-        while not self.stop.is_set():
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT 1").fetchone()
-                self.done += 1
-            except psycopg.Error as exc:
-                self.failures.append(str(exc))
-                return
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-        for c in self.conns:
-            c.close()
 
 
 @pytest.mark.parametrize("pipeline", ["session", "transaction"])

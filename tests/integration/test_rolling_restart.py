@@ -9,70 +9,27 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from psycopg import errors
 from tests.integration.test_management import cli, poll
+from tests.load import Load
 
 if TYPE_CHECKING:
-    from tests.conftest import Daemon, DaemonFactory
+    from tests.conftest import DaemonFactory
 
 
 def conf(pipeline: str, **extra: str) -> dict[str, str]:
     return {"so_reuseport": "on", "pipeline": pipeline, "max_connections": "10", **extra}
 
 
-class Load:
-    """Persistent clients running queries, and a stream of new connections, counting every
-    failure."""
-
-    def __init__(self, d: Daemon, persistent: int = 6) -> None:
-        self.d = d
-        self.stop = threading.Event()
-        self.failures: list[str] = []
-        self.queries = 0
-        self.connects = 0
-        self.conns = [psycopg.connect(d.dsn(), autocommit=True) for _ in range(persistent)]
-        self.threads = [threading.Thread(target=self._query, args=(c,)) for c in self.conns]
-        self.threads.append(threading.Thread(target=self._connect))
-        for t in self.threads:
-            t.start()
-
-    def _query(self, conn: psycopg.Connection[Any]) -> None:
-        while not self.stop.is_set():
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT 1").fetchone()
-                    conn.execute("SELECT pg_sleep(0.001)")
-                self.queries += 1
-            except psycopg.Error as exc:
-                self.failures.append(f"query: {exc}")
-                return
-
-    def _connect(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with psycopg.connect(self.d.dsn(), autocommit=True, connect_timeout=10) as c:
-                    c.execute("SELECT 1").fetchone()
-                self.connects += 1
-            except psycopg.Error as exc:
-                self.failures.append(f"connect: {exc}")
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-        for c in self.conns:
-            c.close()
-
-
 @pytest.mark.parametrize("pipeline", ["session", "transaction"])
 def test_rolling_restart_under_load_loses_nothing(pgcorral: DaemonFactory,
                                                   pipeline: str) -> None:
     old = pgcorral(conf(pipeline))
-    load = Load(old)
+    load = Load(old, connectors=1, sleep=True)
     try:
         poll(lambda: load.queries > 20 and load.connects > 5, "load through the old pgcorral")
         new = pgcorral({**conf(pipeline), "port": str(old.port),

@@ -708,7 +708,7 @@ class ClientConnection(Endpoint):
 
         def expire() -> None:  # called by the worker's WaitTimer (net.waits)
             if isinstance(result, Waiter) and pool.cancel(result) and not granted.done():
-                granted.set_exception(_exhausted(key, timeout))
+                granted.set_exception(_exhausted(ctx, pool, key, timeout))
 
         result = pool.request(key, timeout, self._granted, expire)
         if isinstance(result, Grant):
@@ -718,7 +718,7 @@ class ClientConnection(Endpoint):
         if timeout <= 0:
             self._grant = None  # nobody awaits it: ``end`` must not fail it
             if not granted.done() and pool.cancel(result):
-                raise _exhausted(key, timeout)
+                raise _exhausted(ctx, pool, key, timeout)
         else:
             ctx.waits.watch()
             since = self.wait_since_us = time.monotonic_ns() // 1000
@@ -947,7 +947,11 @@ class ClientConnection(Endpoint):
                                       detail=exc.detail))
 
 
-def _exhausted(key: tuple[str, str], timeout: float) -> PoolExhausted:
+def _exhausted(ctx: Context, pool: Pool, key: tuple[str, str],
+               timeout: float) -> PgCorralError:
+    """Why a wait in line ended without a server connection (``_acquire``)."""
+    if pool.held:  # waited for a new primary (issue 13) in vain
+        return ctx.no_primary(timeout)
     return PoolExhausted(
         f'connection pool is full: no server connection for user "{key[1]}", '
         f'database "{key[0]}" became free within {timeout:g} s')

@@ -240,7 +240,7 @@ class Context:
             main = self.pool
             pool = Pool(main.max_connections, main.limits, time.monotonic, main.budget,
                         server=server)
-            pool.paused = main.paused  # PAUSE/RESUME hold for every server
+            pool.paused = set(main.paused)  # PAUSE/RESUME hold for every server
             pool.on_starved = main.on_starved
             self.replica_pools[server] = pool
             self.waits.pools.append(pool)
@@ -261,6 +261,9 @@ class Context:
         replica pool of a server no longer a healthy replica is emptied the same way."""
         old, self.topology = self.topology, snapshot
         primary = snapshot.primary
+        # no primary (not a split brain): a failover is under way; write transactions and
+        # logins wait for the new primary (blocking_timeout), as under PAUSE
+        self.pool.hold(primary is None and not snapshot.refusal.startswith("split brain"))
         if primary is not None and snapshot.at:
             self.wal_marks.append((snapshot.at, snapshot.lsn_of(primary)))
         closed = marked = 0
@@ -284,6 +287,11 @@ class Context:
             log.info("topology: primary %s, replicas %s; %d idle server connections closed, "
                      "%d closed when their clients are done", primary or "none (refused)",
                      ", ".join(snapshot.replicas) or "none", closed, marked)
+
+    def no_primary(self, waited: float) -> NoPrimary:
+        """The error of a client that waited ``waited`` seconds for a new primary."""
+        return NoPrimary(f"no primary server: none became available within {waited:g} s "
+                         f"({self.topology.refusal})")
 
     def check_writable(self) -> None:
         """NoPrimary (57P03) when the health checker sees no single primary."""
@@ -464,6 +472,16 @@ class Context:
         held = server if hasattr(server, "cancel_done") else None
         if held is not None:  # not handed to another client before the backend is signalled
             held.cancels += 1
+            # pgcorral's own statement may run first on this backend (the client's settings
+            # or prepared statements, linked just now): a cancel would hit it, its error would
+            # be dropped with its replies, and the client's statement would run without its
+            # settings (the soak of issue 15 saw application_name lost so, once in 649,147
+            # transactions). Wait until it is done (bounded), then the cancel reaches the
+            # client's statement, as it would on PostgreSQL.
+            deadline = time.monotonic() + OWN_STEP_WAIT
+            while _own_step_running(held) and not held.closed and \
+                    time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
         # the backend's server, with its section's TLS: not where switch-to sends new ones
         target = self.config.current_server(server.server_name or self.switched_to)
         try:
@@ -475,6 +493,17 @@ class Context:
         finally:
             if held is not None:
                 held.cancel_done()
+
+
+#: how long a cancel waits for pgcorral's own statement on the backend to finish
+OWN_STEP_WAIT = 2.0
+
+
+def _own_step_running(server: Any) -> bool:
+    """Is the reply the transaction pipeline waits for first that of pgcorral's own request
+    (a ``drop`` step: settings, prepared statements, the session-state probe)?"""
+    steps = server.router.plan.steps
+    return bool(steps) and bool(steps[0].drop)
 
 
 def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:

@@ -285,13 +285,14 @@ def stats(ctx: Context) -> dict[str, Any]:
 def pause(ctx: Context, database: str) -> list[str]:
     """PAUSE: clients of ``database`` ("all"/"*": every one) get no server connection until
     ``resume``; transactions and sessions running now go on. The paused databases."""
-    ctx.pool.pause("*" if database in ALL_DATABASES else ctx.config.real_database(database))
+    for pool in ctx.pools():
+        pool.pause("*" if database in ALL_DATABASES else ctx.config.real_database(database))
     log.info("paused %s", database)
     return sorted(ctx.pool.paused)
 
 
 def resume(ctx: Context, database: str) -> list[str]:
-    for pool in ctx.pools():  # (they share one set of paused databases)
+    for pool in ctx.pools():
         pool.resume("*" if database in ALL_DATABASES else ctx.config.real_database(database))
     log.info("resumed %s", database)
     return sorted(ctx.pool.paused)

@@ -372,6 +372,10 @@ class TransactionClient(ClientConnection):
         if waiter is None or not self.tx_pool.cancel(waiter):
             return  # served meanwhile
         self._acquiring = False
+        if self.tx_pool.held:  # waited for a new primary (issue 13) in vain
+            self._fail(self.ctx.no_primary(self._wait_timeout))
+            self.end("no primary")
+            return
         self._fail(PoolExhausted(
             f'connection pool is full: no server connection for user "{self.user}", '
             f'database "{self.key[0]}" became free within {self._wait_timeout:g} s'))

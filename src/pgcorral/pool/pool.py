@@ -114,6 +114,9 @@ class Pool:
         #: PAUSE: databases whose clients get no server connection until RESUME ("*": all);
         #: they wait as for a full pool (``blocking_timeout`` applies)
         self.paused: set[str] = set()
+        #: issue 13: no primary now (a failover is under way): every request waits, as for
+        #: PAUSE, until ``hold(False)`` (blocking_timeout applies)
+        self.held = False
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -135,7 +138,13 @@ class Pool:
 
     def is_paused(self, key: Key) -> bool:
         paused = self.paused
-        return bool(paused) and (key[0] in paused or "*" in paused)
+        return self.held or (bool(paused) and (key[0] in paused or "*" in paused))
+
+    def hold(self, held: bool) -> None:
+        """Hold every request (True) or serve who waited (False)."""
+        was, self.held = self.held, held
+        if was and not held and self._waiting:
+            self._dispatch()
 
     def count(self, state: str) -> int:
         return sum(1 for s in self._slots.values() if s.state == state)
@@ -176,7 +185,7 @@ class Pool:
         """A slot for ``key`` now, or a Waiter registered until ``timeout`` seconds pass
         (``expire`` is what the network layer calls then, see ``expired_waiters``)."""
         queue = self._waiters.get(key)
-        if not queue and not (self.paused and self.is_paused(key)):  # nobody ahead in line
+        if not queue and not ((self.paused or self.held) and self.is_paused(key)):
             grant = self._try_grant(key)
             if grant is not None:
                 return grant
@@ -193,7 +202,7 @@ class Pool:
         """The most recently used idle slot of ``key`` if one is free and nobody of that pair
         waits; else None (the caller then goes through ``request``). The transaction
         pipeline's fast path, without a Grant."""
-        if key in self._waiters or (self.paused and self.is_paused(key)):
+        if key in self._waiters or ((self.paused or self.held) and self.is_paused(key)):
             return None
         stack = self._idle.get(key)
         if not stack:
@@ -229,7 +238,7 @@ class Pool:
             return False
         slot.last_used = self.clock()
         queue = self._waiters.get(slot.key)
-        if queue and not (self.paused and self.is_paused(slot.key)):
+        if queue and not ((self.paused or self.held) and self.is_paused(slot.key)):
             slot.state = ACTIVE
             self._notify(queue.popleft(), Grant(slot, new=False))
             return False
@@ -406,7 +415,7 @@ class Pool:
         """Serve waiters in arrival order, skipping pairs that still cannot be served."""
         heads = sorted((q[0] for q in self._waiters.values()), key=lambda w: w.seq)
         for waiter in heads:
-            if self.paused and self.is_paused(waiter.key):
+            if (self.paused or self.held) and self.is_paused(waiter.key):
                 continue
             queue = self._waiters.get(waiter.key)
             while queue:

@@ -8,6 +8,7 @@ protocol messages pgcorral itself handles.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -34,12 +35,29 @@ class RotatingLog(logging.FileHandler):
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.opened_at = time.time()
+        self.lost = 0  # records that could not be written (a full disk...)
+        self.lost_noted = -1e9
         super().__init__(time.strftime(pattern), mode=mode, encoding="utf-8", delay=False)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._due():
-            self._rotate()
-        super().emit(record)
+        try:
+            if self._due():
+                self._rotate()
+            super().emit(record)
+        except Exception:  # logging must never take the pooler down
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that cannot be written (ENOSPC...) is dropped: no traceback per record
+        (logging's default), one line on stderr a minute at most, with the count lost."""
+        self.lost += 1
+        now = time.monotonic()
+        if now - self.lost_noted >= 60:
+            self.lost_noted = now
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"pgcorral: cannot write the log {self.baseFilename}: "
+                                 f"{sys.exc_info()[1]} ({self.lost} records lost so far)\n")
+                sys.stderr.flush()
 
     def _due(self) -> bool:
         if self.max_age > 0 and time.time() - self.opened_at >= self.max_age:
