@@ -82,6 +82,8 @@ class Load:
         self.lock = threading.Lock()
         self.failures: list[str] = []
         self.errors: Counter[str] = Counter()  # error_key -> count
+        #: of those, the errors of a reconnect's login (``reconnect``), by error_key
+        self.connect_errors: Counter[str] = Counter()
         self.done = 0  # transactions of the persistent clients
         self.connects = 0  # connect-query-leave rounds of the connectors
         self.last_ok = time.monotonic()  # when a transaction last succeeded
@@ -112,7 +114,12 @@ class Load:
             conn = self.conns[i]
             try:
                 if conn is None:
-                    conn = self.conns[i] = self._connect()
+                    try:
+                        conn = self.conns[i] = self._connect()
+                    except psycopg.Error as exc:
+                        with self.lock:
+                            self.connect_errors[error_key(exc)] += 1
+                        raise
                 with conn.transaction():
                     conn.execute("SELECT 1").fetchone()
                     if self.sleep:

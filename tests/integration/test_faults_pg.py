@@ -137,6 +137,14 @@ def test_backend_kills_under_load(pgcorral: DaemonFactory, private_pg: PgCluster
         # 57P01, or (the FATAL came while the client was idle between two statements)
         # libpq's "server closed the connection unexpectedly", with or without the FATAL's
         # text: the same mix as with PostgreSQL directly. Never pgcorral's 08006.
+        # Known limit (session pooling): a reconnect's login may be given an idle pooled
+        # connection whose backend was killed a moment before pgcorral read the FATAL, and
+        # then fails with 08006 (docs/RELIABILITY.md, Faults). Only logins may see that.
+        if pipeline == "session":
+            logins_08006 = load.connect_errors.get("08006", 0)
+            assert errors.get("08006", 0) <= logins_08006, (load.failures[:10],
+                                                            dict(load.connect_errors))
+            errors.pop("08006", None)
         assert set(errors) <= {"57P01", "OperationalError"}, load.failures[:10]
         assert sum(errors.values()) <= kills
         print(f"backend kills {pipeline}: {kills} kills, errors {errors}")
