@@ -143,6 +143,24 @@ class Soak:
         answer: dict[str, Any] = json.loads(out.stdout)
         return answer
 
+    def connection_rows(self) -> list[str]:
+        """One line per server connection pgcorral holds (``status details``), and the
+        backends PostgreSQL has for the soak's user: what a count over the pool is made of."""
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
+        out = subprocess.run([sys.executable, "-m", "pgcorral.cli.cli", "-c", self.conf,
+                              "-F", "json", "status", "details"], capture_output=True,
+                             text=True, timeout=60, env=env, check=False)
+        if out.returncode != 0:
+            return [f"status details failed: {out.stderr.strip()}"]
+        rows = [f"worker {c['worker']} slot {c['id']} {c['state']} pid {c['pid']}"
+                for c in json.loads(out.stdout).get("connections", [])]
+        psql = subprocess.run([self.pg.bin("psql"), "-h", "127.0.0.1", "-p", str(self.pg.port),
+                               "-U", "postgres", "-d", DB, "-Atc",
+                               "SELECT string_agg(pid::text, ' ') FROM pg_stat_activity "
+                               f"WHERE usename = '{USER}'"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        return [*rows, f"PostgreSQL backends of {USER}: {psql.stdout.strip() or psql.stderr}"]
+
     def holdings(self) -> dict[str, int]:
         st = self.status()
         clients, servers = int(st.get("clients", -1)), int(st.get("total_connections", -1))
@@ -280,7 +298,8 @@ class Soak:
             rep.problems.append(f"{rep.after['clients']} clients left over")
         if not 0 <= rep.after["server_connections"] <= self.s.pool:
             rep.problems.append(f"{rep.after['server_connections']} server connections "
-                                f"(pool {self.s.pool})")
+                                f"(pool {self.s.pool}): "
+                                + "; ".join(await asyncio.to_thread(self.connection_rows)))
         grown = rep.after["fds_less_connections"] - rep.before["fds_less_connections"]
         if grown > FD_MARGIN:
             rep.problems.append(f"descriptors grew by {grown}")

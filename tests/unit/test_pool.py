@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -15,7 +17,19 @@ from hypothesis.stateful import (
 )
 
 from pgcorral.config import LimitRule, best_limit_rule
-from pgcorral.pool.pool import ACTIVE, CLOSED, IDLE, OPENING, Grant, Key, Pool, Slot, Waiter
+from pgcorral.pool.budget import LocalBudget
+from pgcorral.pool.pool import (
+    ACTIVE,
+    CLOSED,
+    IDLE,
+    OPENING,
+    Grant,
+    Key,
+    Pool,
+    Slot,
+    Waiter,
+    apply_limits,
+)
 
 A: Key = ("db1", "alice")
 B: Key = ("db1", "bob")
@@ -447,6 +461,44 @@ def test_set_limits_applies_to_new_requests() -> None:
     assert isinstance(pool.request(A, None, never), Waiter)  # 2 of 2 under the new rule
 
 
+def test_reload_keeps_counting_draining_connections() -> None:
+    """A slot discarded while its connection drains stays in the budget until ``gone``; a
+    reload in between must keep counting it, or ``gone`` takes it off twice and the pool then
+    opens one more than max_connections (seen as 5 of 4 in the soak with SIGHUPs)."""
+    pool, _ = make_pool(2, (limit("db1", "all", 2),))
+    a, b = new_active(pool, A), new_active(pool, B)
+    a.conn = SimpleNamespace(draining=True)
+    pool.discard(a)
+    waiting = Recorder()
+    assert isinstance(pool.request(A, None, waiting("a2")), Waiter)  # a holds its place
+    pool.set_limits((limit("db1", "all", 2),))  # SIGHUP, the same rules
+    budget = pool.budget
+    assert isinstance(budget, LocalBudget)
+    assert budget.total == 2 and budget.per_rule == {1: 2}
+    assert isinstance(pool.request(B, None, waiting("b2")), Waiter)
+    pool.gone(a)  # a's place goes to the first waiter, none is left over for the second
+    assert waiting.names() == ["a2"]
+    assert budget.total == 2 and pool.total == 2
+    pool.discard(b)
+    assert waiting.names() == ["a2", "b2"] and budget.total == 2
+
+
+def test_reload_rebuilds_the_budget_from_every_pool_sharing_it() -> None:
+    """A primary's pool and a replica's share one budget: a reload counts both."""
+    clock = FakeClock()
+    primary = Pool(3, (), clock)
+    replica = Pool(3, (), clock, primary.budget, server="replica1")
+    new_active(primary, A)
+    new_active(replica, A)
+    new_active(replica, B)
+    apply_limits((primary, replica), (limit("db1", "all", 3),))
+    budget = primary.budget
+    assert isinstance(budget, LocalBudget)
+    assert budget.total == 3 and budget.per_rule == {1: 3}
+    assert isinstance(primary.request(C, None, never), Waiter)  # 3 of max_connections 3
+    assert replica.rule_for(A) is primary.rule_for(A) is primary.limits[0]
+
+
 # --- stateful model check -------------------------------------------------------------------
 
 KEYS: list[Key] = [A, B, C, ("db2", "bob")]
@@ -472,6 +524,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.waiters: list[Waiter] = []  # every waiter ever created
         self.notified: set[int] = set()
         self.handing: Slot | None = None  # a released slot that must go to a waiter
+        self.draining: dict[int, Slot] = {}  # discarded, the budget holds them until gone()
 
     # -- bookkeeping of grants ---------------------------------------------------------------
 
@@ -562,6 +615,31 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.discard(slot)
         assert slot.state == CLOSED
 
+    @precondition(lambda self: bool(self.held))
+    @rule(i=st.integers(0, 50))
+    def discard_draining(self, i: int) -> None:
+        """Discarded while PostgreSQL has not closed it yet: its place is freed by gone()."""
+        slots = sorted(self.held.values(), key=lambda s: s.id)
+        slot = slots[i % len(slots)]
+        del self.held[slot.id]
+        slot.conn = SimpleNamespace(draining=True)
+        self.pool.discard(slot)
+        self.draining[slot.id] = slot
+
+    @precondition(lambda self: bool(self.draining))
+    @rule(i=st.integers(0, 50))
+    def drained(self, i: int) -> None:
+        slots = sorted(self.draining.values(), key=lambda s: s.id)
+        slot = slots[i % len(slots)]
+        del self.draining[slot.id]
+        self.pool.gone(slot)
+
+    @rule()
+    def reload(self) -> None:
+        """SIGHUP with the limits file unchanged: equal rules, new objects."""
+        self.rules = tuple(dataclasses.replace(r) for r in self.rules)
+        self.pool.set_limits(self.rules)
+
     @precondition(lambda self: any(self.idle.values()))
     @rule(i=st.integers(0, 50))
     def discard_idle(self, i: int) -> None:
@@ -609,6 +687,17 @@ class PoolMachine(RuleBasedStateMachine):
         assert pool.waiting == sum(len(q) for q in self.queues.values())
 
     @invariant()
+    def budget(self) -> None:
+        """The budget counts every slot held, idle or still draining, under its rule."""
+        budget = self.pool.budget
+        assert isinstance(budget, LocalBudget)
+        counted = [*self.pool.slots(), *self.draining.values()]
+        assert budget.total == len(counted) <= self.pool.max_connections
+        for number in range(len(self.rules) + 1):
+            assert budget.per_rule.get(number, 0) == sum(
+                1 for s in counted if s.rule_no == number), number
+
+    @invariant()
     def states(self) -> None:
         pool_idle = self.pool.idle_slots()
         assert {s.id for s in pool_idle}.isdisjoint(self.held), "slot both idle and held"
@@ -629,13 +718,15 @@ class PoolMachine(RuleBasedStateMachine):
                 continue
             assert all(s.key != key for s in idle), f"{key} waits while its slot is idle"
             r = best_limit_rule(self.rules, *key)
+            counted = [*pool.slots(), *self.draining.values()]
             rule_full = r is not None and sum(
-                1 for s in pool.slots() if best_limit_rule(self.rules, *s.key) is r
+                1 for s in counted if best_limit_rule(self.rules, *s.key) is r
             ) >= r.max_size
             if rule_full:
                 servable = any(s.key != key and s.rule is r for s in idle)
             else:
-                servable = pool.total < pool.max_connections or any(s.key != key for s in idle)
+                servable = len(counted) < pool.max_connections or any(
+                    s.key != key for s in idle)
             assert not servable, f"{key} waits while the pool could serve it"
 
 

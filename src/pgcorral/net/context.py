@@ -29,7 +29,7 @@ from pgcorral.net.notify import Hubs, Sender
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
-from pgcorral.pool.pool import Pool, Slot
+from pgcorral.pool.pool import Pool, Slot, apply_limits
 from pgcorral.pool.stats import GroupStats, PoolStats, group_key
 from pgcorral.pool.topology import Snapshot, configured_snapshot, pick_replica
 from pgcorral.protocol.statements import StatementRegistry
@@ -310,7 +310,7 @@ class Context:
         self.aliases = config.aliases()
         self.hba_cache.clear()
         self.tx_logins.clear()  # a changed vault or hba: logins go through a server again
-        self.pool.set_limits(config.limits)
+        apply_limits(self.pools(), config.limits)
         self._load_tls(config, startup=False)
         if _tls_changed(old_config, old_tls, config, self.server_tls):
             self._retire_server_connections()

@@ -161,22 +161,28 @@ class Pool:
         return NO_RULE if rule is None else self._rule_numbers[id(rule)]
 
     def set_limits(self, limits: Sequence[LimitRule]) -> None:
-        """New limit rules (reload). Slots already held count against the rule that matches
-        them now (the budget's counts are rebuilt)."""
+        """New limit rules (reload) for a pool that has its budget to itself; pools that share
+        one (a primary's and its replicas') go through ``apply_limits`` together."""
+        apply_limits((self,), limits)
+
+    def relimit(self, limits: Sequence[LimitRule]) -> dict[int, int]:
+        """New limit rules: slots held, draining ones included (the budget still counts
+        them until ``gone``), count against the rule that matches them now. Their count per
+        rule number, for the budget's rebuild."""
         self.limits = tuple(limits)
         self._rules.clear()
         self._rule_numbers = {id(rule): i + 1 for i, rule in enumerate(self.limits)}
         counts: dict[int, int] = {}
-        for slot in self._slots.values():
+        for slot in (*self._slots.values(), *self._draining.values()):
             slot.rule = self.rule_for(slot.key)
             slot.rule_no = self.rule_number(slot.rule)
             counts[slot.rule_no] = counts.get(slot.rule_no, 0) + 1
-        self.budget.rebuild(counts)
         for queue in self._waiters.values():
             for waiter in queue:
                 self.budget.waiting(waiter.rule_no, -1)
                 waiter.rule_no = self.rule_number(self.rule_for(waiter.key))
                 self.budget.waiting(waiter.rule_no, 1)
+        return counts
 
     # --- the transitions ---------------------------------------------------------------------
 
@@ -433,3 +439,17 @@ class Pool:
         if queue is not None and not queue:
             del self._waiters[waiter.key]
         waiter.notify(grant)
+
+
+def apply_limits(pools: Sequence[Pool], limits: Sequence[LimitRule]) -> None:
+    """New limit rules (reload) for ``pools``, which share one budget: every slot they hold,
+    draining ones included, is counted again under the rule that matches it now, and the
+    budget's counts for this process are rebuilt from all of them at once (rebuilt from one
+    pool, the others' connections would drop out of the count and the limits would let more
+    through)."""
+    counts: dict[int, int] = {}
+    for pool in pools:
+        for rule_no, n in pool.relimit(limits).items():
+            counts[rule_no] = counts.get(rule_no, 0) + n
+    if pools:
+        pools[0].budget.rebuild(counts)
