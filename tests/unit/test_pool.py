@@ -687,6 +687,12 @@ class PoolMachine(RuleBasedStateMachine):
         assert pool.waiting == sum(len(q) for q in self.queues.values())
 
     @invariant()
+    def state_counts(self) -> None:
+        for state in (OPENING, ACTIVE, IDLE):
+            assert self.pool.count(state) == sum(
+                1 for s in self.pool.slots() if s.state == state), state
+
+    @invariant()
     def budget(self) -> None:
         """The budget counts every slot held, idle or still draining, under its rule."""
         budget = self.pool.budget

@@ -29,7 +29,7 @@ from pgcorral.net.notify import Hubs, Sender
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
 from pgcorral.pool.budget import Budget
-from pgcorral.pool.pool import Pool, Slot, apply_limits
+from pgcorral.pool.pool import ACTIVE, Pool, Slot, apply_limits
 from pgcorral.pool.stats import GroupStats, PoolStats, group_key
 from pgcorral.pool.topology import Snapshot, configured_snapshot, pick_replica
 from pgcorral.protocol.statements import StatementRegistry
@@ -225,7 +225,7 @@ class Context:
             if least_busy:
                 for replica in snapshot.replicas:
                     pool = self.replica_pools.get(replica)
-                    busy[replica] = 0 if pool is None else pool.count("active")
+                    busy[replica] = 0 if pool is None else pool.count(ACTIVE)
             name = pick_replica(snapshot, min_lsn, busy, self.read_turn, least_busy)
         if name is None:
             self.reads_to_primary += 1

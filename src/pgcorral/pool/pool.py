@@ -109,6 +109,9 @@ class Pool:
         self._idle: dict[Key, list[Slot]] = {}  # LIFO: the most recently used is reused first
         self._waiters: dict[Key, deque[Waiter]] = {}
         self._waiting = 0
+        #: slots in use (ACTIVE), kept as they change state: read routing (least_busy) asks
+        #: for it on every read-only transaction, so it must not scan the slots
+        self._active = 0
         self._rules: dict[Key, LimitRule | None] = {}
         self._rule_numbers = {id(rule): i + 1 for i, rule in enumerate(self.limits)}
         #: PAUSE: databases whose clients get no server connection until RESUME ("*": all);
@@ -147,6 +150,8 @@ class Pool:
             self._dispatch()
 
     def count(self, state: str) -> int:
+        if state == ACTIVE:
+            return self._active
         return sum(1 for s in self._slots.values() if s.state == state)
 
     def rule_for(self, key: Key) -> LimitRule | None:
@@ -217,6 +222,7 @@ class Pool:
         if not stack:
             del self._idle[key]
         slot.state = ACTIVE
+        self._active += 1
         return slot
 
     def cancel(self, waiter: Waiter) -> bool:
@@ -233,6 +239,8 @@ class Pool:
 
     def opened(self, slot: Slot) -> None:
         """A new slot finished logging in and is now in use by the client that asked for it."""
+        if slot.state == OPENING:
+            self._active += 1
         slot.state = ACTIVE
         slot.last_used = self.clock()
 
@@ -242,12 +250,17 @@ class Pool:
         caller then hands the connection over, or takes it out and closes it."""
         if slot.state == CLOSED:
             return False
+        was_active = slot.state == ACTIVE
         slot.last_used = self.clock()
         queue = self._waiters.get(slot.key)
         if queue and not ((self.paused or self.held) and self.is_paused(slot.key)):
+            if not was_active:
+                self._active += 1
             slot.state = ACTIVE
             self._notify(queue.popleft(), Grant(slot, new=False))
             return False
+        if was_active:
+            self._active -= 1
         slot.state = IDLE
         self._idle.setdefault(slot.key, []).append(slot)
         if self._waiting:
@@ -258,6 +271,8 @@ class Pool:
     def checkout_idle(self, slot: Slot) -> None:
         """Take a specific idle slot out of the pool (for maintenance such as validation)."""
         self._remove_idle(slot)
+        if slot.state != ACTIVE:
+            self._active += 1
         slot.state = ACTIVE
 
     def discard(self, slot: Slot) -> None:
@@ -268,6 +283,8 @@ class Pool:
             return
         if slot.state == IDLE:
             self._remove_idle(slot)
+        elif slot.state == ACTIVE:
+            self._active -= 1
         slot.state = CLOSED
         del self._slots[slot.id]
         if getattr(slot.conn, "draining", False):
@@ -292,6 +309,7 @@ class Pool:
         self.budget.adopt(rule_no)
         slot = Slot(next(self._ids), key, rule, self.clock(), rule_no, self)
         slot.state = ACTIVE
+        self._active += 1
         self._slots[slot.id] = slot
         return slot
 
@@ -378,6 +396,7 @@ class Pool:
             if not stack:
                 del self._idle[key]
             slot.state = ACTIVE
+            self._active += 1
             return Grant(slot, new=False)
         rule = self.rule_for(key)
         rule_no = self.rule_number(rule)
