@@ -13,6 +13,7 @@ factory of its server connections arrives here as ``new_server``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import time
@@ -478,10 +479,9 @@ class Context:
             # settings (the soak of issue 15 saw application_name lost so, once in 649,147
             # transactions). Wait until it is done (bounded), then the cancel reaches the
             # client's statement, as it would on PostgreSQL.
-            deadline = time.monotonic() + OWN_STEP_WAIT
-            while _own_step_running(held) and not held.closed and \
-                    time.monotonic() < deadline:
-                await asyncio.sleep(0.001)
+            if held.own_step_running() and not held.closed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(held.own_step_done()), OWN_STEP_WAIT)
         # the backend's server, with its section's TLS: not where switch-to sends new ones
         target = self.config.current_server(server.server_name or self.switched_to)
         try:
@@ -497,13 +497,6 @@ class Context:
 
 #: how long a cancel waits for pgcorral's own statement on the backend to finish
 OWN_STEP_WAIT = 2.0
-
-
-def _own_step_running(server: Any) -> bool:
-    """Is the reply the transaction pipeline waits for first that of pgcorral's own request
-    (a ``drop`` step: settings, prepared statements, the session-state probe)?"""
-    steps = server.router.plan.steps
-    return bool(steps) and bool(steps[0].drop)
 
 
 def _tls_settings(server: ServerConfig) -> tuple[str, str, str, str]:

@@ -19,6 +19,7 @@ router asks ``_bind_failed``, which lets ``protocol.repair`` decide and writes t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -59,6 +60,8 @@ class TxServerConnection(ServerConnection):
         self.sql_prepared: dict[str, str] = {}
         self.cancels = 0  # cancel requests being forwarded to this backend
         self.after_cancels: Callable[[], None] | None = None  # release held for them
+        #: a cancel waits on it while pgcorral's own request is answered (``own_step_done``)
+        self._own_step_waiter: asyncio.Future[None] | None = None
         #: ``peer`` with its type, set with it by the client (the hot path reads it)
         self.client: TransactionClient | None = None
         # the router's counters already counted (``count_readies``)
@@ -82,6 +85,8 @@ class TxServerConnection(ServerConnection):
         plan = router.plan
         if not plan.steps and (plan.sent or plan.capture == CAPTURE_SUSPENDED):
             plan.idle_again()
+        if self._own_step_waiter is not None and not self.own_step_running():
+            self._own_step_answered()
         if router.changes:
             self._set_params({**self.params, **router.changes})
             router.changes.clear()
@@ -147,7 +152,29 @@ class TxServerConnection(ServerConnection):
                 pstats.error(code)
             errors.clear()
 
+    def own_step_running(self) -> bool:
+        """Is the reply due first that of pgcorral's own request (a ``drop`` step: the
+        client's settings, prepared statements, the session-state probe)?"""
+        steps = self.router.plan.steps
+        return bool(steps) and steps[0].drop
+
+    def own_step_done(self) -> asyncio.Future[None]:
+        """Resolved once pgcorral's own request at the head of the plan is answered, or the
+        connection is lost (a cancel waits for it: ``Context.cancel_backend``)."""
+        waiter = self._own_step_waiter
+        if waiter is None:
+            waiter = self._own_step_waiter = self.loop.create_future()
+            if self.closed or not self.own_step_running():
+                self._own_step_answered()
+        return waiter
+
+    def _own_step_answered(self) -> None:
+        waiter, self._own_step_waiter = self._own_step_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._own_step_answered()
         statements = self.statements
         pstats = self.pstats
         pstats.hits += statements.hits
