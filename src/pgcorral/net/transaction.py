@@ -299,16 +299,8 @@ class TransactionClient(ClientConnection):
         if ctx.shutting_down:
             self._shut_out()
             return
-        # LISTEN/NOTIFY (net.notify): a Query of only LISTEN/UNLISTEN is answered by the hub
-        if type_ == _QUERY_TYPE:
-            if length > 5 and data[5] in _LISTEN_FIRST:
-                ops = parse_listen(data[5:1 + length])
-                if ops is not None:
-                    self._rest = data[1 + length:]
-                    ctx.notify.query(self, ops, b"")
-                    return
-        elif (type_ == _PARSE_TYPE or (type_ == _BIND_TYPE and self._listen_stmts)) and (
-                self._listen_extended(data)):
+        if type_ in (_QUERY_TYPE, _PARSE_TYPE, _BIND_TYPE) and \
+                self._answered_by_hub(data, type_, length):
             return
         if ctx.topology.replicas:  # issue 13: a read-only transaction may go to a replica
             pool = self._route(data, type_, length)
@@ -320,9 +312,26 @@ class TransactionClient(ClientConnection):
         if slot is not None:
             self._take(slot)
             return
-        # No idle connection: a new one, or a place in line. The wait is driven by callbacks
-        # (``_granted_tx``, ``_wait_expired``), not by the client's coroutine: a server
-        # connection freed by one client reaches the next without a task switch.
+        self._request_server(pool)
+
+    def _answered_by_hub(self, data: bytes, type_: int, length: int) -> bool:
+        """LISTEN/NOTIFY (net.notify): a Query of only LISTEN/UNLISTEN, or their extended
+        form, is answered by the hub, without a server connection. True if it was."""
+        if type_ == _QUERY_TYPE:
+            if length > 5 and data[5] in _LISTEN_FIRST:
+                ops = parse_listen(data[5:1 + length])
+                if ops is not None:
+                    self._rest = data[1 + length:]
+                    self.ctx.notify.query(self, ops, b"")
+                    return True
+            return False
+        return (type_ == _PARSE_TYPE or bool(self._listen_stmts)) and self._listen_extended(data)
+
+    def _request_server(self, pool: Pool) -> None:
+        """No idle connection: a new one, or a place in line. The wait is driven by callbacks
+        (``_granted_tx``, ``_wait_expired``), not by the client's coroutine: a server
+        connection freed by one client reaches the next without a task switch."""
+        ctx = self.ctx
         main = ctx.config.main
         timeout = main.blocking_timeout
         if timeout <= 0:  # pgagroal: no blocking wait, max_retries tries spaced by the delay
