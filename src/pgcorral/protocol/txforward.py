@@ -100,22 +100,15 @@ SESSION_STATE: Final = 16
 DEALLOCATE_ALL: Final = 32
 
 
-def _parse_text(data: bytes, pos: int, end: int) -> bytes:
-    """The query text of the Parse message at ``pos`` (to ``end``), or b"" if malformed."""
-    name_end = data.find(b"\0", pos + 5, end)
-    if name_end < 0:
+def _second_string(data: bytes, pos: int, end: int) -> bytes:
+    """The second NUL-terminated string of the message at ``pos`` (to ``end``), or b"" if
+    malformed: a Parse's query text (after its statement name), a Bind's statement name
+    (after its portal name)."""
+    first_end = data.find(b"\0", pos + 5, end)
+    if first_end < 0:
         return b""
-    text_end = data.find(b"\0", name_end + 1, end)
-    return data[name_end + 1:text_end] if text_end > 0 else b""
-
-
-def _bind_statement(data: bytes, pos: int, end: int) -> bytes:
-    """The statement name of the Bind message at ``pos`` (to ``end``), or b"" if malformed."""
-    portal_end = data.find(b"\0", pos + 5, end)
-    if portal_end < 0:
-        return b""
-    name_end = data.find(b"\0", portal_end + 1, end)
-    return data[portal_end + 1:name_end] if name_end > 0 else b""
+    second_end = data.find(b"\0", first_end + 1, end)
+    return data[first_end + 1:second_end] if second_end > 0 else b""
 
 
 #: What ``stateful`` and ``custom`` start as: one empty set for every forwarder, never
@@ -248,7 +241,7 @@ class ClientForwarder:
                     name_at = data.find(b"\0", pos + 5, end) + 1
                     if name_at <= 0 or name_at >= end:
                         return None  # malformed
-                    if self.stateful and data[name_at] != 0 and _bind_statement(
+                    if self.stateful and data[name_at] != 0 and _second_string(
                             data, pos, end) in self.stateful:
                         return None
                     if mapping and data[name_at] != 0:  # a named statement: renamed
@@ -349,7 +342,7 @@ class ClientForwarder:
                             steps += _STEPS[type_]
                             continue
                 elif type_ == _PARSE:
-                    text = _parse_text(data, pos, end)
+                    text = _second_string(data, pos, end)
                     if may_touch_state(text):
                         seen |= SESSION_STATE
                         if len(self.custom) < CUSTOM_MAX:
@@ -359,7 +352,7 @@ class ClientForwarder:
                     elif self.stateful and end > pos + 5 and data[pos + 5] != 0:
                         # the name now means another text (after a Close or DEALLOCATE)
                         self.stateful.discard(data[pos + 5:data.find(b"\0", pos + 5, end)])
-                elif type_ == _BIND and self.stateful and _bind_statement(
+                elif type_ == _BIND and self.stateful and _second_string(
                         data, pos, end) in self.stateful:
                     seen |= SESSION_STATE
                 if not mapping:
