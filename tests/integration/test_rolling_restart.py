@@ -6,7 +6,11 @@ under load see no error; cancel requests reach the process that serves their cli
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import socket
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -15,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import errors
 from tests.integration.test_management import cli, poll
-from tests.load import Load
+from tests.load import Load, tree_pids
 
 if TYPE_CHECKING:
     from tests.conftest import DaemonFactory
@@ -52,6 +56,52 @@ def test_rolling_restart_under_load_loses_nothing(pgcorral: DaemonFactory,
         assert cli(new, "status").returncode == 0  # the management socket is the new one's
     finally:
         load.finish()
+
+
+def _startup(user: str, database: str) -> bytes:
+    body = struct.pack("!I", 196608) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in (
+            ("user", user), ("database", database))) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def test_connections_queued_at_the_old_one_are_served(pgcorral: DaemonFactory) -> None:
+    """The old pgcorral is frozen (SIGSTOP) so that new connections pile up in its accept
+    queue; it is then told to stop and thawed. Before it closes its listeners it steers new
+    connections to the new one and accepts what is queued (supervisor.handover): every
+    connection gets its login answer, none is reset."""
+    room = {"max_connections": "50"}  # a session each: none waits for a server connection
+    old = pgcorral(conf("session", **room))
+    new = pgcorral({**conf("session", **room), "port": str(old.port),
+                    "unix_socket_dir": old.socket_dir})
+    new.wait_for_log("pgcorral: started")
+    frozen = tree_pids(old.pid)
+    clients: list[socket.socket] = []
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        for _ in range(40):
+            c = socket.create_connection(("127.0.0.1", old.port), timeout=10)
+            c.sendall(_startup("trustuser", "pgcorral_test"))
+            clients.append(c)
+        ready, _, _ = select.select(clients, [], [], 1.0)  # the new one answers its share
+        assert len(ready) < len(clients), "no connection waits in the old one's queue"
+        os.kill(old.pid, signal.SIGTERM)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        for i, c in enumerate(clients):
+            try:
+                answer = c.recv(1)  # AuthenticationOk or a password request: not a reset
+            except OSError as exc:
+                answer = repr(exc).encode()
+            assert answer == b"R", (i, answer, old.log()[-3000:], new.log()[-1500:])
+    finally:
+        for c in clients:
+            c.close()
+    old.proc.wait(20)  # its clients left: it exits
+    assert "listeners closed" in old.log()
 
 
 def test_cancel_reaches_the_process_of_its_client(pgcorral: DaemonFactory) -> None:

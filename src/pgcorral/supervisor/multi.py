@@ -40,7 +40,7 @@ from pgcorral.management.services import start_http
 from pgcorral.net.control import replace_main_key, replace_server_key
 from pgcorral.pool.topology import Snapshot
 from pgcorral.security.secrets import Secrets
-from pgcorral.supervisor import peers
+from pgcorral.supervisor import handover, peers
 from pgcorral.supervisor.channel import Channel, ChannelClosed, send_blocking
 from pgcorral.supervisor.health import HealthChecker
 from pgcorral.supervisor.logs import level_of
@@ -172,17 +172,39 @@ class Supervisor:
         self._stopping = mode
         sd_notify("STOPPING=1")
         log.info("%s shutdown of %d worker(s)", mode, len(self.workers))
-        self._broadcast("stop", mode)
         if mode == "wait_for_clients":  # new clients go to the other pgcorral on the port
-            for sock in self._listening():
-                sock.close()
-            self._own_tcp.clear()
-            if self.unix_path and self._unix_inode:
-                peers.unlink_if_ours(self.unix_path, self._unix_inode)
-                self._unix_inode = 0
+            self._spawn_task(self._hand_over_port())
+        else:
+            self._broadcast("stop", mode)
         if mode == "fast":
             self._spawn_task(self._kill_stragglers())
         self._check_done()
+
+    async def _hand_over_port(self) -> None:
+        """A rolling restart (``supervisor.handover``): new connections are steered to the
+        other pgcorral on the port while the workers accept what is queued here; then the
+        workers close their copies of the listening sockets, the steering is taken off, this
+        process closes its copies, and the workers wait for their clients to leave."""
+        socks = self._listening()
+        steered = handover.steer_away(socks)
+        if steered and not await handover.drained(socks):
+            log.warning("rolling restart: the accept queue did not empty within %g s",
+                        handover.DRAIN_TIMEOUT)
+        handles = [h for h in self.workers.values() if not h.lost.done()]
+        closing = [h.channel.request("close_listeners") for h in handles]
+        if closing:
+            await asyncio.wait(closing, timeout=CALL_TIMEOUT)
+        handover.detach(steered)
+        for sock in socks:
+            sock.close()
+        self._tcp = []
+        self._own_tcp.clear()
+        self._unix = None
+        if self.unix_path and self._unix_inode:
+            peers.unlink_if_ours(self.unix_path, self._unix_inode)
+            self._unix_inode = 0
+        if self._stopping == "wait_for_clients":  # (not hurried to "fast" meanwhile)
+            self._broadcast("stop", "wait_for_clients")
 
     def cancel_shutdown(self) -> bool:
         if self._stopping != "graceful":

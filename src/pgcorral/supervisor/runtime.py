@@ -25,7 +25,7 @@ from pgcorral.net.context import Context
 from pgcorral.net.pipeline import choose
 from pgcorral.pool.budget import Budget
 from pgcorral.security.secrets import Secrets
-from pgcorral.supervisor import peers
+from pgcorral.supervisor import handover, peers
 from pgcorral.supervisor.process import sd_notify
 
 log = logging.getLogger("pgcorral.main")
@@ -110,6 +110,8 @@ class WorkerRuntime:
         stop. Cancel requests still arrive through the peer socket."""
         ctx = self.ctx
         ctx.draining = True
+        if self._sockets is None:  # (a worker's listeners: the supervisor hands them over)
+            await self.hand_over_port()
         self.close_listeners()
         log.info("shutdown when the clients are gone: listeners closed, waiting for %d "
                  "client(s) to leave", len(ctx.clients))
@@ -220,6 +222,20 @@ class WorkerRuntime:
         os.chmod(self.unix_path, 0o777)
         self.unix_inode = os.stat(self.unix_path).st_ino
         self._listeners.append(unix)
+
+    async def hand_over_port(self) -> None:
+        """New connections go to the other pgcorral on the port, and the ones queued here are
+        accepted, before the listeners close (``supervisor.handover``)."""
+        socks = handover.listening_sockets(self._listeners)
+        try:
+            steered = handover.steer_away(socks)
+            if steered and not await handover.drained(socks):
+                log.warning("rolling restart: the accept queue did not empty within %g s",
+                            handover.DRAIN_TIMEOUT)
+            handover.detach(steered)
+        finally:
+            for sock in socks:
+                sock.close()
 
     def close_listeners(self) -> None:
         for listener in self._listeners:

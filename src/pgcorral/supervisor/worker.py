@@ -183,6 +183,9 @@ class Worker:
             logging.getLogger().setLevel(level_of(message[1].main.log_level))
         elif kind == "stop":
             self.runtime.stop(message[1])
+        elif kind == "close_listeners":  # a rolling restart: the port is handed over
+            self.runtime.close_listeners()
+            self.channel.reply(message[1], True, None)
         elif kind == "cancel_shutdown":
             self.channel.reply(message[1], True, self.runtime.cancel_shutdown())
 
