@@ -194,6 +194,9 @@ class Supervisor:
         closing = [h.channel.request("close_listeners") for h in handles]
         if closing:
             await asyncio.wait(closing, timeout=CALL_TIMEOUT)
+            for future in closing:  # a worker that died meanwhile: its listeners went with it
+                if future.done() and not future.cancelled():
+                    future.exception()
         handover.detach(steered)
         for sock in socks:
             sock.close()
