@@ -256,6 +256,33 @@ def test_failover_runs_the_script_and_moves_writes(pgcorral: DaemonFactory,
     assert status(d)["servers"][0]["state"] == "down"
 
 
+def test_a_transaction_that_finds_the_primary_gone_waits_for_the_new_one(
+        pgcorral: DaemonFactory, ha_pair: HaPair) -> None:
+    """The primary dies between two health rounds (the period is long here): the first
+    transaction after its death cannot connect to it. It does not fail with 08006: pgcorral
+    asks the health checker for a round now, which finds the primary down and runs the
+    failover script, and the transaction runs on the promoted replica."""
+    pair = ha_pair
+    replica = pair.replica
+    script, args_file = _promote_script(
+        pair.basedir, replica._as_server_user(
+            [replica.bin("pg_ctl"), "promote", "-w", "-D", replica.datadir]))
+    with open(os.path.join(pair.basedir, "go"), "w", encoding="utf-8"):
+        pass  # the script promotes at once
+    d = start(pgcorral, pair, failover="on", failover_script=script,
+              health_check_period="60s")
+    pair.primary.kill_postmaster()
+    with psycopg.connect(d.dsn(), autocommit=True, connect_timeout=30) as conn:
+        conn.execute("CREATE TABLE gone (x int)")  # the first transaction after the death
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    assert row == (False,)
+    assert os.path.exists(args_file)
+    assert states(d).get("replica1") == "primary"
+    log = d.log()
+    assert "failover: primary primary is down; promoting replica1" in log
+    assert "refused a connection; writes go to the new primary replica1" in log
+
+
 def test_split_brain_refuses_writes(pgcorral: DaemonFactory, ha_pair: HaPair) -> None:
     pair = ha_pair
     d = start(pgcorral, pair)

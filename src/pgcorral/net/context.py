@@ -108,6 +108,11 @@ class Context:
         #: issue 13: the servers' roles as the health checker last saw them
         #: (``supervisor.health``); before its first round, the configured primary only
         self.topology: Snapshot = configured_snapshot(config.current_server(None).name)
+        #: ask the health checker for a round now: the checker's ``poke`` with one worker, a
+        #: message to the supervisor with several (set by the runtime); None: no checker
+        self.probe_now: Callable[[], None] | None = None
+        #: resolved at the next topology (``_primary_after_failure`` waits on them)
+        self._topology_waiters: list[asyncio.Future[None]] = []
         #: a pool per replica server section that served reads here (``pool_for``)
         self.replica_pools: dict[str, Pool] = {}
         self.read_turn = 0  # round robin over the replicas
@@ -261,6 +266,10 @@ class Context:
         server when writes are refused) are closed and busy ones are not pooled again; a
         replica pool of a server no longer a healthy replica is emptied the same way."""
         old, self.topology = self.topology, snapshot
+        waiters, self._topology_waiters = self._topology_waiters, []
+        for waiter in waiters:  # connections that found the primary gone (``open_server``)
+            if not waiter.done():
+                waiter.set_result(None)
         primary = snapshot.primary
         # no primary (not a split brain): a failover is under way; write transactions and
         # logins wait for the new primary (blocking_timeout), as under PAUSE
@@ -395,17 +404,66 @@ class Context:
             server = self.server
         generation = self.tls_generation
         try:
-            conn = await dial.connect(server, factory,
-                                      self.config.main.server_connect_timeout or None,
-                                      self.server_tls.get(server.name))
-        except Exception:
-            self.server_errors[server.name] = self.server_errors.get(server.name, 0) + 1
-            raise
+            conn = await self._dial(server, factory)
+        except ServerUnavailable as exc:
+            if home is not None and home.server:
+                raise
+            server = await self._primary_after_failure(server.name, exc)
+            conn = await self._dial(server, factory)
         conn.binding_policy = server.channel_binding
         conn.tls_generation = generation
         conn.server_name = server.name
         slot.conn = conn
         return conn
+
+    async def _dial(self, server: ServerConfig,
+                    factory: Callable[[], ServerConnection]) -> ServerConnection:
+        try:
+            return await dial.connect(server, factory,
+                                      self.config.main.server_connect_timeout or None,
+                                      self.server_tls.get(server.name))
+        except Exception:
+            self.server_errors[server.name] = self.server_errors.get(server.name, 0) + 1
+            raise
+
+    async def _primary_after_failure(self, failed: str, exc: ServerUnavailable) -> ServerConfig:
+        """The primary refused a connection: it may have just died, and the health checker,
+        which probes every ``health_check_period``, does not know yet. Ask it for a round
+        now and wait, as for a failover under way (``blocking_timeout``), for a primary other
+        than ``failed`` (found by the checker, promoted by its failover or by Patroni). If a
+        round that began after the failure still has ``failed`` as primary, ``exc`` stands;
+        so it does without health checks over several servers, or with blocking_timeout 0.
+        (Issue 13: without this, new transactions in the moments after the primary's death
+        failed with 08006, most of the errors in the Patroni runs.)"""
+        main = self.config.main
+        if self.probe_now is None or not main.health_check or len(self.config.servers) < 2 \
+                or main.blocking_timeout <= 0:
+            raise exc
+        loop = asyncio.get_running_loop()
+        asked = time.monotonic()
+        deadline = asked + main.blocking_timeout
+        self.probe_now()
+        while True:
+            answer: asyncio.Future[None] = loop.create_future()
+            self._topology_waiters.append(answer)
+            try:
+                await asyncio.wait_for(answer, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                if self.topology.primary is None:
+                    raise self.no_primary(main.blocking_timeout) from None
+                raise exc from None
+            snapshot = self.topology
+            if snapshot.at < asked:
+                continue  # a round that began before the failure
+            if snapshot.primary is None:
+                if snapshot.refusal.startswith("split brain"):
+                    self.check_writable()  # (raises NoPrimary with the refusal)
+                continue  # no primary yet: a failover is under way
+            if snapshot.primary == failed:
+                raise exc  # the checker reached it: the failure was this connection's
+            log.info("server %s refused a connection; writes go to the new primary %s",
+                     failed, snapshot.primary)
+            return self.server
 
     def server_lost(self, server: ServerConnection) -> None:
         self.notify_senders.pop(server.pid, None)  # its pid may come back as another backend

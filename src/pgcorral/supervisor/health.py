@@ -159,13 +159,13 @@ class HealthChecker:
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # (before the round: a poke during it asks for another)
             try:
                 await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop the probing
                 log.exception("health check round failed")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.main.health_check_period)
             except TimeoutError:

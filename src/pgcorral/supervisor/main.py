@@ -48,6 +48,7 @@ class Daemon:
         #: issue 13: probes the servers, routes this process's pool by their roles
         self.health = HealthChecker(config, secrets, self.ctx.set_topology,
                                     lambda: self.ctx.switched_to)
+        self.ctx.probe_now = self.health.poke  # the primary refused a connection
 
     # --- the Controller of management.commands -----------------------------------------------
 

@@ -432,6 +432,8 @@ class Supervisor:
             self._spawn_task(self._place(handle, message[1], message[2]))
         elif kind == "starved":
             self._spawn_task(self._find_room(handle, message[1], message[2]))
+        elif kind == "probe_now":  # a worker's connection to the primary was refused
+            self.health.poke()
         elif kind == "cancel":
             for other in self.workers.values():
                 if other is not handle:

@@ -87,6 +87,7 @@ class Worker:
         self.budget.on_freed = lambda: self.channel.send("freed")
         ctx.pool.on_starved = self._starved
         ctx.cancel_elsewhere = lambda pid, secret: self.channel.send("cancel", pid, secret)
+        ctx.probe_now = lambda: self.channel.send("probe_now")  # the supervisor's checker
         # the SQL admin console: management commands run by the supervisor, for every worker
         ctx.admin_console = functools.partial(sqlconsole.answer, manage=self._manage)
         if handoff.hands_over(ctx):
