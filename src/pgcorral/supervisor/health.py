@@ -41,6 +41,9 @@ from pgcorral.security.secrets import Secrets
 
 log = logging.getLogger("pgcorral.health")
 
+#: the round interval while there is no primary (a failover under way), at most
+FAILOVER_PERIOD = 0.2
+
 #: One round trip: role, WAL position (as a byte count), replay lag in seconds (0 when the
 #: replica replayed all it received), system identifier. Every name schema-qualified.
 PROBE_SQL = (
@@ -167,9 +170,20 @@ class HealthChecker:
             except Exception:  # a bug here must not stop the probing
                 log.exception("health check round failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.main.health_check_period)
+                await asyncio.wait_for(self._wake.wait(), self.period())
             except TimeoutError:
                 pass
+
+    def period(self) -> float:
+        """Seconds to the next round: ``health_check_period``, shorter while there is no
+        primary (writes and new connections wait for one: a new primary is seen within
+        FAILOVER_PERIOD of its promotion, not up to a whole period later)."""
+        period = self.config.main.health_check_period
+        snapshot = self.snapshot
+        if snapshot is not None and snapshot.primary is None and \
+                len(self.config.servers) > 1:
+            return min(period, FAILOVER_PERIOD)
+        return period
 
     async def round(self) -> Snapshot:
         """Probe every server once, decide, publish a change, fail over if needed."""
