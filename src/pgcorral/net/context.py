@@ -307,8 +307,9 @@ class Context:
         """NoPrimary (57P03) when the health checker sees no single primary."""
         snapshot = self.topology
         if snapshot.primary is None:
-            raise NoPrimary(f"no primary server: {snapshot.refusal}" if not
-                            snapshot.refusal.startswith("split brain") else snapshot.refusal)
+            refusal = snapshot.refusal
+            raise NoPrimary(refusal if refusal.startswith(("split brain", "no primary server"))
+                            else f"no primary server: {refusal}")
 
     def apply(self, config: Config, secrets: Secrets) -> None:
         """A reloaded configuration: new hba, limits, vaults and reloadable keys for new
@@ -400,15 +401,14 @@ class Context:
                 raise ServerUnavailable(f'server "{home.server}" is no longer configured')
             server = replica
         else:
-            self.check_writable()
-            server = self.server
+            server = await self._writable_server()
         generation = self.tls_generation
         try:
             conn = await self._dial(server, factory)
         except ServerUnavailable as exc:
-            if home is not None and home.server:
+            if (home is not None and home.server) or not self._waits_for_primary():
                 raise
-            server = await self._primary_after_failure(server.name, exc)
+            server = await self._next_primary(server.name, exc)
             conn = await self._dial(server, factory)
         conn.binding_policy = server.channel_binding
         conn.tls_generation = generation
@@ -426,44 +426,62 @@ class Context:
             self.server_errors[server.name] = self.server_errors.get(server.name, 0) + 1
             raise
 
-    async def _primary_after_failure(self, failed: str, exc: ServerUnavailable) -> ServerConfig:
-        """The primary refused a connection: it may have just died, and the health checker,
-        which probes every ``health_check_period``, does not know yet. Ask it for a round
-        now and wait, as for a failover under way (``blocking_timeout``), for a primary other
-        than ``failed`` (found by the checker, promoted by its failover or by Patroni). If a
-        round that began after the failure still has ``failed`` as primary, ``exc`` stands;
-        so it does without health checks over several servers, or with blocking_timeout 0.
-        (Issue 13: without this, new transactions in the moments after the primary's death
-        failed with 08006, most of the errors in the Patroni runs.)"""
+    def _waits_for_primary(self) -> bool:
+        """Does a connection for writes wait for a primary that is missing or just failed?
+        With health checks over several servers and blocking_timeout > 0."""
         main = self.config.main
-        if self.probe_now is None or not main.health_check or len(self.config.servers) < 2 \
-                or main.blocking_timeout <= 0:
-            raise exc
+        return self.probe_now is not None and main.health_check and \
+            len(self.config.servers) > 1 and main.blocking_timeout > 0
+
+    async def _writable_server(self) -> ServerConfig:
+        """The primary. While there is none (a failover under way, not a split brain) a new
+        connection waits for one, as requests do in the held pool: a connection granted just
+        before the hold would otherwise fail with 57P03."""
+        snapshot = self.topology
+        if snapshot.primary is None and not snapshot.refusal.startswith("split brain") and \
+                self._waits_for_primary():
+            return await self._next_primary(None, None)
+        self.check_writable()
+        return self.server
+
+    async def _next_primary(self, failed: str | None,
+                            exc: ServerUnavailable | None) -> ServerConfig:
+        """Wait, bounded by blocking_timeout, for the health checker to name a primary.
+
+        ``failed``: the primary refused a connection (``exc``). It may have just died, and
+        the checker, which probes every ``health_check_period``, does not know yet: ask it for
+        a round now and take its answer from a round that began after the failure: another
+        primary (promoted by the failover script, Patroni or by hand) takes the connection;
+        ``failed`` still primary means ``exc`` stands. No primary: a failover is under way,
+        wait on. (Issue 13: without this, new transactions in the moments after the
+        primary's death failed with 08006, most of the errors in the Patroni runs.)"""
+        main = self.config.main
         loop = asyncio.get_running_loop()
         asked = time.monotonic()
         deadline = asked + main.blocking_timeout
-        self.probe_now()
+        if failed is not None and self.probe_now is not None:
+            self.probe_now()
         while True:
+            snapshot = self.topology
+            if failed is None or snapshot.at >= asked:
+                if snapshot.primary is None:
+                    if snapshot.refusal.startswith("split brain"):
+                        self.check_writable()  # (raises NoPrimary with the refusal)
+                elif snapshot.primary != failed:
+                    if failed is not None:
+                        log.info("server %s refused a connection; writes go to the new "
+                                 "primary %s", failed, snapshot.primary)
+                    return self.server
+                elif exc is not None:
+                    raise exc  # the checker reached it: the failure was this connection's
             answer: asyncio.Future[None] = loop.create_future()
             self._topology_waiters.append(answer)
             try:
                 await asyncio.wait_for(answer, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                if self.topology.primary is None:
+                if self.topology.primary is None or exc is None:
                     raise self.no_primary(main.blocking_timeout) from None
                 raise exc from None
-            snapshot = self.topology
-            if snapshot.at < asked:
-                continue  # a round that began before the failure
-            if snapshot.primary is None:
-                if snapshot.refusal.startswith("split brain"):
-                    self.check_writable()  # (raises NoPrimary with the refusal)
-                continue  # no primary yet: a failover is under way
-            if snapshot.primary == failed:
-                raise exc  # the checker reached it: the failure was this connection's
-            log.info("server %s refused a connection; writes go to the new primary %s",
-                     failed, snapshot.primary)
-            return self.server
 
     def server_lost(self, server: ServerConnection) -> None:
         self.notify_senders.pop(server.pid, None)  # its pid may come back as another backend
