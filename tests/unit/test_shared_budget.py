@@ -61,17 +61,6 @@ def test_wanted_elsewhere_follows_the_waiters() -> None:
     assert a.wanted_elsewhere(1, 1)  # the pool is full: closing any connection helps
 
 
-def test_over_share_is_more_than_max_connections_over_the_workers() -> None:
-    table = SharedTable.create(2)
-    a, b = SharedBudget(table, 0), SharedBudget(table, 1)
-    for _ in range(4):
-        assert a.claim(0, 0, 8) == OK
-    assert not a.over_share(8) and not b.over_share(8)  # 4 of 8 with 2 workers: its share
-    assert a.claim(0, 0, 8) == OK
-    assert a.over_share(8) and not b.over_share(8)
-    assert LocalBudget().over_share(8)  # one process: all of it is its share to give
-
-
 def test_freed_is_told_only_when_others_wait() -> None:
     table = SharedTable.create(2)
     a, b = SharedBudget(table, 0), SharedBudget(table, 1)

@@ -29,7 +29,7 @@ from pgcorral.net.cancels import CancelKeys
 from pgcorral.net.notify import Hubs, Sender
 from pgcorral.net.server import ServerConnection
 from pgcorral.net.waits import WaitTimer
-from pgcorral.pool.budget import NO_RULE, Budget
+from pgcorral.pool.budget import Budget
 from pgcorral.pool.pool import ACTIVE, Pool, Slot, apply_limits
 from pgcorral.pool.stats import GroupStats, PoolStats, group_key
 from pgcorral.pool.topology import Snapshot, configured_snapshot, pick_replica
@@ -510,15 +510,6 @@ class Context:
                 if self.offer is not None and pool is self.pool:
                     # session pooling: hand it over (net.handoff)
                     self.offer(slot.key, slot.rule_no)
-                elif slot.rule_no == NO_RULE and not pool.budget.over_share(
-                        pool.max_connections):
-                    # transaction pooling, within this worker's share of max_connections:
-                    # kept. The other worker's clients wait for its own connections (a
-                    # transaction, not a session): closing here to open there costs a backend
-                    # start, and with clients spread unevenly over the workers (a new
-                    # connection per transaction) connections moved back and forth all the
-                    # time (pgbench -C, 2 workers, pool 8: 1,901 backends in 8 s)
-                    pass
                 else:  # make room there
                     pool.checkout_idle(slot)
                     server.idle = False

@@ -55,11 +55,6 @@ class Budget(Protocol):
         """Does any other process have clients waiting?"""
         ...
 
-    def over_share(self, total_max: int) -> bool:
-        """Does this process hold more than its share (``total_max`` over the processes) of
-        the server connections? (Always True with one process.)"""
-        ...
-
 
 class LocalBudget:
     """The budget of a single process: plain counters."""
@@ -102,6 +97,3 @@ class LocalBudget:
 
     def waiting_elsewhere(self) -> bool:
         return False
-
-    def over_share(self, total_max: int) -> bool:
-        return True

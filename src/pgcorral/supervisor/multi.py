@@ -467,12 +467,10 @@ class Supervisor:
         worker (``net.handoff``); else ask the other workers, one after another, to close an
         idle connection (under ``rule_no`` when the rule is what is full) so that ``starved``
         can open one."""
-        room = False
         try:
             for other in list(self.workers.values()):
                 if other is not starved and not other.lost.done() and \
                         await self._hand_over(other, starved, key):
-                    room = True
                     return
             for other in list(self.workers.values()):
                 if other is starved or other.lost.done():
@@ -480,13 +478,9 @@ class Supervisor:
                 with contextlib.suppress(ChannelClosed, TimeoutError):
                     if await asyncio.wait_for(other.channel.request("evict", rule_no),
                                               CALL_TIMEOUT):
-                        room = True
                         return
         finally:
-            # nothing found: the worker does not ask again at once (that was a loop of
-            # messages while every connection was busy); a connection freed anywhere
-            # sends it "retry" ("freed")
-            starved.channel.send("starve_done", room)
+            starved.channel.send("starve_done")
 
 
     async def _place(self, giver: WorkerHandle, key: tuple[str, str], rule_no: int) -> None:

@@ -169,9 +169,6 @@ class SharedBudget:
         ints = self.table.ints
         return any(ints[b + _WAITING] for b in self._others)
 
-    def over_share(self, total_max: int) -> bool:
-        return self.table.ints[self._base + _TOTAL] * len(self._all) > total_max
-
     def wanted_elsewhere(self, rule: int, total_max: int) -> bool:
         ints = self.table.ints
         if not any(ints[b + _WAITING] for b in self._others):

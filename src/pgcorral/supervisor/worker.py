@@ -139,13 +139,6 @@ class Worker:
             self.channel.reply(request_id, True, value)
         elif kind == "evict":
             _, request_id, rule_no = message
-            if rule_no is None and not handoff.hands_over(ctx) and \
-                    not ctx.pool.budget.over_share(ctx.pool.max_connections):
-                # transaction pooling: within this worker's share nothing is closed for
-                # another worker; its clients wait for its own connections (net.context
-                # ``release_server`` says why)
-                self.channel.reply(request_id, True, False)
-                return
             slot = ctx.pool.evict_idle(rule_no)
             if slot is not None:
                 log.debug("closing idle server connection %d for another worker", slot.id)
