@@ -516,7 +516,10 @@ class TransactionClient(ClientConnection):
     def _link(self, server: TxServerConnection) -> None:
         self._acquiring = False
         record_sender(self.ctx.notify_senders, server, self.cancel_pid)  # NOTIFY pids
-        self._attach(server)
+        self.server = self.peer = self.linked = server
+        server.peer = server.client = self
+        server.client_id = self.id
+        server.mark()
         waited = 0
         since = self.wait_since_us
         if since:
@@ -526,6 +529,11 @@ class TransactionClient(ClientConnection):
         tally.wait_count += 1
         tally.wait_us += waited
         self.pstats.hist_wait.observe(waited)
+        self.forwarder.link()
+        if self.writing_paused:  # flow control follows the link
+            server.transport.pause_reading()
+        if server.writing_paused:
+            self.transport.pause_reading()
         if self.params is not server.params or self.extra != server.extra:
             pairs = self._settings_for(server)
             if pairs:
@@ -533,27 +541,11 @@ class TransactionClient(ClientConnection):
                 server.router.plan.extend((own_query_step(),))
         if self.sql_prepared != server.sql_prepared:
             self._prepared_for(server)
-        self._forward(server, self._take_rest())
-
-    def _attach(self, server: TxServerConnection) -> None:
-        """The links both ways, and flow control following them (``_link``, ``_relink``)."""
-        self.server = self.peer = self.linked = server
-        server.peer = server.client = self
-        server.client_id = self.id
-        server.mark()
-        self.forwarder.link()
-        if self.writing_paused:
-            server.transport.pause_reading()
-        if server.writing_paused:
-            self.transport.pause_reading()
-
-    def _take_rest(self) -> bytes:
-        """The client's bytes kept while it had no server connection; reading resumes."""
         data, self._rest = self._rest, b""
         if self._rest_paused:
             self._rest_paused = False
             self.transport.resume_reading()
-        return data
+        self._forward(server, data)
 
     def _settings_for(self, server: TxServerConnection) -> list[tuple[str, str | None]]:
         """What to set on ``server`` so that it shows this client's settings."""
@@ -869,8 +861,19 @@ class TransactionClient(ClientConnection):
 
     def _relink(self, server: TxServerConnection) -> None:
         """Linked again to the connection it is pinned to (no wait counted)."""
-        self._attach(server)
-        data = self._take_rest()
+        self.server = self.peer = self.linked = server
+        server.peer = server.client = self
+        server.client_id = self.id
+        server.mark()
+        self.forwarder.link()
+        if self.writing_paused:
+            server.transport.pause_reading()
+        if server.writing_paused:
+            self.transport.pause_reading()
+        data, self._rest = self._rest, b""
+        if self._rest_paused:
+            self._rest_paused = False
+            self.transport.resume_reading()
         if self.terminating:
             self.end("terminate")
         elif self.ctx.shutting_down and not data:
