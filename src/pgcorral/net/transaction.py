@@ -793,7 +793,19 @@ class TransactionClient(ClientConnection):
                         await server.query_rows(f'DEALLOCATE "{name}"', [])
                     state = state._replace(prepared={})
         except Exception as exc:  # lost, refused or timed out: the state is unknown
-            self._probe_failed(server, exc)
+            # The client was told its SET (or lock...) succeeded, and what it made is gone
+            # with the connection: as when a backend dies, the session ends (found by the
+            # mixing fuzzer: the next transaction ran with the old setting).
+            log.info("server connection %d (pid %d): session state probe failed (%s); "
+                     "closing it and its client %d", server.slot.id, server.pid, exc, self.id)
+            self.settling = False
+            self.deallocate_all = False
+            self._unpin()
+            ctx.release_server(server, clean=False)
+            if not self._client_gone():  # (the probe read what the server said last)
+                self.write(msg.error_response(
+                    "08006", "server closed the connection unexpectedly"))
+                self.end("server lost")
             return
         self.settling = False
         self.deallocate_all = False
@@ -811,7 +823,19 @@ class TransactionClient(ClientConnection):
         self.extra = {**self.startup_extra, **settings}
         self.sql_prepared = state.prepared
         if reasons:
-            self._pin(server, reasons)
+            if not self.pinned:
+                limit = (ctx.config.main.max_pinned_connections
+                         or max(1, ctx.pool.max_connections // 2))
+                if ctx.pinned >= limit:
+                    self._fail_pinned(server, reasons, limit)
+                    return
+                ctx.pinned += 1
+                self.pinned_since = time.monotonic()
+                log.info("client %d pinned to server connection %d (pid %d): %s",
+                         self.id, server.slot.id, server.pid, ", ".join(reasons))
+            self.pinned = reasons
+            server.router.reset()
+            self._relink(server)
             return
         if self.pinned:
             log.info("client %d unpinned from server connection %d (pid %d)",
@@ -824,40 +848,6 @@ class TransactionClient(ClientConnection):
             self._shut_out()
         elif self._rest:
             self._want_server()
-
-    def _probe_failed(self, server: TxServerConnection, exc: Exception) -> None:
-        """The session-state probe was lost, refused or timed out. The client was told its
-        SET (or lock...) succeeded, and what it made is gone with the connection: as when a
-        backend dies, the session ends (found by the mixing fuzzer: the next transaction ran
-        with the old setting)."""
-        log.info("server connection %d (pid %d): session state probe failed (%s); "
-                 "closing it and its client %d", server.slot.id, server.pid, exc, self.id)
-        self.settling = False
-        self.deallocate_all = False
-        self._unpin()
-        self.ctx.release_server(server, clean=False)
-        if not self._client_gone():  # (the probe read what the server said last)
-            self.write(msg.error_response(
-                "08006", "server closed the connection unexpectedly"))
-            self.end("server lost")
-
-    def _pin(self, server: TxServerConnection, reasons: list[str]) -> None:
-        """Session state the pooler cannot carry (``reasons``): the client keeps ``server``
-        (within ``max_pinned_connections``) and goes on with it."""
-        ctx = self.ctx
-        if not self.pinned:
-            limit = (ctx.config.main.max_pinned_connections
-                     or max(1, ctx.pool.max_connections // 2))
-            if ctx.pinned >= limit:
-                self._fail_pinned(server, reasons, limit)
-                return
-            ctx.pinned += 1
-            self.pinned_since = time.monotonic()
-            log.info("client %d pinned to server connection %d (pid %d): %s",
-                     self.id, server.slot.id, server.pid, ", ".join(reasons))
-        self.pinned = reasons
-        server.router.reset()
-        self._relink(server)
 
     def _relink(self, server: TxServerConnection) -> None:
         """Linked again to the connection it is pinned to (no wait counted)."""
