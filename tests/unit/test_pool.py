@@ -606,12 +606,17 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.release(slot)
         assert self.handing is None, "a released slot was not handed to its pair's waiter"
 
-    @precondition(lambda self: bool(self.held))
-    @rule(i=st.integers(0, 50))
-    def discard_held(self, i: int) -> None:
+    def _take_held(self, i: int) -> Slot:
+        """The ``i``-th held slot (by id, wrapping), no longer held in the model."""
         slots = sorted(self.held.values(), key=lambda s: s.id)
         slot = slots[i % len(slots)]
         del self.held[slot.id]
+        return slot
+
+    @precondition(lambda self: bool(self.held))
+    @rule(i=st.integers(0, 50))
+    def discard_held(self, i: int) -> None:
+        slot = self._take_held(i)
         self.pool.discard(slot)
         assert slot.state == CLOSED
 
@@ -619,9 +624,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 50))
     def discard_draining(self, i: int) -> None:
         """Discarded while PostgreSQL has not closed it yet: its place is freed by gone()."""
-        slots = sorted(self.held.values(), key=lambda s: s.id)
-        slot = slots[i % len(slots)]
-        del self.held[slot.id]
+        slot = self._take_held(i)
         slot.conn = SimpleNamespace(draining=True)
         self.pool.discard(slot)
         self.draining[slot.id] = slot
